@@ -11,7 +11,6 @@ from torch import nn
 
 from rwkv_train.config import Config
 from rwkv_train.errors import UserError
-from rwkv_train.models.common import cross_entropy_l2wrap
 from rwkv_train.optim import param_groups
 from rwkv_train.schedule import lr_at
 
@@ -40,7 +39,7 @@ class RWKVModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         idx, targets = batch
-        loss = cross_entropy_l2wrap(self(idx), targets)
+        loss = self.model.loss(idx, targets)
         mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")  # same value on every rank
         if not torch.isfinite(mean):
             raise NonFiniteLoss(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
@@ -33,28 +33,73 @@ def orthogonal_(w: Tensor, scale: float) -> Tensor:
     return torch.nn.init.orthogonal_(w, gain=gain * scale)
 
 
-class _L2Wrap(torch.autograd.Function):
-    """Identity on the loss; in backward, adds factor * max_logit at each row's argmax to the logits' gradient.
+L2WRAP_FACTOR = 1e-4  # scaled by 1 / (number of tokens), as in the reference
 
-    It keeps logits from drifting upward. The added gradient is scaled by the incoming gradient so that it
-    stays right under loss scaling (fp16) and gradient accumulation, where grad_output != 1.
+
+def _rows(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield slice(start, min(start + chunk, n))
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of `x @ weight.T` against targets, plus L2Wrap, without materialising all logits.
+
+    L2Wrap adds L2WRAP_FACTOR / n * max_logit at each row's argmax to the logits' gradient, keeping logits
+    from drifting upward. Gradients are computed chunk by chunk in the forward pass (the loss is a scalar,
+    so they only need scaling by grad_output later); scaling the L2Wrap term too keeps it right under loss
+    scaling and gradient accumulation, where grad_output != 1.
     """
 
     @staticmethod
-    def forward(ctx, loss: Tensor, logits: Tensor) -> Tensor:
-        ctx.save_for_backward(logits)
-        return loss
+    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        n = x.shape[0]
+        w = weight.to(x.dtype)
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32 accumulation for bf16/fp16 inputs
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dx = torch.empty_like(x) if need_grad else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_grad else None
+        total = torch.zeros((), dtype=acc, device=x.device)
+        for rows in _rows(n, chunk):
+            logits = (x[rows] @ w.T).to(acc)  # (rows, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            tgt = targets[rows]
+            total += (lse - logits.gather(-1, tgt[:, None]).squeeze(-1)).sum()
+            if need_grad:
+                maxx, ids = logits.max(dim=-1, keepdim=True)
+                g = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place
+                g.scatter_add_(-1, tgt[:, None], torch.full_like(maxx, -1.0))
+                g.div_(n).scatter_add_(-1, ids, maxx * (L2WRAP_FACTOR / n))
+                dx[rows] = (g.to(x.dtype) @ w).to(x.dtype)
+                dw.addmm_(g.T, x[rows].to(acc))
+        ctx.save_for_backward(dx, dw)
+        ctx.weight_dtype = weight.dtype
+        return total / n
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        (logits,) = ctx.saved_tensors
-        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
-        maxx, ids = torch.max(logits, dim=-1, keepdim=True)
-        glogits = torch.zeros_like(logits).scatter_(-1, ids, maxx * factor)
-        return grad_output, glogits * grad_output
+        dx, dw = ctx.saved_tensors
+        return dx * grad_output.to(dx.dtype), (dw * grad_output).to(ctx.weight_dtype), None, None
+
+
+class Head(nn.Linear):
+    """The output projection. `forward(x)` gives logits; `loss(x, targets)` the fused training loss.
+
+    Both go through this module's own call, so DeepSpeed ZeRO-3 gathers the weight for either.
+    """
+
+    def forward(self, x: Tensor, targets: Tensor | None = None, chunk: int = 1024) -> Tensor:
+        if targets is None:
+            return super().forward(x)
+        return _HeadLoss.apply(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), chunk)
 
 
 def cross_entropy_l2wrap(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy with RWKV's L2Wrap gradient term.  logits: (B, T, V), targets: (B, T)."""
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    return _L2Wrap.apply(loss, logits)
+    """Unfused reference of the training loss (tests compare the fused head against it): mean cross-entropy
+    whose gradient also gets L2WRAP_FACTOR / n * max_logit at each row's argmax, scaled by grad_output."""
+    n = targets.numel()
+    flat = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(n, -1)
+    loss = F.cross_entropy(flat, targets.reshape(-1))
+    maxx, ids = flat.detach().max(dim=-1, keepdim=True)
+    # d/dlogits of this term is exactly the L2Wrap addition; its value is zero.
+    wrap = (flat.gather(-1, ids) * maxx * (L2WRAP_FACTOR / n)).sum()
+    return loss + wrap - wrap.detach()

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_train.models.common import channel_ramp, layer_ramps, orthogonal_, token_shift
+from rwkv_train.models.common import Head, channel_ramp, layer_ramps, orthogonal_, token_shift
 from rwkv_train.ops.wkv7 import wkv7
 
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^-0.5 * sigmoid(z)): every channel keeps >= 54.5% per step
@@ -64,6 +64,26 @@ class RWKV7Dims:
             d_aaa=_lora_width(c, 2.5),
             d_mv=_lora_width(c, 1.7),
             d_gate=_lora_width(c, 5.0),
+        )
+
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> "RWKV7Dims":
+        """Read every dimension off an official state dict's keys and shapes."""
+        n_head, head_size = state["blocks.0.att.r_k"].shape
+        vocab_size, n_embd = state["emb.weight"].shape
+        n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        mv_key = "blocks.1.att.v1" if n_layer > 1 else "blocks.0.att.v1"
+        return cls(
+            n_layer=n_layer,
+            n_embd=n_embd,
+            head_size=head_size,
+            vocab_size=vocab_size,
+            dim_ffn=state["blocks.0.ffn.key.weight"].shape[0],
+            d_decay=state["blocks.0.att.w1"].shape[1],
+            d_aaa=state["blocks.0.att.a1"].shape[1],
+            d_mv=state[mv_key].shape[1] if mv_key in state else _lora_width(n_embd, 1.7),
+            d_gate=state["blocks.0.att.g1"].shape[1],
         )
 
 
@@ -236,7 +256,7 @@ class RWKV7(nn.Module):
         self.emb = nn.Embedding(dims.vocab_size, dims.n_embd)
         self.blocks = nn.ModuleList(Block(dims, i) for i in range(dims.n_layer))
         self.ln_out = nn.LayerNorm(dims.n_embd)
-        self.head = nn.Linear(dims.n_embd, dims.vocab_size, bias=False)
+        self.head = Head(dims.n_embd, dims.vocab_size, bias=False)
         self.grad_cp = False  # gradient checkpointing per block, set by the trainer
 
     @torch.no_grad()
@@ -273,6 +293,15 @@ class RWKV7(nn.Module):
         With state=None the sequence starts from zeros (GPT mode); pass the returned state back in to
         continue the same sequence (RNN mode, any T per call).
         """
+        x, new_state = self.features(idx, state)
+        return self.head(x), new_state
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Training loss from a zero state: mean cross-entropy with L2Wrap, logits never all in memory."""
+        return self.head(self.features(idx, None)[0], targets)
+
+    def features(self, idx: Tensor, state: Optional[list[LayerState]]) -> tuple[Tensor, list[LayerState]]:
+        """Normed hidden states before the head (B, T, C), and the new state."""
         x = self.emb(idx)
         v_first = None
         new_state = []
@@ -283,4 +312,4 @@ class RWKV7(nn.Module):
             else:
                 x, v_first, s = block(x, v_first, layer_state)
             new_state.append(s)
-        return self.head(self.ln_out(x)), new_state
+        return self.ln_out(x), new_state
