@@ -34,6 +34,7 @@ class RunMonitor(L.Callback):
         self._last_step = 0
         self._clock = 0.0
         self._clock_step = 0
+        self._val_started = 0.0
 
     # --- metrics ---------------------------------------------------------------------------------
 
@@ -85,7 +86,11 @@ class RunMonitor(L.Callback):
         if self.save_every and step % self.save_every == 0 and step < self.plan.total_steps:
             self.save(trainer, pl_module, f"rwkv-{step}.pth")
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_started = time.perf_counter()
+
     def on_validation_end(self, trainer, pl_module) -> None:
+        self._clock += time.perf_counter() - self._val_started  # tokens/s counts training time only
         if trainer.sanity_checking or pl_module.val_loss is None:
             return
         step = trainer.global_step

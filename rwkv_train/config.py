@@ -292,6 +292,8 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise ValueError
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError
         return float(value)

@@ -61,15 +61,17 @@ class _HeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=x.device)
         for rows in _rows(n, chunk):
             logits = (x[rows] @ w.T).to(acc)  # (rows, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            tgt = targets[rows]
-            total += (lse - logits.gather(-1, tgt[:, None]).squeeze(-1)).sum()
+            tgt = targets[rows, None]
+            maxx, ids = logits.max(dim=-1, keepdim=True)
+            picked = logits.gather(-1, tgt)
+            probs = logits.sub_(maxx).exp_()  # in place: one (rows, V) buffer for the whole chunk
+            sumexp = probs.sum(dim=-1, keepdim=True)
+            total += (maxx + sumexp.log() - picked).sum()
             if need_grad:
-                maxx, ids = logits.max(dim=-1, keepdim=True)
-                g = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place
-                g.scatter_add_(-1, tgt[:, None], torch.full_like(maxx, -1.0))
-                g.div_(n).scatter_add_(-1, ids, maxx * (L2WRAP_FACTOR / n))
-                dx[rows] = (g.to(x.dtype) @ w).to(x.dtype)
+                g = probs.div_(sumexp * n)  # softmax / n
+                g.scatter_add_(-1, tgt, torch.full_like(maxx, -1.0 / n))
+                g.scatter_add_(-1, ids, maxx * (L2WRAP_FACTOR / n))
+                dx[rows] = g.to(x.dtype) @ w
                 dw.addmm_(g.T, x[rows].to(acc))
         ctx.save_for_backward(dx, dw)
         ctx.weight_dtype = weight.dtype

@@ -1,0 +1,69 @@
+"""Shared fixtures: deterministic seeds, tiny corpora and configs, the real command-line tools."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rwkv_train.data.binidx import BinIdxWriter
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _reset_state():
+    """Every test starts from the same seeds and default dtype."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    torch.set_default_dtype(torch.float32)
+    yield
+
+
+def write_corpus(prefix: Path, num_tokens: int, vocab: int = 256, seed: int = 0, docs: int = 8) -> Path:
+    """A binidx corpus of learnable token sequences (a noisy periodic pattern) in `docs` documents."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(num_tokens) % 17 + 1
+    noise = rng.integers(1, vocab, num_tokens)
+    tokens = np.where(rng.random(num_tokens) < 0.1, noise, base).astype(np.uint16)
+    with BinIdxWriter(prefix, np.uint16) as writer:
+        for chunk in np.array_split(tokens, docs):
+            writer.add_document(chunk)
+    return prefix
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus", 20_000)
+
+
+def tiny_config(tmp_path: Path, corpus: Path, **sections) -> Path:
+    """A YAML config for a 2-layer, 64-wide model on `corpus`; `sections` update it ({"train": {...}})."""
+    cfg = {
+        "model": {"version": "v7", "n_layer": 2, "n_embd": 64, "head_size": 32, "vocab_size": 256},
+        "data": {"train": str(corpus), "ctx_len": 32},
+        "train": {"micro_bsz": 2, "max_steps": 6, "precision": "fp32", "accelerator": "cpu", "devices": 1,
+                  "out_dir": str(tmp_path / "run"), "seed": 1},
+        "optim": {"lr_init": 3e-3, "lr_final": 3e-4, "warmup_steps": 2},
+        "logging": {"wandb": "off", "log_every": 1},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a project script (path relative to the repo) with this interpreter; capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
