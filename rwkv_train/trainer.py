@@ -74,8 +74,11 @@ def _open_corpus(prefix: str, role: str, vocab_size: int) -> BinIdx:
     return data
 
 
-def run(cfg: Config) -> Path:
-    """Train as configured; return the out_dir. Raises UserError subclasses for bad input."""
+def run(cfg: Config, callbacks: list[L.Callback] | None = None) -> Path:
+    """Train as configured; return the out_dir. Raises UserError subclasses for bad input.
+
+    `callbacks` are added after the run's own (which write metrics and checkpoints).
+    """
     is_rank_zero = rank_zero_only.rank == 0
     out_dir = Path(cfg.train.out_dir)
     resume = resolve_resume(cfg) if is_rank_zero else _resume_path_other_ranks(cfg)
@@ -115,7 +118,10 @@ def run(cfg: Config) -> Path:
         enable_checkpointing=False,
         enable_model_summary=False,
         logger=_make_logger(cfg),
-        callbacks=[RunMonitor(plan, str(out_dir), cfg.logging.log_every, cfg.train.save_every, cfg.train.precision)],
+        callbacks=[
+            RunMonitor(plan, str(out_dir), cfg.logging.log_every, cfg.train.save_every, cfg.train.precision),
+            *(callbacks or []),
+        ],
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if val_data is not None else 0,
         val_check_interval=(cfg.data.val_every or plan.total_steps) * plan.accumulate,

@@ -92,7 +92,8 @@ def main() -> int:
     final_loss = sum(float(r["loss"]) for r in last) / len(last)
     speed = sorted(float(r["tokens_per_s"]) for r in rows[1:] or rows)[len(rows[1:] or rows) // 2]
     print("== summary")
-    print(f"training loss (last steps)  {final_loss:.3f} nats/token, from {float(rows[0]['loss']):.3f} at step 1")
+    print(f"training loss (last steps)  {final_loss:.3f} nats/token, from {float(rows[0]['loss']):.3f} "
+          f"over steps 1-{rows[0]['step']}")
     print(f"validation loss             {result['loss']:.3f} nats/token (perplexity {result['perplexity']:.1f})")
     print(f"unigram entropy of corpus   {entropy:.3f} nats/token  -> the model is "
           f"{entropy - result['loss']:.2f} nats below it on held-out text")

@@ -202,7 +202,7 @@ class BinIdx:
         for path in (self.idx_path, self.bin_path):
             if not path.is_file():
                 raise DataError(
-                    f"{path} does not exist; check data.data_file (the prefix without .bin/.idx) "
+                    f"{path} does not exist; check data.train / data.val (a prefix, without .bin/.idx) "
                     f"or {_MAKE_HINT}"
                 )
         self.dtype, n, n_docs, offset = self._read_header()
