@@ -89,13 +89,14 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
         )
     state = {k: v for k, v in state.items() if k not in _UNUSED_V7_KEYS}
     own = model.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in own]
-    problems += [
+    problems = _dimension_differences(model, state)
+    problems += [  # then every key whose shape differs
         f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
+    problems += [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
     if problems:
         shown = "\n  - ".join(problems[:12]) + (f"\n  - ... and {len(problems) - 12} more" if len(problems) > 12 else "")
         raise CheckpointError(
@@ -105,6 +106,20 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(state[k])
+
+
+def _dimension_differences(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """'n_embd: checkpoint 128, model 64' for each model dimension the checkpoint's shapes disagree with."""
+    try:
+        theirs = type(model.dims).from_state_dict(state)
+    except (KeyError, IndexError, ValueError):
+        return []  # too incomplete to read dimensions from; the key listing says what is missing
+    ours = model.dims
+    return [
+        f"{name}: checkpoint {getattr(theirs, name)}, model {getattr(ours, name)}"
+        for name in ours.__dataclass_fields__
+        if getattr(theirs, name) != getattr(ours, name)
+    ]
 
 
 def replace_atomically(tmp: Path, final: Path) -> None:

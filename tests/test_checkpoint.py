@@ -75,7 +75,8 @@ def test_load_into_lists_every_difference_and_ignores_reference_extras():
     with pytest.raises(CheckpointError) as err:
         load_into(bigger_vocab, state, "ckpt")
     text = str(err.value)
-    assert "emb.weight: checkpoint (50, 64), model (60, 64)" in text and "missing blocks.2.ln1.weight" in text
+    assert "n_layer: checkpoint 2, model 3" in text and "vocab_size: checkpoint 50, model 60" in text
+    assert "emb.weight: checkpoint (50, 64), model (60, 64)" in text
 
 
 def test_model_from_weights_reads_dimensions_from_shapes(tmp_path):

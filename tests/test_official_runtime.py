@@ -20,7 +20,7 @@ RUNTIME = """
 import json, sys, numpy as np, torch
 from rwkv.model import RWKV
 path, tokens = sys.argv[1], json.loads(sys.argv[2])
-model = RWKV(model=path[:-4], strategy="cpu fp32", verbose=False)
+model = RWKV(model=path[:-4], strategy="cpu fp32")
 seq, _ = model.forward(tokens, None, full_output=True)       # GPT mode over the whole prompt
 state, steps = None, []
 for t in tokens:                                              # RNN mode, one token at a time
