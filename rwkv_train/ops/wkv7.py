@@ -246,5 +246,10 @@ def wkv7(
     backend "torch" runs `wkv7_chunked` (pure PyTorch, the CPU path). Returns (y, final state).
     """
     if backend == "torch":
-        return wkv7_chunked(r, lw, k, v, a, b, state)
+        # The recurrence runs in float32 or better whatever autocast region the model is in (bf16 state
+        # updates would drift, and CPU autocast would hand bf16 to the triangular solve).
+        with torch.autocast(device_type=r.device.type, enabled=False):
+            if r.shape[1] == 1 and r.dtype in (torch.float32, torch.float64):  # one RNN step: no chunk padding
+                return wkv7_recurrent(r, lw, k, v, a, b, state)
+            return wkv7_chunked(r, lw, k, v, a, b, state)
     raise ValueError(f"wkv7: unknown backend {backend!r}; valid choices: {', '.join(repr(x) for x in BACKENDS)}")
