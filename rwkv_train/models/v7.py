@@ -179,8 +179,9 @@ class TimeMix(nn.Module):
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        # log decay in (-e^-0.5, 0): the decay itself is exp(lw)
-        lw = -DECAY_SCALE * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
+        # log decay in (-e^-0.5, 0), the decay itself being exp(lw); at least float32 even under autocast
+        z = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        lw = -DECAY_SCALE * torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32)))
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         if self.layer_id == 0:
