@@ -1,16 +1,23 @@
 """Time WKV-7 forward + backward on the CPU: per-token recurrence vs the chunked form.
 
-    PYTHONPATH=. python scripts/bench_wkv7_cpu.py         # demo-sized and 0.1B-sized shapes
-    PYTHONPATH=. python scripts/bench_wkv7_cpu.py --chunk-lens 8 16 32 --threads 1
+    python scripts/bench_wkv7_cpu.py                      # demo-sized and 0.1B-sized shapes
+    python scripts/bench_wkv7_cpu.py --chunk-lens 8 16 32 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import rwkv_train  # noqa: F401
+except ImportError:  # run from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rwkv_train.ops.wkv7 import wkv7_chunked, wkv7_recurrent
 
