@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config file, e.g. configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value words that replace config values")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("rwkv_train")  # our one logger; Lightning keeps its own
+    log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.INFO)
     try:
         cfg = load_config(args.config, args.overrides)
         from rwkv_train.trainer import run  # heavy imports only once the config is known to be good

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +23,11 @@ from rwkv_train.plot import plot_metrics
 from rwkv_train.rundir import resolve_resume
 
 log = logging.getLogger("rwkv_train")
+
+# Lightning notices that say nothing about this run: validation is optional here by design, and a
+# deprecation inside Lightning itself.
+warnings.filterwarnings("ignore", message=r".*defined a `validation_step` but have no `val_dataloader`")
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
 
 LIGHTNING_PRECISION = {"fp32": "32-true", "tf32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 

@@ -72,6 +72,7 @@ def test_builds_corpus(tmp_path, inputs):
         "vocab_size": 65536,
         "num_tokens": len(tokens),
         "num_documents": len(expected),
+        "max_token_id": max(tokens),
         "dtype": "uint16",
         "sources": [str(jsonl), str(txt)],
     }

@@ -56,3 +56,23 @@ def test_validation_windows_are_consecutive_and_split_across_ranks(tmp_path):
     assert x.tolist() == tokens[30:40].tolist() and y.tolist() == tokens[31:41].tolist()
     parts = [ValWindows(data, 10, 200, rank=r, world=3) for r in range(3)]
     assert sorted(w for p in parts for w in p.windows) == list(range(20))
+
+
+def test_vocab_check_uses_the_sidecar_or_scans(tmp_path):
+    import json
+
+    import pytest
+
+    from rwkv_train.data.build import sidecar_path
+    from rwkv_train.data.windows import check_vocab, max_token_id
+    from rwkv_train.errors import DataError
+
+    data = BinIdx(write_corpus(tmp_path / "c", 3000, vocab=200))
+    top = int(np.asarray(data.tokens).max())
+    assert max_token_id(data) == top  # no sidecar: scanned
+    check_vocab(data, top + 1, "corpus")
+    with pytest.raises(DataError, match=f"holds token id {top} but model.vocab_size is {top}"):
+        check_vocab(data, top, "corpus")
+    sidecar_path(data.prefix).write_text(json.dumps({"max_token_id": 7}))
+    assert max_token_id(data) == 7  # recorded by make_binidx: no scan
+    check_vocab(data, 65536, "corpus")  # uint16 ids always fit a 65536 vocabulary

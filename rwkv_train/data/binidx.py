@@ -111,8 +111,14 @@ class BinIdxWriter:
         # array('q') rather than a list: 8 bytes per document on huge corpora.
         self._sizes = array("q")
         self._num_tokens = 0
+        self._max_id = -1
         info = np.iinfo(self.dtype)
         self._min, self._max = int(info.min), int(info.max)
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id written so far (-1 before any)."""
+        return self._max_id
 
     @property
     def num_tokens(self) -> int:
@@ -151,6 +157,8 @@ class BinIdxWriter:
         self._bin_file.write(ids.astype(self.dtype, copy=False).tobytes(order="C"))
         self._sizes.append(int(ids.size))
         self._num_tokens += int(ids.size)
+        if ids.size:
+            self._max_id = max(self._max_id, high)
 
     def _write_index(self) -> None:
         sizes = np.frombuffer(self._sizes, dtype=np.int64) if self._sizes else np.zeros(0, np.int64)

@@ -153,7 +153,7 @@ def build_binidx(
                 bytes_read += size
                 if progress is not None:
                     progress(writer.num_documents, writer.num_tokens, bytes_read)
-        num_documents, num_tokens = writer.num_documents, writer.num_tokens
+        num_documents, num_tokens, max_id = writer.num_documents, writer.num_tokens, writer.max_token_id
         if num_documents == 0:
             # Raising inside the block makes the writer discard its temp files.
             raise DataError(f"the inputs hold no documents ({', '.join(map(str, paths))}); check the files")
@@ -162,6 +162,7 @@ def build_binidx(
         "vocab_size": tokenizer.vocab_size,
         "num_tokens": num_tokens,
         "num_documents": num_documents,
+        "max_token_id": max_id,
         "dtype": dtype.name,
         "sources": [str(p) for p in paths],
     }

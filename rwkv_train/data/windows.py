@@ -12,6 +12,7 @@ same global batch, and resuming at step s needs nothing but s.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -20,13 +21,32 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from rwkv_train.data.binidx import BinIdx
+from rwkv_train.data.build import sidecar_path
 from rwkv_train.data.sampling import magic_prime, window_start
 from rwkv_train.errors import DataError
 
 
+def max_token_id(data: BinIdx) -> int:
+    """The corpus's largest token id: from its make_binidx sidecar when there is one, else by a scan."""
+    sidecar = sidecar_path(data.prefix)
+    if sidecar.is_file():
+        try:
+            recorded = json.loads(sidecar.read_text()).get("max_token_id")
+        except (OSError, ValueError):
+            recorded = None
+        if isinstance(recorded, int):
+            return recorded
+    top, step = -1, 1 << 26  # scan in slices: bounded memory on corpora of any size
+    for start in range(0, data.num_tokens, step):
+        top = max(top, int(data.tokens[start : start + step].max()))
+    return top
+
+
 def check_vocab(data: BinIdx, vocab_size: int, name: str) -> None:
     """Refuse a corpus holding token ids the model's embedding cannot look up."""
-    top = int(data.tokens.max()) if data.num_tokens else 0
+    if data.dtype.kind == "u" and np.iinfo(data.dtype).max < vocab_size:
+        return  # every id the dtype can hold fits, e.g. uint16 corpora and the 65536 World vocabulary
+    top = max_token_id(data)
     if top >= vocab_size:
         raise DataError(
             f"{name} holds token id {top} but model.vocab_size is {vocab_size}: "
