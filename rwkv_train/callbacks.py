@@ -51,13 +51,13 @@ class RunMonitor(L.Callback):
             trainer.logger.log_metrics({k: v for k, v in row.items() if k != "step" and v != ""}, step=row["step"])
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.global_step > 0 and trainer.is_global_zero:
+        if trainer.is_global_zero:
             self._rewind_metrics(trainer.global_step)
         self._last_step = trainer.global_step
         self._clock, self._clock_step = time.perf_counter(), trainer.global_step
 
     def _rewind_metrics(self, step: int) -> None:
-        """On resume, drop rows of steps after the checkpoint: they are about to be trained again."""
+        """Drop rows of steps after `step` (a resumed run's checkpoint): they are about to be trained again."""
         if not self.metrics_path.exists():
             return
         with self.metrics_path.open(newline="") as f:

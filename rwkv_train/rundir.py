@@ -38,7 +38,8 @@ def resolve_resume(cfg: Config) -> Path | None:
     mode = cfg.train.resume
     saved_cfg = out_dir / "config.yaml"
     if mode is None:
-        leftovers = [p.name for p in (saved_cfg, *out_dir.glob("rwkv-*.pth"), out_dir / "resume.ckpt") if p.exists()]
+        marks = (saved_cfg, out_dir / "metrics.csv", out_dir / "resume.ckpt", *out_dir.glob("rwkv-*.pth"))
+        leftovers = [p.name for p in marks if p.exists()]
         if leftovers:
             raise ConfigError(
                 f"train.out_dir {out_dir} already holds a run ({', '.join(sorted(leftovers)[:3])}): pass "
