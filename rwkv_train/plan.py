@@ -50,6 +50,14 @@ def make_plan(cfg: Config, num_params: int, magic_prime: int) -> RunPlan:
         accumulate = t.global_bsz // per_pass
     else:
         accumulate = t.accumulate or 1
+    if accumulate > 1 and t.strategy == "deepspeed":
+        # DeepSpeed accumulates inside its engine, where Lightning counts every micro-batch as a step; the
+        # step-exact schedule, sampler and checkpoints here assume Lightning-side accumulation.
+        raise ConfigError(
+            f"gradient accumulation ({accumulate} micro-batches per step) is not supported with "
+            "train.strategy=deepspeed: raise train.micro_bsz or the device count to reach the global batch, "
+            "or use train.strategy=ddp"
+        )
     global_bsz = per_pass * accumulate
     tokens_per_step = global_bsz * cfg.data.ctx_len
     steps = t.max_steps if t.max_steps is not None else math.ceil(t.max_tokens / tokens_per_step)

@@ -46,14 +46,14 @@ def config(**train):
     ],
 )
 def test_deepspeed_config_per_setting(train, stage, offload_opt, offload_param):
-    cfg = config(accumulate=3, precision="bf16", **train)
+    cfg = config(precision="bf16", **train)
     plan = make_plan(cfg, num_params=1000, magic_prime=11)
     ds = deepspeed_config(cfg, plan)
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage
     assert ("offload_optimizer" in zero) == offload_opt
     assert ("offload_param" in zero) == offload_param
-    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 1
     assert ds["gradient_clipping"] == cfg.optim.grad_clip
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
 
@@ -75,9 +75,11 @@ def test_strategies_hand_the_config_to_lightning():
 
 
 def test_global_batch_arithmetic():
-    cfg = config(global_bsz=64)
+    cfg = config(global_bsz=64, strategy="ddp")
     plan = make_plan(cfg, 1000, 11)
     assert (plan.world, plan.accumulate, plan.global_bsz, plan.tokens_per_step) == (8, 2, 64, 64 * 64)
+    with pytest.raises(Exception, match="not supported with train.strategy=deepspeed"):
+        make_plan(config(global_bsz=64), 1000, 11)
     tokens = from_dict({"data": {"train": "x", "ctx_len": 100}, "train": {"max_tokens": 1050, "micro_bsz": 2}})
     assert make_plan(tokens, 1000, 11).total_steps == 6  # ceil(1050 / 200)
     with pytest.raises(Exception, match="not a multiple of micro_bsz x devices x num_nodes = 32"):
