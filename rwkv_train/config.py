@@ -73,9 +73,17 @@ class ModelConfig:
 
 
 @dataclass
+class Corpus:
+    path: str
+    """binidx prefix (PREFIX.bin / PREFIX.idx), from data_prep/make_binidx.py."""
+    weight: float = 1.0
+    """Share of training samples drawn from this corpus, relative to the other corpora's weights."""
+
+
+@dataclass
 class DataConfig:
-    train: str = ""
-    """binidx prefix of the training corpus (PREFIX.bin / PREFIX.idx), from data_prep/make_binidx.py."""
+    train: list[Corpus] = field(default_factory=list)
+    """Training corpus: a binidx prefix, or a list of {path, weight} to mix several by weight."""
     val: Optional[str] = None
     """binidx prefix of a validation corpus, or null for none."""
     ctx_len: int = 512
@@ -89,6 +97,9 @@ class DataConfig:
         out = []
         if not self.train:
             out.append("data.train is empty: set it to the prefix of a corpus made by data_prep/make_binidx.py")
+        for c in self.train:
+            if not c.weight > 0:
+                out.append(f"data.train weight {c.weight} for {c.path}: expected a positive number")
         if self.ctx_len < 1:
             out.append(f"data.ctx_len={self.ctx_len}: expected a positive integer")
         if self.val_every < 0:
@@ -257,6 +268,8 @@ def _describe(tp: Any) -> str:
         return _describe(inner[0]) + " or null"
     if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
+    if origin is list:
+        return "a corpus prefix, or a list of {path: PREFIX, weight: NUMBER}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -281,6 +294,15 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError
         return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item) for v in (value if isinstance(value, list) else [value])]
+    if tp is Corpus:
+        if isinstance(value, str) and value:
+            return Corpus(path=value)
+        if not isinstance(value, dict) or set(value) - {"path", "weight"} or not value.get("path"):
+            raise ValueError
+        return Corpus(path=_coerce(value["path"], str), weight=_coerce(value.get("weight", 1.0), float))
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError

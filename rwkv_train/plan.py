@@ -17,7 +17,7 @@ class RunPlan:
     global_bsz: int
     ctx_len: int
     total_steps: int
-    magic_prime: int
+    magic_primes: tuple[int, ...]  # one per training corpus
     num_params: int
 
     @property
@@ -33,11 +33,11 @@ class RunPlan:
             f"parameters {self.num_params:,} | world {self.world} x micro_bsz {self.micro_bsz} x accumulate "
             f"{self.accumulate} = global batch {self.global_bsz} | ctx_len {self.ctx_len} | tokens/step "
             f"{self.tokens_per_step:,} | steps {self.total_steps:,} | tokens {self.total_tokens:,} | "
-            f"magic prime {self.magic_prime:,}"
+            f"magic prime {' / '.join(f'{p:,}' for p in self.magic_primes)}"
         )
 
 
-def make_plan(cfg: Config, num_params: int, magic_prime: int) -> RunPlan:
+def make_plan(cfg: Config, num_params: int, magic_primes: tuple[int, ...]) -> RunPlan:
     t = cfg.train
     world = t.devices * t.num_nodes
     per_pass = t.micro_bsz * world
@@ -61,4 +61,4 @@ def make_plan(cfg: Config, num_params: int, magic_prime: int) -> RunPlan:
     global_bsz = per_pass * accumulate
     tokens_per_step = global_bsz * cfg.data.ctx_len
     steps = t.max_steps if t.max_steps is not None else math.ceil(t.max_tokens / tokens_per_step)
-    return RunPlan(world, t.micro_bsz, accumulate, global_bsz, cfg.data.ctx_len, steps, magic_prime, num_params)
+    return RunPlan(world, t.micro_bsz, accumulate, global_bsz, cfg.data.ctx_len, steps, magic_primes, num_params)

@@ -89,21 +89,23 @@ def run(cfg: Config, callbacks: list[L.Callback] | None = None) -> Path:
     out_dir = Path(cfg.train.out_dir)
     resume = resolve_resume(cfg) if is_rank_zero else _resume_path_other_ranks(cfg)
 
-    train_data = _open_corpus(cfg.data.train, "training", cfg.model.vocab_size)
+    corpora = [_open_corpus(c.path, "training", cfg.model.vocab_size) for c in cfg.data.train]
     val_data = _open_corpus(cfg.data.val, "validation", cfg.model.vocab_size) if cfg.data.val else None
-    train_set = TrainWindows(train_data, cfg.data.ctx_len, cfg.train.seed)
+    train_set = TrainWindows(corpora, cfg.data.ctx_len, cfg.train.seed, [c.weight for c in cfg.data.train])
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     model = build_model(cfg.model, device="cpu", init=resume is None and cfg.model.load is None)
     if cfg.model.load and resume is None:
         load_into(model, load_weights(cfg.model.load), f"model.load={cfg.model.load}")
     model.grad_cp = cfg.train.grad_cp
-    plan = make_plan(cfg, sum(p.numel() for p in model.parameters()), train_set.prime)
+    plan = make_plan(cfg, sum(p.numel() for p in model.parameters()), tuple(train_set.primes))
 
     if is_rank_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
         log.info("run: %s", plan.describe())
+        if len(corpora) > 1:
+            log.info("mix over the run: %s", describe_mix(cfg, train_set, plan))
         log.info("out_dir: %s%s", out_dir, f" (resuming from {resume})" if resume else "")
     if cfg.train.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -147,7 +149,20 @@ def run(cfg: Config, callbacks: list[L.Callback] | None = None) -> Path:
 
     if trainer.is_global_zero:
         plot_metrics(out_dir / "metrics.csv", out_dir / "loss.png")
+        if len(corpora) > 1:
+            log.info("realised mix: %s", describe_mix(cfg, train_set, plan, trainer.global_step))
     return out_dir
+
+
+def describe_mix(cfg: Config, train_set: TrainWindows, plan: RunPlan, steps: int | None = None) -> str:
+    """Samples drawn from each corpus over `steps` optimiser steps (default: the whole run), with shares."""
+    samples = (plan.total_steps if steps is None else steps) * plan.global_bsz
+    drawn = train_set.mixture.drawn(samples)
+    total_weight = sum(c.weight for c in cfg.data.train)
+    return ", ".join(
+        f"{c.path} {n:,} samples = {n / max(1, samples):.2%} (weight {c.weight / total_weight:.2%})"
+        for c, n in zip(cfg.data.train, drawn)
+    )
 
 
 def _resume_path_other_ranks(cfg: Config) -> Path | None:

@@ -47,7 +47,7 @@ def config(**train):
 )
 def test_deepspeed_config_per_setting(train, stage, offload_opt, offload_param):
     cfg = config(precision="bf16", **train)
-    plan = make_plan(cfg, num_params=1000, magic_prime=11)
+    plan = make_plan(cfg, num_params=1000, magic_primes=(11,))
     ds = deepspeed_config(cfg, plan)
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage
@@ -60,14 +60,14 @@ def test_deepspeed_config_per_setting(train, stage, offload_opt, offload_param):
 
 def test_deepspeed_fp16_uses_dynamic_loss_scaling():
     cfg = config(precision="fp16")
-    ds = deepspeed_config(cfg, make_plan(cfg, 1000, 11))
+    ds = deepspeed_config(cfg, make_plan(cfg, 1000, (11,)))
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
 
 
 def test_strategies_hand_the_config_to_lightning():
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
     cfg = config(zero_stage=3, offload="all")
-    strategy = make_strategy(cfg, make_plan(cfg, 1000, 11))
+    strategy = make_strategy(cfg, make_plan(cfg, 1000, (11,)))
     assert type(strategy).__name__ == "DeepSpeedStrategy"
     assert strategy.config["zero_optimization"]["stage"] == 3
     ddp = make_strategy(from_dict({"data": {"train": "x"}, "train": {"max_steps": 1, "strategy": "ddp"}}), None)
@@ -76,11 +76,11 @@ def test_strategies_hand_the_config_to_lightning():
 
 def test_global_batch_arithmetic():
     cfg = config(global_bsz=64, strategy="ddp")
-    plan = make_plan(cfg, 1000, 11)
+    plan = make_plan(cfg, 1000, (11,))
     assert (plan.world, plan.accumulate, plan.global_bsz, plan.tokens_per_step) == (8, 2, 64, 64 * 64)
     with pytest.raises(Exception, match="not supported with train.strategy=deepspeed"):
-        make_plan(config(global_bsz=64), 1000, 11)
+        make_plan(config(global_bsz=64), 1000, (11,))
     tokens = from_dict({"data": {"train": "x", "ctx_len": 100}, "train": {"max_tokens": 1050, "micro_bsz": 2}})
-    assert make_plan(tokens, 1000, 11).total_steps == 6  # ceil(1050 / 200)
+    assert make_plan(tokens, 1000, (11,)).total_steps == 6  # ceil(1050 / 200)
     with pytest.raises(Exception, match="not a multiple of micro_bsz x devices x num_nodes = 32"):
-        make_plan(config(global_bsz=40), 1000, 11)
+        make_plan(config(global_bsz=40), 1000, (11,))

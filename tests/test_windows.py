@@ -35,16 +35,17 @@ def test_resume_continues_at_the_same_sample():
 
 def test_windows_read_the_magic_prime_positions(tmp_path):
     data = BinIdx(write_corpus(tmp_path / "c", 5000))
-    ds = TrainWindows(data, ctx_len=16, seed=3)
-    assert ds.prime == magic_prime(5000, 16)
+    ds = TrainWindows([data], ctx_len=16, seed=3)
+    (prime,) = ds.primes
+    assert prime == magic_prime(5000, 16)
     tokens = np.asarray(data.tokens)
-    for n in (0, 1, 7, ds.prime + 2):
+    for n in (0, 1, 7, prime + 2):
         x, y = ds[n]
-        start = window_start(n, ds.prime, 16, 3)
+        start = window_start(n, prime, 16, 3)
         assert x.tolist() == tokens[start : start + 16].tolist()
         assert y.tolist() == tokens[start + 1 : start + 17].tolist()
-    starts = {window_start(n, ds.prime, 16, 3) for n in range(ds.prime)}
-    assert starts == {16 * i for i in range(ds.prime)}  # one pass covers every window once
+    starts = {window_start(n, prime, 16, 3) for n in range(prime)}
+    assert starts == {16 * i for i in range(prime)}  # one pass covers every window once
 
 
 def test_validation_windows_are_consecutive_and_split_across_ranks(tmp_path):

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 
 from rwkv_train.data.binidx import BinIdx
 from rwkv_train.data.build import sidecar_path
+from rwkv_train.data.mixture import Mixture
 from rwkv_train.data.sampling import magic_prime, window_start
 from rwkv_train.errors import DataError
 
@@ -55,20 +56,27 @@ def check_vocab(data: BinIdx, vocab_size: int, name: str) -> None:
 
 
 class TrainWindows(Dataset):
-    """Sample n -> (inputs, targets), each (ctx_len,) int64, read from the magic-prime window of n."""
+    """Sample n -> (inputs, targets), each (ctx_len,) int64, from the magic-prime window of n.
 
-    def __init__(self, data: BinIdx, ctx_len: int, seed: int):
-        self.tokens = data.tokens
+    With several corpora, the mixture picks the corpus of n and its per-corpus sample number; each corpus
+    has its own magic prime, so each is read in its own full-coverage order.
+    """
+
+    def __init__(self, corpora: list[BinIdx], ctx_len: int, seed: int, weights: list[float] | None = None):
+        self.tokens = [c.tokens for c in corpora]
         self.ctx_len = ctx_len
         self.seed = seed
-        self.prime = magic_prime(data.num_tokens, ctx_len)
+        self.primes = [magic_prime(c.num_tokens, ctx_len) for c in corpora]
+        self.mixture = Mixture(weights or [1.0] * len(corpora))
 
     def __len__(self) -> int:
-        return self.prime  # one pass visits every window once; sample numbers beyond it wrap around
+        return sum(self.primes)  # one pass' worth of windows; sample numbers beyond it wrap around
 
     def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = window_start(n, self.prime, self.ctx_len, self.seed)
-        window = torch.from_numpy(np.asarray(self.tokens[start : start + self.ctx_len + 1], dtype=np.int64))
+        corpus, j = self.mixture.locate(n)
+        start = window_start(j, self.primes[corpus], self.ctx_len, self.seed)
+        window = self.tokens[corpus][start : start + self.ctx_len + 1]
+        window = torch.from_numpy(np.asarray(window, dtype=np.int64))
         return window[:-1], window[1:]
 
 
