@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 # Reuse an installed torch when the system Python has one (the venv then sees system packages);
 # otherwise install the pinned CPU build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py csrc/world_tokenizer.c
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 		echo "setup: reusing the installed torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
