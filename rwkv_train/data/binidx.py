@@ -13,7 +13,15 @@
 
 As RWKV-LM's make_data.py writes it, every document is one sequence (its tokens
 then the end-of-document id 0), so doc_idx is 0, 1, ..., n (n + 1 entries).
+Megatron-LM's sentence-split mode writes each sentence as a sequence, so a
+document spans doc_idx[d] .. doc_idx[d+1] - 1; `BinIdx.document` reads either.
 Training reads the `.bin` as one flat token stream; the index is only a check.
+
+Dtype codes follow Megatron-LM's current `DType` table (6 float64, 7 float32).
+The fairseq-derived copies in GPT-NeoX and RWKV-LM map 7 to float64 (np.double);
+the reader takes code 7 as float32 unless the .bin only fits float64. Tokens are
+written as uint16 (code 8) up to 65536 ids and as int32 (code 4) beyond: there
+is no uint32 code that Megatron, GPT-NeoX and RWKV-LM all read.
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, n sequences, n doc_idx
 _MAX_SEQUENCE = 2**31 - 1  # sizes are int32
 
-# Codes as Megatron-LM writes them (6 is float64, 7 float32; RWKV-LM's copy
-# reads both 6 and 7 as float64). Token files only ever use 8 or 4.
+# Codes as Megatron-LM writes them (6 is float64, 7 float32; RWKV-LM's and
+# GPT-NeoX's copies read both 6 and 7 as float64). Token files only use 8 or 4.
 DTYPE_CODES: dict[int, np.dtype] = {
     1: np.dtype(np.uint8),
     2: np.dtype(np.int8),
@@ -82,10 +90,18 @@ class BinIdxWriter:
 
         with BinIdxWriter("data/corpus", np.uint16) as writer:
             writer.add_document(tokens)
+
+    With `deferred=True` a successful block leaves the finished pair under its
+    temp names (`PREFIX.bin.tmp`, `PREFIX.idx.tmp`) until `commit()`, so that a
+    caller can publish several files together; `discard()` drops them.
     """
 
     def __init__(
-        self, prefix: str | Path, dtype: np.dtype | type = np.uint16, overwrite: bool = False
+        self,
+        prefix: str | Path,
+        dtype: np.dtype | type = np.uint16,
+        overwrite: bool = False,
+        deferred: bool = False,
     ) -> None:
         self.prefix = strip_suffix(prefix)
         self.dtype = np.dtype(dtype)
@@ -108,6 +124,8 @@ class BinIdxWriter:
         self._bin_tmp = Path(f"{self.bin_path}.tmp")
         self._idx_tmp = Path(f"{self.idx_path}.tmp")
         self._bin_file = None
+        self._deferred = deferred
+        self._finished = False
         # array('q') rather than a list: 8 bytes per document on huge corpora.
         self._sizes = array("q")
         self._num_tokens = 0
@@ -160,6 +178,51 @@ class BinIdxWriter:
         if ids.size:
             self._max_id = max(self._max_id, high)
 
+    def add_documents(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
+        """Append many documents at once: `tokens` is their concatenation, `sizes` their lengths."""
+        if self._bin_file is None:
+            raise RuntimeError("BinIdxWriter.add_documents called outside its `with` block")
+        ids, sizes = np.asarray(tokens), np.asarray(sizes, dtype=np.int64)
+        if ids.ndim != 1 or sizes.ndim != 1:
+            raise DataError("add_documents takes a 1-D token array and a 1-D array of sizes")
+        if int(sizes.sum()) != ids.size or (sizes.size and int(sizes.min()) < 0):
+            raise DataError(f"document sizes add up to {int(sizes.sum())}, but {ids.size} tokens were given")
+        if sizes.size and int(sizes.max()) > _MAX_SEQUENCE:
+            raise DataError(
+                f"a document has {int(sizes.max())} tokens, more than binidx can store ({_MAX_SEQUENCE}); split it"
+            )
+        if ids.size:
+            if ids.dtype.kind not in "ui":
+                raise DataError(f"token ids must be integers, got dtype {ids.dtype}")
+            low, high = int(ids.min()), int(ids.max())
+            if low < self._min or high > self._max:
+                raise DataError(
+                    f"token ids {low}..{high} do not fit {self.dtype} ({self._min}..{self._max}); "
+                    "write with a wider dtype (dtype_for_vocab(vocab_size))"
+                )
+            self._max_id = max(self._max_id, high)
+        self._bin_file.write(ids.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._sizes.extend(sizes.tolist())
+        self._num_tokens += int(ids.size)
+
+    @property
+    def temp_paths(self) -> tuple[Path, Path]:
+        """Where the .bin and .idx are written before they get their final names."""
+        return self._bin_tmp, self._idx_tmp
+
+    def commit(self) -> None:
+        """Give a deferred writer's finished files their final names (.bin first, .idx last)."""
+        if not self._finished:
+            raise RuntimeError("BinIdxWriter.commit needs a deferred writer whose `with` block succeeded")
+        os.replace(self._bin_tmp, self.bin_path)
+        os.replace(self._idx_tmp, self.idx_path)
+        self._finished = False
+
+    def discard(self) -> None:
+        """Remove a deferred writer's finished temp files instead of committing them."""
+        self._remove_temps()
+        self._finished = False
+
     def _write_index(self) -> None:
         sizes = np.frombuffer(self._sizes, dtype=np.int64) if self._sizes else np.zeros(0, np.int64)
         pointers = np.zeros(len(sizes), dtype=np.int64)
@@ -189,6 +252,9 @@ class BinIdxWriter:
             return
         try:
             self._write_index()
+            if self._deferred:
+                self._finished = True
+                return
             # Dying between the two renames leaves a new .bin beside an old (or
             # no) .idx, which BinIdx rejects by its size check.
             os.replace(self._bin_tmp, self.bin_path)
@@ -214,6 +280,7 @@ class BinIdx:
                     f"or {_MAKE_HINT}"
                 )
         self.dtype, n, n_docs, offset = self._read_header()
+        self.dtype_code = self._code
         expected = offset + 4 * n + 8 * n + 8 * n_docs
         actual = self.idx_path.stat().st_size
         if actual == expected + n and n:
@@ -231,6 +298,8 @@ class BinIdx:
         self.pointers: np.ndarray = np.frombuffer(index, dtype="<i8", count=n, offset=offset + 4 * n)
         self.doc_idx: np.ndarray = np.frombuffer(index, dtype="<i8", count=n_docs, offset=offset + 12 * n)
         self.num_tokens = int(self.sizes.sum(dtype=np.int64))
+        if self._code == 7 and self.bin_path.stat().st_size == 8 * self.num_tokens != 4 * self.num_tokens:
+            self.dtype = np.dtype(np.float64)  # a fairseq-style writer's np.double (see the module doc)
         self._check_bin()
         if self.num_tokens:
             self.tokens: np.ndarray = np.memmap(
@@ -260,6 +329,7 @@ class BinIdx:
                 f"{self.idx_path} has unknown dtype code {code} (known: {sorted(DTYPE_CODES)}); "
                 f"the file is corrupt or from another format, {_MAKE_HINT}"
             )
+        self._code = code
         return DTYPE_CODES[code], n, n_docs, _HEADER.size
 
     def _check_bin(self) -> None:
@@ -296,6 +366,37 @@ class BinIdx:
     def num_documents(self) -> int:
         """Number of documents (doc_idx has one more entry than this)."""
         return max(len(self.doc_idx) - 1, 0)
+
+    def document(self, d: int) -> np.ndarray:
+        """The tokens of document d: its sequences doc_idx[d] .. doc_idx[d+1] - 1, concatenated.
+
+        One sequence per document (RWKV-LM) and several (Megatron's sentence
+        split) read the same way; sequences lie back to back in the .bin.
+        """
+        n = self.num_documents
+        if not -n <= d < n:
+            raise IndexError(f"document {d} out of range for {n} documents")
+        d %= n
+        first, last = int(self.doc_idx[d]), int(self.doc_idx[d + 1])
+        if not 0 <= first <= last <= len(self.sizes):
+            raise DataError(
+                f"{self.idx_path}: doc_idx[{d}:{d + 2}] = {first}, {last} is not a range of its "
+                f"{len(self.sizes)} sequences; the index is corrupt, {_MAKE_HINT}"
+            )
+        if first == last:
+            return self.tokens[:0]
+        start = int(self.pointers[first]) // self.dtype.itemsize
+        end = int(self.pointers[last - 1]) // self.dtype.itemsize + int(self.sizes[last - 1])
+        return self.tokens[start:end]
+
+    def document_lengths(self) -> np.ndarray:
+        """Tokens per document (int64), from the index alone."""
+        if self.num_documents == 0:
+            return np.zeros(0, dtype=np.int64)
+        bounds = np.zeros(len(self.sizes) + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=bounds[1:])
+        doc_idx = np.clip(np.asarray(self.doc_idx, dtype=np.int64), 0, len(self.sizes))
+        return np.diff(bounds[doc_idx])
 
     def __repr__(self) -> str:
         return f"BinIdx({self.prefix!r}, sequences={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"
