@@ -154,29 +154,10 @@ class BinIdxWriter:
 
     def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
         """Append one document (one sequence) of token ids."""
-        if self._bin_file is None:
-            raise RuntimeError("BinIdxWriter.add_document called outside its `with` block")
         ids = np.asarray(tokens)
         if ids.ndim != 1:
             raise DataError(f"a document must be a 1-D list of token ids, got shape {ids.shape}")
-        if ids.size:
-            if ids.dtype.kind not in "ui":
-                raise DataError(f"token ids must be integers, got dtype {ids.dtype}")
-            low, high = int(ids.min()), int(ids.max())
-            if low < self._min or high > self._max:
-                raise DataError(
-                    f"token ids {low}..{high} do not fit {self.dtype} ({self._min}..{self._max}); "
-                    "write with a wider dtype (dtype_for_vocab(vocab_size))"
-                )
-        if ids.size > _MAX_SEQUENCE:
-            raise DataError(
-                f"a document has {ids.size} tokens, more than binidx can store ({_MAX_SEQUENCE}); split it"
-            )
-        self._bin_file.write(ids.astype(self.dtype, copy=False).tobytes(order="C"))
-        self._sizes.append(int(ids.size))
-        self._num_tokens += int(ids.size)
-        if ids.size:
-            self._max_id = max(self._max_id, high)
+        self.add_documents(ids, np.array([ids.size]))
 
     def add_documents(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
         """Append many documents at once: `tokens` is their concatenation, `sizes` their lengths."""
