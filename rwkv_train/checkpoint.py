@@ -22,28 +22,30 @@ from rwkv_train.errors import CheckpointError
 
 RESUME_NAME = "resume.ckpt"
 
-# A block-0 key that marks each generation, checked in this order (v6 also has v5's time_faaaa).
-_VERSION_MARKERS = (
-    ("v7", "blocks.0.att.r_k"),
-    ("v6", "blocks.0.att.time_maa_x"),
-    ("v5", "blocks.0.att.time_faaaa"),
-    ("v4", "blocks.0.att.time_first"),
-)
+# An attention parameter only one generation has (v5's time_mix_g: v6 has time_maa_g instead).
+_VERSION_MARKERS = (("v7", "att.r_k"), ("v6", "att.time_maa_x"), ("v5", "att.time_mix_g"), ("v4", "att.time_first"))
 
 # Keys the reference trainer creates for layer 0 but never uses (layer 0 has no value residual).
 _UNUSED_V7_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
 
 def detect_version(state: dict[str, torch.Tensor]) -> str:
-    """'v4' | 'v5' | 'v6' | 'v7' from the keys of block 0, or CheckpointError."""
-    for version, marker in _VERSION_MARKERS:
-        if marker in state:
-            return version
-    sample = ", ".join(sorted(state)[:6])
-    raise CheckpointError(
-        f"cannot tell the RWKV generation of this checkpoint (keys start: {sample}): "
-        "expected an RWKV v4/v5/v6/v7 state dict with keys like blocks.0.att.*"
-    )
+    """'v4' | 'v5' | 'v6' | 'v7' from the state dict's keys; CheckpointError for none or a mix."""
+    found: dict[str, str] = {}
+    for key in state:
+        for version, marker in _VERSION_MARKERS:
+            if key.endswith("." + marker) and version not in found:
+                found[version] = key
+    if len(found) == 1:
+        return next(iter(found))
+    if not found:
+        sample = ", ".join(sorted(state)[:6])
+        raise CheckpointError(
+            f"cannot tell the RWKV generation of this checkpoint (keys start: {sample}): "
+            "expected an RWKV v4/v5/v6/v7 state dict with keys like blocks.0.att.*"
+        )
+    mix = " and ".join(f"RWKV-{v} ({k})" for v, k in sorted(found.items()))
+    raise CheckpointError(f"this checkpoint mixes keys of {mix}: it is not one model; check how it was made")
 
 
 def weights_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -32,18 +32,18 @@ WandbMode = Literal["off", "online", "offline"]
 
 @dataclass
 class ModelConfig:
-    version: Literal["v7"] = "v7"
-    """RWKV generation. `v7` (Goose) is the one implemented."""
+    version: Literal["v4", "v5", "v6", "v7"] = "v7"
+    """RWKV generation: v4, v5 (Eagle, x052), v6 (Finch, x060) or v7 (Goose, x070)."""
     n_layer: int = 12
     """Number of blocks."""
     n_embd: int = 768
     """Model width C. Must be a multiple of head_size and of 32."""
     head_size: int = 64
-    """Channels per WKV head; the number of heads is n_embd // head_size."""
+    """Channels per WKV head (v5 to v7); the number of heads is n_embd // head_size. v4 has no heads."""
     vocab_size: int = 65536
     """Embedding and head rows. 65536 for the RWKV World tokenizer."""
     dim_ffn: Optional[int] = None
-    """Channel-mix hidden width. Default (null): 4 * n_embd, as RWKV-7 uses."""
+    """Channel-mix hidden width. Default (null): 4 * n_embd for v4 and v7, int(3.5 * n_embd) // 32 * 32 for v5, v6."""
     load: Optional[str] = None
     """Path of a weights-only `.pth` (official layout) to start from instead of a fresh init."""
 
@@ -53,20 +53,22 @@ class ModelConfig:
 
     @property
     def ffn_width(self) -> int:
-        return self.dim_ffn if self.dim_ffn is not None else 4 * self.n_embd
+        if self.dim_ffn is not None:
+            return self.dim_ffn
+        return 4 * self.n_embd if self.version in ("v4", "v7") else int(3.5 * self.n_embd) // 32 * 32
 
     def problems(self) -> list[str]:
         out = []
         for name in ("n_layer", "n_embd", "head_size", "vocab_size"):
             if getattr(self, name) < 1:
                 out.append(f"model.{name}={getattr(self, name)}: expected a positive integer")
-        if self.head_size >= 1 and self.n_embd % self.head_size:
+        if self.version != "v4" and self.head_size >= 1 and self.n_embd % self.head_size:
             out.append(
                 f"model.n_embd={self.n_embd} is not divisible by model.head_size={self.head_size}: "
                 "choose n_embd as a multiple of head_size (e.g. 64)"
             )
         if self.n_embd % 32:
-            out.append(f"model.n_embd={self.n_embd}: expected a multiple of 32 (RWKV-7 low-rank sizes assume it)")
+            out.append(f"model.n_embd={self.n_embd}: expected a multiple of 32 (the reference sizes assume it)")
         if self.dim_ffn is not None and (self.dim_ffn < 1 or self.dim_ffn % 32):
             out.append(f"model.dim_ffn={self.dim_ffn}: expected null or a positive multiple of 32")
         return out

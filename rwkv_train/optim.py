@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-# Per generation: parameter-name fragments trained at a multiple of the base learning rate.
-LR_SCALES = {"v7": {"att.w0": 2.0}}
+# Per generation: parameter-name fragments trained at a multiple of the base learning rate, as the
+# reference trainers group them (first match wins; v6's time_decay_w1/w2 count as time_decay there too).
+LR_SCALES = {
+    "v4": {"att.time_decay": 2.0, "att.time_first": 3.0},
+    "v5": {"att.time_decay": 2.0},
+    "v6": {"att.time_decay": 2.0},
+    "v7": {"att.w0": 2.0},
+}
 
 
 def param_groups(model: nn.Module, weight_decay: float, version: str = "v7") -> list[dict]:

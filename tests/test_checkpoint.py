@@ -55,10 +55,12 @@ def test_a_checkpoint_never_runs_code(tmp_path):
 def test_generation_is_told_by_keys():
     assert detect_version({"blocks.0.att.r_k": 0}) == "v7"
     assert detect_version({"blocks.0.att.time_maa_x": 0, "blocks.0.att.time_faaaa": 0}) == "v6"
-    assert detect_version({"blocks.0.att.time_faaaa": 0}) == "v5"
-    assert detect_version({"blocks.0.att.time_first": 0}) == "v4"
+    assert detect_version({"blocks.0.att.time_faaaa": 0, "blocks.0.att.time_mix_g": 0}) == "v5"
+    assert detect_version({"blocks.0.att.time_first": 0, "blocks.0.att.time_mix_k": 0}) == "v4"
     with pytest.raises(CheckpointError, match="cannot tell the RWKV generation"):
         detect_version({"transformer.h.0.attn.weight": 0})
+    with pytest.raises(CheckpointError, match=r"mixes keys of RWKV-v4 \(blocks.1.att.time_first\) and RWKV-v7"):
+        detect_version({"blocks.0.att.r_k": 0, "blocks.1.att.time_first": 0})
 
 
 def test_load_into_lists_every_difference_and_ignores_reference_extras():

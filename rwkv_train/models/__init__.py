@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
 from rwkv_train.checkpoint import detect_version, load_into, load_weights
 from rwkv_train.config import ModelConfig
-from rwkv_train.errors import CheckpointError
-from rwkv_train.models.v7 import RWKV7, RWKV7Dims
 
-REGISTRY = {"v7": (RWKV7, RWKV7Dims)}
+# version -> (module, model class, dims class); imported on first use
+REGISTRY = {
+    "v4": ("rwkv_train.models.v4", "RWKV4", "RWKV4Dims"),
+    "v5": ("rwkv_train.models.v5", "RWKV5", "RWKV5Dims"),
+    "v6": ("rwkv_train.models.v6", "RWKV6", "RWKV6Dims"),
+    "v7": ("rwkv_train.models.v7", "RWKV7", "RWKV7Dims"),
+}
+
+
+def model_classes(version: str) -> tuple[type[nn.Module], type]:
+    """(model class, dims class) of an RWKV generation."""
+    module_name, model_name, dims_name = REGISTRY[version]
+    module = importlib.import_module(module_name)
+    return getattr(module, model_name), getattr(module, dims_name)
 
 
 def build_model(model_cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> nn.Module:
@@ -19,7 +32,7 @@ def build_model(model_cfg: ModelConfig, device: str | torch.device = "cpu", init
     Parameters are created on the meta device first, so a large model costs no time in default inits
     it would overwrite anyway.
     """
-    cls, dims_cls = REGISTRY[model_cfg.version]
+    cls, dims_cls = model_classes(model_cfg.version)
     with torch.device("meta"):
         model = cls(dims_cls.from_config(model_cfg))
     if torch.device(device).type == "meta":
@@ -38,10 +51,7 @@ def count_params(model_cfg: ModelConfig) -> int:
 def model_from_weights(path: str) -> nn.Module:
     """Build a model shaped like the weights-only checkpoint at `path` and load it (float32, eval mode)."""
     state = load_weights(path)
-    version = detect_version(state)
-    if version not in REGISTRY:
-        raise CheckpointError(f"{path} is an RWKV-{version} checkpoint; this build trains {', '.join(REGISTRY)} only")
-    cls, dims_cls = REGISTRY[version]
+    cls, dims_cls = model_classes(detect_version(state))
     with torch.device("meta"):
         model = cls(dims_cls.from_state_dict(state))
     model = model.to_empty(device="cpu")
