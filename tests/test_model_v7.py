@@ -113,6 +113,8 @@ def test_reference_initialisation_values():
     assert att.w2.shape == (32, C)
     torch.testing.assert_close(att.w2 @ att.w2.T, 0.01 * torch.eye(32), atol=1e-5, rtol=0)
     torch.testing.assert_close(att.key.weight @ att.key.weight.T, 0.01 * torch.eye(C), atol=1e-5, rtol=0)
+    ffn_key = model.blocks[0].ffn.key.weight  # (4C, C): orthonormal columns, gain 1 as the reference
+    torch.testing.assert_close(ffn_key.T @ ffn_key, torch.eye(C), atol=1e-4, rtol=0)
     assert model.emb.weight.abs().max() <= 1e-4
     gain = 0.5 * math.sqrt(1000 / C)
     cols = model.head.weight.T @ model.head.weight  # (C, C) = gain^2 I for a tall orthogonal matrix

@@ -215,7 +215,7 @@ class ChannelMix(nn.Module):
     def reset_parameters(self, n_layer: int) -> None:
         _, ratio_1_to_almost0 = layer_ramps(self.layer_id, n_layer)
         self.x_k.copy_(1.0 - channel_ramp(self.x_k.shape[-1]).pow(ratio_1_to_almost0**4))
-        orthogonal_(self.key.weight, 1.0)
+        nn.init.orthogonal_(self.key.weight, gain=1.0)  # the reference's plain gain, no aspect-ratio factor
         self.value.weight.zero_()
 
     def forward(self, x: Tensor, x_prev: Optional[Tensor]) -> tuple[Tensor, Tensor]:
