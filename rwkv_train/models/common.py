@@ -105,3 +105,19 @@ def cross_entropy_l2wrap(logits: Tensor, targets: Tensor) -> Tensor:
     # d/dlogits of this term is exactly the L2Wrap addition; its value is zero.
     wrap = (flat.gather(-1, ids) * maxx * (L2WRAP_FACTOR / n)).sum()
     return loss + wrap - wrap.detach()
+
+
+def decay_speed_init(dim: int, ratio_0_to_1: float) -> Tensor:
+    """RWKV-5/6 `time_decay` init: -6 + 5 (n / (dim - 1))^(0.7 + 1.3 ratio_0_to_1), n = 0..dim-1 (float32).
+
+    Computed in float64 and rounded once, as the reference computes it in Python floats.
+    """
+    n = torch.arange(dim, dtype=torch.float64)
+    return (-6 + 5 * (n / (dim - 1)) ** (0.7 + 1.3 * ratio_0_to_1)).float()
+
+
+def bonus_init(dim: int, ratio_0_to_1: float) -> Tensor:
+    """RWKV-5/6 `time_faaaa` (bonus u) init: ratio_0_to_1 (1 - n / (dim - 1)) + zigzag, zigzag in {0, 0.1, -0.1}."""
+    n = torch.arange(dim, dtype=torch.float64)
+    zigzag = ((n + 1) % 3 - 1) * 0.1
+    return (ratio_0_to_1 * (1 - n / (dim - 1)) + zigzag).float()
