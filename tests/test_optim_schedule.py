@@ -55,3 +55,19 @@ def test_schedule_is_monotone_after_warmup():
     assert all(a <= b for a, b in zip(lrs[:3], lrs[1:4]))
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert math.isclose(max(lrs), 6e-4)
+
+
+def test_reference_groups_of_rwkv5_and_rwkv6():
+    for version in ("v5", "v6"):
+        cfg = ModelConfig(version=version, n_layer=2, n_embd=128, head_size=64, vocab_size=50)
+        groups = param_groups(build_model(cfg, "meta"), weight_decay=0.1, version=version)
+        by_name = {n: (g["lr_scale"], g["weight_decay"]) for g in groups for n in g["param_names"]}
+        assert by_name["blocks.0.att.time_decay"] == (2.0, 0.0)
+        assert by_name["blocks.0.att.time_faaaa"] == (1.0, 0.0)
+        assert by_name["blocks.1.att.key.weight"] == (1.0, 0.1)
+        assert by_name["blocks.1.att.ln_x.weight"] == (1.0, 0.0)
+        if version == "v6":  # the low-rank decay matrices train at 1x, as the reference's "_w1"/"_w2" rule
+            assert by_name["blocks.0.att.time_decay_w1"] == (1.0, 0.0)
+            assert by_name["blocks.0.att.time_maa_w2"] == (1.0, 0.0)
+        else:
+            assert by_name["blocks.0.att.time_mix_g"] == (1.0, 0.0)
