@@ -103,6 +103,10 @@ def stated_params(path: Path) -> float:
 def test_configs_dir_has_the_presets():
     names = {p.stem for p in CONFIGS}
     assert {"demo", "rwkv7-0.1b", "rwkv7-0.4b", "rwkv7-1.5b", "rwkv7-2.9b", "rwkv7-7.2b", "rwkv7-13.3b"} <= names
+    assert {"rwkv6-1.6b", "rwkv6-3b", "rwkv6-7b", "rwkv6-14b", "rwkv5-0.4b", "rwkv5-1.5b", "rwkv5-3b",
+            "rwkv5-7b", "rwkv4-169m", "rwkv4-430m", "rwkv4-1.5b", "rwkv4-3b", "rwkv4-7b", "rwkv4-14b"} <= names
+    vocabs = {load_config(p).model.vocab_size for p in CONFIGS if p.stem.startswith("rwkv4")}
+    assert vocabs == {50277, 65536}  # Pile-era GPT-NeoX and World
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
