@@ -90,3 +90,21 @@ def test_model_from_weights_reads_dimensions_from_shapes(tmp_path):
     assert (d.n_layer, d.n_embd, d.head_size, d.vocab_size, d.dim_ffn) == (3, 128, 64, 77, 256)
     idx = torch.randint(0, 77, (1, 5))
     torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("version", ["v4", "v5", "v6", "v7"])
+def test_every_generation_round_trips_and_names_what_differs(tmp_path, version):
+    cfg = ModelConfig(version=version, n_layer=2, n_embd=128, head_size=64, vocab_size=90)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "rwkv-final.pth"
+    atomic_torch_save(model.state_dict(), path)
+    loaded = model_from_weights(str(path))  # generation from the keys, every size from the shapes
+    assert loaded.version == version and loaded.dims == model.dims
+    idx = torch.randint(0, 90, (1, 6))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+    wider = build_model(ModelConfig(version=version, n_layer=2, n_embd=192, head_size=64, vocab_size=90), "meta")
+    with pytest.raises(CheckpointError, match="n_embd: checkpoint 128, model 192"):
+        load_into(wider, load_weights(path), "ckpt")
