@@ -121,3 +121,65 @@ def bonus_init(dim: int, ratio_0_to_1: float) -> Tensor:
     n = torch.arange(dim, dtype=torch.float64)
     zigzag = ((n + 1) % 3 - 1) * 0.1
     return (ratio_0_to_1 * (1 - n / (dim - 1)) + zigzag).float()
+
+
+class RWKVModel(nn.Module):
+    """What every generation shares: emb -> blocks -> ln_out -> head, GPT and RNN mode, the fused loss.
+
+    A generation subclasses it with `version`, `EMB_RANGE`, its `Block` (each `block(x, state)` returns
+    `(x, new_state)`; layer 0 applies ln0) and `zero_state`; blocks' att and ffn have
+    `reset_parameters(n_layer)`.
+    """
+
+    version = ""
+    EMB_RANGE = 1e-4  # emb init: uniform in +-EMB_RANGE
+
+    def __init__(self, dims, block_cls: type[nn.Module]):
+        super().__init__()
+        self.dims = dims
+        self.emb = nn.Embedding(dims.vocab_size, dims.n_embd)
+        self.blocks = nn.ModuleList(block_cls(dims, i) for i in range(dims.n_layer))
+        self.ln_out = nn.LayerNorm(dims.n_embd)
+        self.head = Head(dims.n_embd, dims.vocab_size, bias=False)
+        self.grad_cp = False  # gradient checkpointing per block, set by the trainer
+
+    @torch.no_grad()
+    def reset_parameters(self, emb_range: float | None = None) -> None:
+        """The reference initialisation. Call after construction (it is not run on the meta device)."""
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        for block in self.blocks:
+            block.att.reset_parameters(self.dims.n_layer)
+            block.ffn.reset_parameters(self.dims.n_layer)
+        r = self.EMB_RANGE if emb_range is None else emb_range
+        nn.init.uniform_(self.emb.weight, -r, r)
+        orthogonal_(self.head.weight, 0.5)  # gain 0.5 * sqrt(V / C) when V > C
+
+    def forward(self, idx: Tensor, state: list | None = None) -> tuple[Tensor, list]:
+        """idx: (B, T) token ids. Returns logits (B, T, V) and the state after the last token.
+
+        With state=None the sequence starts from zeros (GPT mode); pass the returned state back in to
+        continue the same sequence (RNN mode, any T per call).
+        """
+        x, new_state = self.features(idx, state)
+        return self.head(x), new_state
+
+    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Training loss from a zero state: mean cross-entropy with L2Wrap, logits never all in memory."""
+        return self.head(self.features(idx, None)[0], targets)
+
+    def features(self, idx: Tensor, state: list | None) -> tuple[Tensor, list]:
+        """Normed hidden states before the head (B, T, C), and the new state."""
+        x = self.emb(idx)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, s = self.run_block(block, x, state[i] if state is not None else None)
+            new_state.append(s)
+        return self.ln_out(x), new_state
+
+    def run_block(self, block: nn.Module, *args):
+        """block(*args), recomputed in backward instead of stored when gradient checkpointing is on."""
+        if self.grad_cp and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)

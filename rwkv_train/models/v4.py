@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rwkv_train.models.common import Head, channel_ramp, layer_ramps, orthogonal_, token_shift
+from rwkv_train.models.common import RWKVModel, channel_ramp, layer_ramps, orthogonal_, token_shift
 from rwkv_train.ops.wkv4 import wkv4, zero_wkv4_state
 
 # The reference draws emb uniformly in +-lr_init; its train.py default lr_init is 6e-4. The embedding is
@@ -179,42 +179,23 @@ class Block(nn.Module):
         if state is None:
             att_prev, wkv_prev, ffn_prev = None, None, None
         else:
-            att_prev, wkv_prev, ffn_prev = state.att_x_prev, (state.aa, state.bb, state.pp), state.ffn_x_prev
+            att_prev, aa, bb, pp, ffn_prev = state  # a LayerState, or any sequence in its order
+            wkv_prev = (aa, bb, pp)
         dx, att_last, (aa, bb, pp) = self.att(self.ln1(x), att_prev, wkv_prev)
         x = x + dx
         dx, ffn_last = self.ffn(self.ln2(x), ffn_prev)
         return x + dx, LayerState(att_last, aa, bb, pp, ffn_last)
 
 
-class RWKV4(nn.Module):
+class RWKV4(RWKVModel):
     """An RWKV-4 language model: embedding, n_layer blocks (ln0 in the first), ln_out, head."""
 
     version = "v4"
 
+    EMB_RANGE = DEFAULT_EMB_RANGE  # the reference draws emb in +-lr_init; its default lr_init
+
     def __init__(self, dims: RWKV4Dims):
-        super().__init__()
-        self.dims = dims
-        self.emb = nn.Embedding(dims.vocab_size, dims.n_embd)
-        self.blocks = nn.ModuleList(Block(dims, i) for i in range(dims.n_layer))
-        self.ln_out = nn.LayerNorm(dims.n_embd)
-        self.head = Head(dims.n_embd, dims.vocab_size, bias=False)
-        self.grad_cp = False  # gradient checkpointing per block, set by the trainer
-
-    @torch.no_grad()
-    def reset_parameters(self, emb_range: float = DEFAULT_EMB_RANGE) -> None:
-        """The reference initialisation. Call after construction (it is not run on the meta device).
-
-        emb_range: emb is drawn uniformly in +-emb_range; the reference uses its lr_init here.
-        """
-        d = self.dims
-        for module in self.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        for block in self.blocks:
-            block.att.reset_parameters(d.n_layer)
-            block.ffn.reset_parameters(d.n_layer)
-        nn.init.uniform_(self.emb.weight, -emb_range, emb_range)
-        orthogonal_(self.head.weight, 0.5)  # gain 0.5 * sqrt(V / C) for V > C
+        super().__init__(dims, Block)
 
     def zero_state(self, batch: int, device=None) -> list[LayerState]:
         d = self.dims
@@ -227,31 +208,3 @@ class RWKV4(nn.Module):
             )
             for _ in range(d.n_layer)
         ]
-
-    def forward(
-        self, idx: Tensor, state: list[LayerState] | None = None
-    ) -> tuple[Tensor, list[LayerState]]:
-        """idx: (B, T) token ids. Returns logits (B, T, V) and the state after the last token.
-
-        With state=None the sequence starts from zeros (GPT mode); pass the returned state back in to
-        continue the same sequence (RNN mode, any T per call).
-        """
-        x, new_state = self.features(idx, state)
-        return self.head(x), new_state
-
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Training loss from a zero state: mean cross-entropy with L2Wrap, logits never all in memory."""
-        return self.head(self.features(idx, None)[0], targets)
-
-    def features(self, idx: Tensor, state: list[LayerState] | None) -> tuple[Tensor, list[LayerState]]:
-        """Normed hidden states before the head (B, T, C), and the new state."""
-        x = self.emb(idx)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            layer_state = LayerState(*state[i]) if state is not None else None
-            if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, s = torch.utils.checkpoint.checkpoint(block, x, layer_state, use_reentrant=False)
-            else:
-                x, s = block(x, layer_state)
-            new_state.append(s)
-        return self.ln_out(x), new_state

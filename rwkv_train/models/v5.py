@@ -18,7 +18,6 @@ State per layer: (att_x_prev (B, C), wkv (B, H, N, N) float32 in [key, value] la
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -27,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_train.models.common import Head, bonus_init, channel_ramp, decay_speed_init, layer_ramps, token_shift
+from rwkv_train.models.common import RWKVModel, bonus_init, channel_ramp, decay_speed_init, layer_ramps, token_shift
 from rwkv_train.ops.wkv_diag import wkv5
 
 # The reference divides the WKV output by this before ln_x (GroupNorm, eps 1e-5); the official runtime
@@ -221,33 +220,13 @@ class Block(nn.Module):
         return x + dx, LayerState(att_last, wkv_state, ffn_last)
 
 
-class RWKV5(nn.Module):
+class RWKV5(RWKVModel):
     """An RWKV-5 language model: embedding, n_layer blocks, ln_out, head."""
 
     version = "v5"
 
     def __init__(self, dims: RWKV5Dims):
-        super().__init__()
-        self.dims = dims
-        self.emb = nn.Embedding(dims.vocab_size, dims.n_embd)
-        self.blocks = nn.ModuleList(Block(dims, i) for i in range(dims.n_layer))
-        self.ln_out = nn.LayerNorm(dims.n_embd)
-        self.head = Head(dims.n_embd, dims.vocab_size, bias=False)
-        self.grad_cp = False  # gradient checkpointing per block, set by the trainer
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """The reference initialisation. Call after construction (it is not run on the meta device)."""
-        d = self.dims
-        for module in self.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        for block in self.blocks:
-            block.att.reset_parameters(d.n_layer)
-            block.ffn.reset_parameters(d.n_layer)
-        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
-        gain = 0.5 * math.sqrt(d.vocab_size / d.n_embd) if d.vocab_size > d.n_embd else 0.5
-        nn.init.orthogonal_(self.head.weight, gain=gain)
+        super().__init__(dims, Block)
 
     def zero_state(self, batch: int, device=None) -> list[LayerState]:
         d = self.dims
@@ -260,29 +239,3 @@ class RWKV5(nn.Module):
             )
             for _ in range(d.n_layer)
         ]
-
-    def forward(self, idx: Tensor, state: Optional[list[LayerState]] = None) -> tuple[Tensor, list[LayerState]]:
-        """idx: (B, T) token ids. Returns logits (B, T, V) and the state after the last token.
-
-        With state=None the sequence starts from zeros (GPT mode); pass the returned state back in to
-        continue the same sequence (RNN mode, any T per call).
-        """
-        x, new_state = self.features(idx, state)
-        return self.head(x), new_state
-
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Training loss from a zero state: mean cross-entropy with L2Wrap, logits never all in memory."""
-        return self.head(self.features(idx, None)[0], targets)
-
-    def features(self, idx: Tensor, state: Optional[list[LayerState]]) -> tuple[Tensor, list[LayerState]]:
-        """Normed hidden states before the head (B, T, C), and the new state."""
-        x = self.emb(idx)
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            layer_state = state[i] if state is not None else None
-            if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, s = torch.utils.checkpoint.checkpoint(block, x, layer_state, use_reentrant=False)
-            else:
-                x, s = block(x, layer_state)
-            new_state.append(s)
-        return self.ln_out(x), new_state

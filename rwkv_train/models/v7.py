@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_train.models.common import Head, channel_ramp, layer_ramps, orthogonal_, token_shift
+from rwkv_train.models.common import RWKVModel, channel_ramp, layer_ramps, orthogonal_, token_shift
 from rwkv_train.ops.wkv7 import wkv7
 
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^-0.5 * sigmoid(z)): every channel keeps >= 54.5% per step
@@ -246,33 +246,13 @@ class Block(nn.Module):
         return x + dx, v_first, LayerState(att_last, wkv_state, ffn_last)
 
 
-class RWKV7(nn.Module):
+class RWKV7(RWKVModel):
     """An RWKV-7 language model: embedding, n_layer blocks, ln_out, head."""
 
     version = "v7"
 
     def __init__(self, dims: RWKV7Dims):
-        super().__init__()
-        self.dims = dims
-        self.emb = nn.Embedding(dims.vocab_size, dims.n_embd)
-        self.blocks = nn.ModuleList(Block(dims, i) for i in range(dims.n_layer))
-        self.ln_out = nn.LayerNorm(dims.n_embd)
-        self.head = Head(dims.n_embd, dims.vocab_size, bias=False)
-        self.grad_cp = False  # gradient checkpointing per block, set by the trainer
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """The reference initialisation. Call after construction (it is not run on the meta device)."""
-        d = self.dims
-        for module in self.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        for block in self.blocks:
-            block.att.reset_parameters(d.n_layer)
-            block.ffn.reset_parameters(d.n_layer)
-        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
-        gain = 0.5 * math.sqrt(d.vocab_size / d.n_embd) if d.vocab_size > d.n_embd else 0.5
-        nn.init.orthogonal_(self.head.weight, gain=gain)
+        super().__init__(dims, Block)
 
     def zero_state(self, batch: int, device=None) -> list[LayerState]:
         d = self.dims
@@ -286,31 +266,12 @@ class RWKV7(nn.Module):
             for _ in range(d.n_layer)
         ]
 
-    def forward(
-        self, idx: Tensor, state: Optional[list[LayerState]] = None
-    ) -> tuple[Tensor, list[LayerState]]:
-        """idx: (B, T) token ids. Returns logits (B, T, V) and the state after the last token.
-
-        With state=None the sequence starts from zeros (GPT mode); pass the returned state back in to
-        continue the same sequence (RNN mode, any T per call).
-        """
-        x, new_state = self.features(idx, state)
-        return self.head(x), new_state
-
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Training loss from a zero state: mean cross-entropy with L2Wrap, logits never all in memory."""
-        return self.head(self.features(idx, None)[0], targets)
-
     def features(self, idx: Tensor, state: Optional[list[LayerState]]) -> tuple[Tensor, list[LayerState]]:
-        """Normed hidden states before the head (B, T, C), and the new state."""
+        """Normed hidden states before the head (B, T, C), and the new state; v_first runs through the blocks."""
         x = self.emb(idx)
         v_first = None
         new_state = []
         for i, block in enumerate(self.blocks):
-            layer_state = state[i] if state is not None else None
-            if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, v_first, s = torch.utils.checkpoint.checkpoint(block, x, v_first, layer_state, use_reentrant=False)
-            else:
-                x, v_first, s = block(x, v_first, layer_state)
+            x, v_first, s = self.run_block(block, x, v_first, state[i] if state is not None else None)
             new_state.append(s)
         return self.ln_out(x), new_state
