@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -123,6 +125,14 @@ def bonus_init(dim: int, ratio_0_to_1: float) -> Tensor:
     return (ratio_0_to_1 * (1 - n / (dim - 1)) + zigzag).float()
 
 
+class LayerState(NamedTuple):
+    """Per-layer state of the generations with a matrix state per head (v5, v6, v7)."""
+
+    att_x_prev: Tensor  # (B, C): last normed input of the time-mix
+    wkv: Tensor  # (B, H, N, N) float32: [key, value] layout in v5/v6, [value, key] in v7
+    ffn_x_prev: Tensor  # (B, C): last normed input of the channel-mix
+
+
 class RWKVModel(nn.Module):
     """What every generation shares: emb -> blocks -> ln_out -> head, GPT and RNN mode, the fused loss.
 
@@ -155,6 +165,19 @@ class RWKVModel(nn.Module):
         r = self.EMB_RANGE if emb_range is None else emb_range
         nn.init.uniform_(self.emb.weight, -r, r)
         orthogonal_(self.head.weight, 0.5)  # gain 0.5 * sqrt(V / C) when V > C
+
+    def zero_state(self, batch: int, device=None) -> list:
+        """An all-zero state (what state=None means), for the matrix-state generations; v4 overrides it."""
+        d = self.dims
+        dev = device or self.emb.weight.device
+        return [
+            LayerState(
+                torch.zeros(batch, d.n_embd, device=dev),
+                torch.zeros(batch, d.n_head, d.head_size, d.head_size, device=dev),
+                torch.zeros(batch, d.n_embd, device=dev),
+            )
+            for _ in range(d.n_layer)
+        ]
 
     def forward(self, idx: Tensor, state: list | None = None) -> tuple[Tensor, list]:
         """idx: (B, T) token ids. Returns logits (B, T, V) and the state after the last token.

@@ -19,14 +19,14 @@ State per layer: (att_x_prev (B, C), wkv (B, H, N, N) float32 in [key, value] la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_train.models.common import RWKVModel, bonus_init, channel_ramp, decay_speed_init, layer_ramps, token_shift
+from rwkv_train.models.common import LayerState, RWKVModel, bonus_init, channel_ramp, decay_speed_init, layer_ramps, token_shift
 from rwkv_train.ops.wkv_diag import wkv5
 
 # The reference divides the WKV output by this before ln_x (GroupNorm, eps 1e-5); the official runtime
@@ -89,12 +89,6 @@ class RWKV5Dims:
             vocab_size=vocab_size,
             dim_ffn=state["blocks.0.ffn.key.weight"].shape[0],
         )
-
-
-class LayerState(NamedTuple):
-    att_x_prev: Tensor  # (B, C): last normed input of the time-mix
-    wkv: Tensor  # (B, H, N, N) float32, [key, value]
-    ffn_x_prev: Tensor  # (B, C): last normed input of the channel-mix
 
 
 class TimeMix(nn.Module):
@@ -228,14 +222,3 @@ class RWKV5(RWKVModel):
     def __init__(self, dims: RWKV5Dims):
         super().__init__(dims, Block)
 
-    def zero_state(self, batch: int, device=None) -> list[LayerState]:
-        d = self.dims
-        dev = device or self.emb.weight.device
-        return [
-            LayerState(
-                torch.zeros(batch, d.n_embd, device=dev),
-                torch.zeros(batch, d.n_head, d.head_size, d.head_size, device=dev),
-                torch.zeros(batch, d.n_embd, device=dev),
-            )
-            for _ in range(d.n_layer)
-        ]

@@ -21,14 +21,14 @@ State per layer: (att_x_prev (B, C), wkv (B, H, N, N) float32 in [key, value] la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_train.models.common import RWKVModel, bonus_init, channel_ramp, decay_speed_init, layer_ramps, token_shift
+from rwkv_train.models.common import LayerState, RWKVModel, bonus_init, channel_ramp, decay_speed_init, layer_ramps, token_shift
 from rwkv_train.ops.wkv_diag import wkv6
 
 N_MIX = 5  # data-dependent token-shift terms, in the reference's order: w, k, v, r, g
@@ -90,12 +90,6 @@ class RWKV6Dims:
             d_mix=state["blocks.0.att.time_maa_w2"].shape[1],
             d_decay=state["blocks.0.att.time_decay_w1"].shape[1],
         )
-
-
-class LayerState(NamedTuple):
-    att_x_prev: Tensor  # (B, C): last normed input of the time-mix
-    wkv: Tensor  # (B, H, N, N) float32, [key, value]
-    ffn_x_prev: Tensor  # (B, C): last normed input of the channel-mix
 
 
 class TimeMix(nn.Module):
@@ -249,14 +243,3 @@ class RWKV6(RWKVModel):
     def __init__(self, dims: RWKV6Dims):
         super().__init__(dims, Block)
 
-    def zero_state(self, batch: int, device=None) -> list[LayerState]:
-        d = self.dims
-        dev = device or self.emb.weight.device
-        return [
-            LayerState(
-                torch.zeros(batch, d.n_embd, device=dev),
-                torch.zeros(batch, d.n_head, d.head_size, d.head_size, device=dev),
-                torch.zeros(batch, d.n_embd, device=dev),
-            )
-            for _ in range(d.n_layer)
-        ]

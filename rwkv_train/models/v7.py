@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_train.models.common import RWKVModel, channel_ramp, layer_ramps, orthogonal_, token_shift
+from rwkv_train.models.common import LayerState, RWKVModel, channel_ramp, layer_ramps, orthogonal_, token_shift
 from rwkv_train.ops.wkv7 import wkv7
 
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^-0.5 * sigmoid(z)): every channel keeps >= 54.5% per step
@@ -85,12 +85,6 @@ class RWKV7Dims:
             d_mv=state[mv_key].shape[1] if mv_key in state else _lora_width(n_embd, 1.7),
             d_gate=state["blocks.0.att.g1"].shape[1],
         )
-
-
-class LayerState(NamedTuple):
-    att_x_prev: Tensor  # (B, C): last normed input of the time-mix
-    wkv: Tensor  # (B, H, N, N) float32
-    ffn_x_prev: Tensor  # (B, C): last normed input of the channel-mix
 
 
 class TimeMix(nn.Module):
@@ -254,17 +248,6 @@ class RWKV7(RWKVModel):
     def __init__(self, dims: RWKV7Dims):
         super().__init__(dims, Block)
 
-    def zero_state(self, batch: int, device=None) -> list[LayerState]:
-        d = self.dims
-        dev = device or self.emb.weight.device
-        return [
-            LayerState(
-                torch.zeros(batch, d.n_embd, device=dev),
-                torch.zeros(batch, d.n_head, d.head_size, d.head_size, device=dev),
-                torch.zeros(batch, d.n_embd, device=dev),
-            )
-            for _ in range(d.n_layer)
-        ]
 
     def features(self, idx: Tensor, state: Optional[list[LayerState]]) -> tuple[Tensor, list[LayerState]]:
         """Normed hidden states before the head (B, T, C), and the new state; v_first runs through the blocks."""
