@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup demo test test-fast clean-venv
+.PHONY: setup demo test test-fast cuda-check clean-venv
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Compile every CUDA kernel for sm_90 with nvcc (no GPU needed) and tabulate registers, spills, shared memory.
+cuda-check: setup
+	$(PY) scripts/cuda_check.py
 
 clean-venv:
 	rm -rf $(VENV)

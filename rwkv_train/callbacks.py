@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from pathlib import Path
 
@@ -10,9 +11,15 @@ import lightning as L
 import torch
 
 from rwkv_train.checkpoint import RESUME_NAME, atomic_torch_save, replace_atomically, weights_state_dict
+from rwkv_train.flops import flops_per_token, mfu, peak_flops
 from rwkv_train.plan import RunPlan
 
-METRIC_FIELDS = ("step", "tokens", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
+log = logging.getLogger("rwkv_train")
+
+# tokens_per_s counts every GPU; tokens_per_s_per_gpu and mfu one GPU's share (mfu empty when the
+# device's peak is unknown, e.g. on the CPU).
+METRIC_FIELDS = ("step", "tokens", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu",
+                 "mfu")
 
 
 def weights_dtype(precision: str) -> torch.dtype:
@@ -35,6 +42,8 @@ class RunMonitor(L.Callback):
         self._clock = 0.0
         self._clock_step = 0
         self._val_started = 0.0
+        self._flops_per_token = 0.0  # set at train start, from the module's model config
+        self._peak: float | None = None
 
     # --- metrics ---------------------------------------------------------------------------------
 
@@ -51,8 +60,12 @@ class RunMonitor(L.Callback):
             trainer.logger.log_metrics({k: v for k, v in row.items() if k != "step" and v != ""}, step=row["step"])
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._flops_per_token = flops_per_token(pl_module.cfg.model, self.plan.ctx_len)
+        self._peak = peak_flops(pl_module.device)
         if trainer.is_global_zero:
             self._rewind_metrics(trainer.global_step)
+            peak = f"{self._peak / 1e12:.1f} TFLOP/s bf16 peak per GPU" if self._peak else "device peak unknown: no MFU"
+            log.info("throughput: %.3g training FLOPs per token (rwkv_train.flops); %s", self._flops_per_token, peak)
         self._last_step = trainer.global_step
         self._clock, self._clock_step = time.perf_counter(), trainer.global_step
 
@@ -80,7 +93,12 @@ class RunMonitor(L.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"] / trainer.optimizers[0].param_groups[0]["lr_scale"]
         elapsed = time.perf_counter() - self._clock
         tok_s = (step - self._clock_step) * self.plan.tokens_per_step / max(elapsed, 1e-9)
-        pl_module.log_dict({"loss": step_loss, "lr": lr, "tok/s": tok_s}, prog_bar=True, logger=False)
+        tok_s_gpu = tok_s / self.plan.world
+        step_mfu = mfu(tok_s_gpu, self._flops_per_token, self._peak)
+        bar = {"loss": step_loss, "lr": lr, "tok/s": tok_s, "tok/s/gpu": tok_s_gpu}
+        if step_mfu is not None:
+            bar["mfu"] = step_mfu
+        pl_module.log_dict(bar, prog_bar=True, logger=False)
 
         if step % self.log_every == 0 or step == self.plan.total_steps:
             grad_norm = pl_module.grad_norm
@@ -94,6 +112,8 @@ class RunMonitor(L.Callback):
                 "lr": f"{lr:.4g}",
                 "grad_norm": round(grad_norm, 5),
                 "tokens_per_s": round(tok_s, 1),
+                "tokens_per_s_per_gpu": round(tok_s_gpu, 1),
+                "mfu": "" if step_mfu is None else round(step_mfu, 4),
             })
             self._losses.clear()
             self._clock, self._clock_step = time.perf_counter(), step

@@ -46,6 +46,9 @@ class ModelConfig:
     """Channel-mix hidden width. Default (null): 4 * n_embd for v4 and v7, int(3.5 * n_embd) // 32 * 32 for v5, v6."""
     load: Optional[str] = None
     """Path of a weights-only `.pth` (official layout) to start from instead of a fresh init."""
+    kernel: Literal["auto", "cuda", "torch"] = "auto"
+    """WKV backend: `cuda` (the bf16 kernels in cuda/, built on first use), `torch` (the pure-PyTorch
+    reference) or `auto` (cuda on a CUDA device where the kernel builds, torch otherwise)."""
 
     @property
     def n_head(self) -> int:

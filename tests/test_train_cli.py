@@ -37,6 +37,7 @@ def test_data_train_eval_generate(tmp_path):
     train_rows = [r for r in rows if r["loss"]]
     assert [int(r["step"]) for r in train_rows] == list(range(1, 7))
     assert all(float(r["tokens_per_s"]) > 0 and float(r["grad_norm"]) > 0 for r in train_rows)
+    assert all(float(r["tokens_per_s_per_gpu"]) == float(r["tokens_per_s"]) and r["mfu"] == "" for r in train_rows)
     assert [int(r["step"]) for r in rows if r["val_loss"]] == [3, 6]
     assert float(train_rows[-1]["loss"]) < float(train_rows[0]["loss"])
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -152,6 +152,12 @@ class RWKVModel(nn.Module):
         self.ln_out = nn.LayerNorm(dims.n_embd)
         self.head = Head(dims.n_embd, dims.vocab_size, bias=False)
         self.grad_cp = False  # gradient checkpointing per block, set by the trainer
+        self.set_kernel("auto")
+
+    def set_kernel(self, kernel: str) -> None:
+        """Choose the WKV backend of every block: "auto", "cuda" or "torch" (see ModelConfig.kernel)."""
+        for block in self.blocks:
+            block.att.kernel = kernel
 
     @torch.no_grad()
     def reset_parameters(self, emb_range: float | None = None) -> None:

@@ -127,7 +127,7 @@ class TimeMix(nn.Module):
         r = self.receptance(_mix(x, xx, self.time_mix_r))
         at_least_fp32 = torch.promote_types(self.time_decay.dtype, torch.float32)  # even when the weights are bf16
         w = -torch.exp(self.time_decay.to(at_least_fp32))
-        y, wkv_state = wkv4(w, self.time_first.to(at_least_fp32), k, v, wkv_state)
+        y, wkv_state = wkv4(w, self.time_first.to(at_least_fp32), k, v, wkv_state, backend=self.kernel)
         return self.output(torch.sigmoid(r) * y), x[:, -1], wkv_state
 
 

@@ -177,7 +177,9 @@ class TimeMix(nn.Module):
         lw = -torch.exp(z.to(torch.promote_types(z.dtype, torch.float32)))
 
         shape = (B, T, H, N)
-        y, wkv_state = wkv6(r.view(shape), lw.view(shape), k.view(shape), v.view(shape), self.time_faaaa, wkv_state)
+        y, wkv_state = wkv6(
+            r.view(shape), lw.view(shape), k.view(shape), v.view(shape), self.time_faaaa, wkv_state, self.kernel
+        )
         y = self.ln_x(y.reshape(B * T, C).to(x.dtype)).view(B, T, C)
         return self.output(y * g), x[:, -1], wkv_state
 

@@ -36,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rwkv_train.ops import kernels
+
 __all__ = ["BACKENDS", "EMPTY_LOG", "wkv4", "wkv4_chunked", "wkv4_recurrent", "zero_wkv4_state"]
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cuda", "auto")
 
 # pp of the empty state: a term e^EMPTY_LOG is exactly 0 next to any real one, and EMPTY_LOG + t * w
 # stays finite (the reference kernel starts from -1e38 too).
@@ -275,9 +277,16 @@ def wkv4(
     """The WKV-4 interface the model calls. w = -exp(time_decay), u = time_first: [C]; k, v: [B, T, C].
 
     state: (aa, bb, pp) [B, C] each, or None for the zero state. backend "torch" runs the parallel
-    `wkv4_chunked` (one-token calls take the recurrent step). Returns (y, final state).
+    `wkv4_chunked` (one-token calls take the recurrent step), "cuda" the bf16 kernel
+    (`rwkv_train.ops.wkv4_cuda`), "auto" the kernel for CUDA inputs where it builds, else "torch".
+    Returns (y in k's dtype, final state).
     """
-    if backend == "torch":
+    if backend in ("cuda", "auto") and kernels.use_cuda(backend, "v4", k):
+        from rwkv_train.ops.wkv4_cuda import wkv4_cuda
+
+        y, state = wkv4_cuda(w, u, k, v, state)
+        return y.to(k.dtype), state
+    if backend in BACKENDS:
         # The recurrence runs in float32 or better whatever autocast region the model is in: bf16
         # would round the running sums and their exponents.
         with torch.autocast(device_type=k.device.type, enabled=False):

@@ -42,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rwkv_train.ops import kernels
+
 __all__ = ["wkv7", "wkv7_chunked", "wkv7_recurrent", "BACKENDS"]
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cuda", "auto")
 
 # Largest per-chunk, per-channel total log-decay |c_L| the chunked form accepts. Its factors reach
 # exp(|c_L| / 2): e^60 (float32, max ~e^88) and e^600 (float64, max ~e^709) leave headroom for
@@ -243,9 +245,16 @@ def wkv7(
 ) -> tuple[Tensor, Tensor]:
     """The WKV-7 interface the model calls. Inputs [B, T, H, N], state [B, H, N, N] or None.
 
-    backend "torch" runs `wkv7_chunked` (pure PyTorch, the CPU path). Returns (y, final state).
+    backend "torch" runs `wkv7_chunked` (pure PyTorch, the CPU path); "cuda" the bf16 kernel
+    (`rwkv_train.ops.wkv7_cuda`); "auto" the kernel for CUDA inputs where it builds, else "torch".
+    Returns (y in r's dtype, final state).
     """
-    if backend == "torch":
+    if backend in ("cuda", "auto") and kernels.use_cuda(backend, "v7", r, r.shape[-1]):
+        from rwkv_train.ops.wkv7_cuda import wkv7_cuda
+
+        y, s_final = wkv7_cuda(r, lw, k, v, a, b, state)
+        return y.to(r.dtype), s_final
+    if backend in ("torch", "cuda", "auto"):
         # The recurrence runs in float32 or better whatever autocast region the model is in (bf16 state
         # updates would drift, and CPU autocast would hand bf16 to the triangular solve).
         with torch.autocast(device_type=r.device.type, enabled=False):

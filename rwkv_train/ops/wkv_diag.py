@@ -44,9 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rwkv_train.ops import kernels
+
 __all__ = ["BACKENDS", "wkv5", "wkv6", "wkv_diag_chunked", "wkv_diag_recurrent"]
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cuda", "auto")
 _FORMS = ("auto", "factorised", "explicit")
 
 # Per-step log-decays are clamped at -budget: exp(-120) underflows float32 and exp(-1200) float64,
@@ -296,8 +298,15 @@ def wkv_diag_chunked(
 def _run(
     r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None, backend: str, who: str
 ) -> tuple[Tensor, Tensor]:
-    if backend != "torch":
+    if backend not in BACKENDS:
         raise ValueError(f"{who}: unknown backend {backend!r}; valid choices: {', '.join(repr(x) for x in BACKENDS)}")
+    if backend != "torch" and kernels.use_cuda(backend, "v" + who[-1], r, r.shape[-1]):
+        from rwkv_train.ops.wkv_diag_cuda import wkv5_cuda, wkv6_cuda
+
+        y, s_final = (wkv5_cuda if who == "wkv5" else wkv6_cuda)(r, lw, k, v, u, state)
+        return y.to(r.dtype), s_final
+    if who == "wkv5":
+        lw = lw.expand_as(r)
     # The recurrence runs in float32 or better whatever autocast region the model is in: bf16 state
     # updates would drift.
     with torch.autocast(device_type=r.device.type, enabled=False):
@@ -311,11 +320,13 @@ def wkv5(
 ) -> tuple[Tensor, Tensor]:
     """The WKV-5 interface the RWKV-5 model calls: one log-decay lw [H, N] for every step.
 
-    r, k, v [B, T, H, N]; u [H, N]; state [B, H, N, N] or None. Returns (y, final state).
+    r, k, v [B, T, H, N]; u [H, N]; state [B, H, N, N] or None. backend: "torch" (chunked pure
+    PyTorch), "cuda" (the bf16 kernel) or "auto" (the kernel for CUDA inputs where it builds).
+    Returns (y, final state).
     """
     if lw.shape != u.shape:
         raise ValueError(f"wkv5: lw has shape {tuple(lw.shape)}, expected {tuple(u.shape)} = [H, N] like u")
-    return _run(r, lw.expand_as(r), k, v, u, state, backend, "wkv5")
+    return _run(r, lw, k, v, u, state, backend, "wkv5")
 
 
 def wkv6(
@@ -323,6 +334,7 @@ def wkv6(
 ) -> tuple[Tensor, Tensor]:
     """The WKV-6 interface the RWKV-6 model calls: a log-decay lw [B, T, H, N] per step.
 
-    r, k, v [B, T, H, N]; u [H, N]; state [B, H, N, N] or None. Returns (y, final state).
+    r, k, v [B, T, H, N]; u [H, N]; state [B, H, N, N] or None. backend as for `wkv5`.
+    Returns (y, final state).
     """
     return _run(r, lw, k, v, u, state, backend, "wkv6")

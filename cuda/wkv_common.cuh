@@ -1,0 +1,203 @@
+// Shared machinery of the matrix-state WKV kernels (v5, v6, v7).
+//
+// One thread block runs one (batch, head) pair through time. The N x N float32 state is split over
+// the block by lines: a line is one row or one column of the state (which one depends on the pass),
+// and SPLIT = N / SEG consecutive lanes of a warp own one line, SEG elements each, in registers.
+// A dot product along a line is a per-thread partial sum plus a shuffle reduction over those lanes.
+//
+// The per-step vectors (r, k, v, decay, ...) are staged in shared memory CT steps at a time, converted
+// to float32 once. In shared memory a vector of N values is stored in SPLIT segments of SEG floats,
+// each padded by 4 floats, so the SPLIT lanes of a line read their segments as float4 without bank
+// conflicts, and lanes of different lines reading the same segment get a broadcast. Outputs are
+// collected the same way and written out CT steps at a time, coalesced.
+//
+// Nothing depends on T at compile time: the last chunk is padded with zeros inside the kernel and
+// only its first T - t0 steps are run.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#ifndef HEAD_SIZE
+#error "compile with -DHEAD_SIZE=<head size>"
+#endif
+
+namespace wkv {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int N = HEAD_SIZE;
+constexpr int SEG = N > 64 ? 32 : 16;     // state elements per thread
+constexpr int SPLIT = N / SEG;            // lanes per state line
+constexpr int THREADS = N * SPLIT;        // one block: every line of one (batch, head)
+constexpr int PAD_SEG = SEG + 4;          // a segment in shared memory, padded against bank conflicts
+constexpr int ROW = SPLIT * PAD_SEG;      // one staged vector (one step) in shared memory
+// Blocks per multiprocessor the register budget is planned for: at most 128 registers per thread.
+constexpr int MIN_BLOCKS = 65536 / (THREADS * 128) < 1 ? 1 : 65536 / (THREADS * 128);
+static_assert(N % SEG == 0 && SPLIT >= 1 && SPLIT <= 32, "head size must be a multiple of 16, at most 512");
+static_assert(THREADS % 32 == 0 && THREADS <= 1024, "a block must be whole warps, at most 1024 threads");
+
+// Steps staged per chunk, so that `vectors` staged vectors take about 40 KB of shared memory.
+constexpr int chunk_steps(int vectors) {
+    return (40000 / (vectors * ROW * 4)) < 1 ? 1 : (40000 / (vectors * ROW * 4));
+}
+
+__device__ __forceinline__ int padded(int j) { return j + (j / SEG) * (PAD_SEG - SEG); }
+
+// Sum over the SPLIT lanes that share a line (consecutive lanes, aligned to SPLIT).
+__device__ __forceinline__ float line_sum(float x) {
+#pragma unroll
+    for (int offset = SPLIT / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+
+// Where one per-step vector lives in global memory: element j of step t is at
+// ptr[b * batch_stride + t * step_stride + h * N + j]. Inputs [B, T, H, N] have step_stride H*N;
+// a per-head constant (v5's decay) has step_stride = batch_stride = 0.
+template <typename T>
+struct Stream {
+    T* ptr;
+    int64_t batch_stride;
+    int64_t step_stride;
+    __device__ __forceinline__ int64_t offset(int b, int h, int t) const {
+        return b * batch_stride + t * step_stride + int64_t(h) * N;
+    }
+};
+
+template <typename T>
+__host__ __device__ inline Stream<T> stream(T* ptr, int T_, int H) {
+    return Stream<T>{ptr, int64_t(T_) * H * N, int64_t(H) * N};
+}
+
+__device__ __forceinline__ void unpack8(const uint4& raw, float out[8]) {
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(pairs[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+struct Identity {
+    __device__ __forceinline__ float operator()(float x, int) const { return x; }
+};
+struct Exp {  // log-decay -> decay
+    __device__ __forceinline__ float operator()(float x, int) const { return __expf(x); }
+};
+struct TimesConst {  // x * c[j], c a per-head constant vector (v5/v6's bonus u)
+    const float* c;
+    __device__ __forceinline__ float operator()(float x, int j) const { return x * c[j]; }
+};
+
+// Stage steps t0 .. t0+CT-1 of one bf16 vector into dst[CT][ROW] (zeros past T), applying op.
+template <int CT, typename Op = Identity>
+__device__ __forceinline__ void stage(float* dst, Stream<const bf16> src, int b, int h, int t0, int T, Op op = Op()) {
+    constexpr int UNITS = CT * N / 8;  // 8 bf16 = 16 bytes per load
+    for (int u = threadIdx.x; u < UNITS; u += THREADS) {
+        const int s = u / (N / 8), j = (u % (N / 8)) * 8;
+        float x[8];
+        if (t0 + s < T) {
+            unpack8(*reinterpret_cast<const uint4*>(src.ptr + src.offset(b, h, t0 + s) + j), x);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) x[i] = 0.f;
+        }
+        float* row = dst + s * ROW + padded(j);  // j .. j+7 lie in one segment
+#pragma unroll
+        for (int i = 0; i < 8; i++) row[i] = op(x[i], j + i);
+    }
+}
+
+// The same for a float32 vector.
+template <int CT, typename Op = Identity>
+__device__ __forceinline__ void stage(float* dst, Stream<const float> src, int b, int h, int t0, int T, Op op = Op()) {
+    constexpr int UNITS = CT * N / 4;  // 4 floats = 16 bytes per load
+    for (int u = threadIdx.x; u < UNITS; u += THREADS) {
+        const int s = u / (N / 4), j = (u % (N / 4)) * 4;
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (t0 + s < T) x = *reinterpret_cast<const float4*>(src.ptr + src.offset(b, h, t0 + s) + j);
+        float* row = dst + s * ROW + padded(j);
+        row[0] = op(x.x, j);
+        row[1] = op(x.y, j + 1);
+        row[2] = op(x.z, j + 2);
+        row[3] = op(x.w, j + 3);
+    }
+}
+
+// Write steps t0 .. min(t0+CT, T)-1 of a staged output vector src[CT][ROW] to global memory.
+template <int CT>
+__device__ __forceinline__ void unstage(const float* src, Stream<bf16> dst, int b, int h, int t0, int T) {
+    constexpr int UNITS = CT * N / 8;
+    for (int u = threadIdx.x; u < UNITS; u += THREADS) {
+        const int s = u / (N / 8), j = (u % (N / 8)) * 8;
+        if (t0 + s >= T) continue;
+        const float* row = src + s * ROW + padded(j);
+        uint4 raw;
+        __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; i++) pairs[i] = __floats2bfloat162_rn(row[2 * i], row[2 * i + 1]);
+        *reinterpret_cast<uint4*>(dst.ptr + dst.offset(b, h, t0 + s) + j) = raw;
+    }
+}
+
+template <int CT>
+__device__ __forceinline__ void unstage(const float* src, Stream<float> dst, int b, int h, int t0, int T) {
+    constexpr int UNITS = CT * N / 4;
+    for (int u = threadIdx.x; u < UNITS; u += THREADS) {
+        const int s = u / (N / 4), j = (u % (N / 4)) * 4;
+        if (t0 + s >= T) continue;
+        const float* row = src + s * ROW + padded(j);
+        *reinterpret_cast<float4*>(dst.ptr + dst.offset(b, h, t0 + s) + j) = make_float4(row[0], row[1], row[2], row[3]);
+    }
+}
+
+// This thread's segment of a staged vector (one step), as SEG floats.
+__device__ __forceinline__ void load_segment(const float* row, int q, float out[SEG]) {
+    const float4* p = reinterpret_cast<const float4*>(row + q * PAD_SEG);
+#pragma unroll
+    for (int m = 0; m < SEG / 4; m++) {
+        float4 x = p[m];
+        out[4 * m] = x.x;
+        out[4 * m + 1] = x.y;
+        out[4 * m + 2] = x.z;
+        out[4 * m + 3] = x.w;
+    }
+}
+
+// Dot product of two SEG-vectors with four independent accumulators (shorter dependency chain).
+__device__ __forceinline__ float dot(const float x[SEG], const float y[SEG]) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int e = 0; e < SEG; e++) acc[e % 4] = fmaf(x[e], y[e], acc[e % 4]);
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// The state lines of one (batch, head) in global memory: a [N, N] float32 matrix.
+// Row-owned lines read a contiguous segment; column-owned lines read a strided one.
+__device__ __forceinline__ void load_row(const float* m, int line, int q, float out[SEG]) {
+    const float4* p = reinterpret_cast<const float4*>(m + line * N + q * SEG);
+#pragma unroll
+    for (int i = 0; i < SEG / 4; i++) {
+        float4 x = p[i];
+        out[4 * i] = x.x;
+        out[4 * i + 1] = x.y;
+        out[4 * i + 2] = x.z;
+        out[4 * i + 3] = x.w;
+    }
+}
+__device__ __forceinline__ void store_row(float* m, int line, int q, const float in[SEG]) {
+    float4* p = reinterpret_cast<float4*>(m + line * N + q * SEG);
+#pragma unroll
+    for (int i = 0; i < SEG / 4; i++) p[i] = make_float4(in[4 * i], in[4 * i + 1], in[4 * i + 2], in[4 * i + 3]);
+}
+__device__ __forceinline__ void load_col(const float* m, int line, int q, float out[SEG]) {
+#pragma unroll
+    for (int e = 0; e < SEG; e++) out[e] = m[(q * SEG + e) * N + line];
+}
+__device__ __forceinline__ void store_col(float* m, int line, int q, const float in[SEG]) {
+#pragma unroll
+    for (int e = 0; e < SEG; e++) m[(q * SEG + e) * N + line] = in[e];
+}
+
+}  // namespace wkv

@@ -1,0 +1,274 @@
+"""Training throughput on one CUDA GPU: tokens/s, peak memory and MFU of the RWKV-7 presets.
+
+    python scripts/bench_train.py                                 # 0.1B and 1.5B at ctx_len 4096
+    python scripts/bench_train.py --micro-batch 16 8 --steps 20   # fixed micro-batches, longer timing
+    python scripts/bench_train.py --kernel torch --grad-cp on     # the PyTorch WKV, checkpointing forced on
+
+Each config is built as training builds it (rwkv_train.models.build_model, the reference init) on the
+GPU with fp32 weights under bf16 autocast: what `train.precision: bf16` gives with `train.strategy: auto`
+or `ddp` (Lightning's bf16-mixed). The optimiser, parameter groups and LR schedule are those of
+RWKVModule.configure_optimizers (fused torch AdamW), the gradient is clipped to optim.grad_clip, and the
+loss is read back every step, as the trainer does. Batches are uniformly random token ids.
+
+A step is forward + backward + optimiser step on one micro-batch of micro_batch x ctx_len tokens.
+Without --micro-batch, the largest of 1, 2, 4, 8, 16 that runs a whole step without running out of
+memory is used (tried from the largest down). Then --warmup steps, then --steps timed steps.
+
+tokens/s is of this one GPU; MFU is tokens/s x training FLOPs per token (rwkv_train.flops: 6 x matrix
+parameters + the WKV recurrence, gradient-checkpoint recomputation not counted) over the GPU's dense
+bf16 peak. The table is printed and written to --out as bench_train.md and bench_train.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_CONFIGS = ["configs/rwkv7-0.1b.yaml", "configs/rwkv7-1.5b.yaml"]
+MICRO_BATCHES = (16, 8, 4, 2, 1)  # tried in this order when --micro-batch is not given
+
+
+@dataclass
+class Result:
+    config: str
+    params: int
+    micro_batch: int | None  # None: not even 1 fits
+    ctx_len: int
+    grad_cp: bool
+    kernel: str
+    compiled: bool
+    tokens_per_s: float | None = None
+    step_s: float | None = None
+    peak_mem_gib: float | None = None
+    gflop_per_token: float = 0.0
+    mfu: float | None = None  # a fraction; None when the GPU's peak is unknown
+    device: str = ""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="training configs (YAML) to benchmark")
+    p.add_argument("--ctx-len", type=int, default=4096, help="tokens per window (default 4096)")
+    p.add_argument("--micro-batch", type=int, nargs="+", default=None,
+                   help="micro-batch per config, in --configs order (one value: for all); default: the largest "
+                        f"of {', '.join(map(str, sorted(MICRO_BATCHES)))} that fits")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per config (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
+    p.add_argument("--kernel", choices=("cuda", "torch"), default="cuda", help="WKV backend (model.kernel)")
+    p.add_argument("--grad-cp", choices=("on", "off"), default=None,
+                   help="gradient checkpointing per block (default: each config's train.grad_cp)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training loss (compiles per micro-batch)")
+    p.add_argument("--out", type=Path, default=REPO / "out" / "bench_train", help="folder for bench_train.md/.csv")
+    args = p.parse_args(argv)
+    if args.micro_batch is not None and len(args.micro_batch) not in (1, len(args.configs)):
+        p.error(f"--micro-batch takes one value or one per config ({len(args.configs)}), got {len(args.micro_batch)}")
+    if args.micro_batch is not None and min(args.micro_batch) < 1:
+        p.error("--micro-batch values must be positive")
+    if args.steps < 1 or args.warmup < 0 or args.ctx_len < 1:
+        p.error("--steps and --ctx-len must be positive, --warmup 0 or more")
+    return args
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA allocation failures: torch's own, and cuBLAS failing to get a workspace."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and ("out of memory" in str(err) or "ALLOC_FAILED" in str(err))
+
+
+class Bench:
+    """One config's model, optimiser and step function on the GPU."""
+
+    def __init__(self, cfg, compile_loss: bool):
+        from rwkv_train.models import build_model
+        from rwkv_train.module import RWKVModule
+
+        self.cfg = cfg
+        self.model = build_model(cfg.model, device="cuda")
+        self.model.grad_cp = cfg.train.grad_cp
+        self.model.train()
+        # The real optimiser: parameter groups, fused AdamW and LR schedule of the training module.
+        optimizers = RWKVModule(cfg, self.model, total_steps=1000).configure_optimizers()
+        self.optimizer = optimizers["optimizer"]
+        self.schedule = optimizers["lr_scheduler"]["scheduler"]
+        self.loss_fn: Callable = torch.compile(self.model.loss) if compile_loss else self.model.loss
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def step(self, micro_batch: int) -> float:
+        """Forward + backward + optimiser step on random tokens; returns the loss (a sync, as in training)."""
+        ctx_len, vocab = self.cfg.data.ctx_len, self.cfg.model.vocab_size
+        tokens = torch.randint(0, vocab, (micro_batch, ctx_len + 1), device="cuda")
+        idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # Lightning's bf16-mixed
+            loss = self.loss_fn(idx, targets)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        return loss.item()
+
+    def fits(self, micro_batch: int) -> bool:
+        """Whether one whole step runs at this micro-batch; memory is released after a failure."""
+        try:
+            self.step(micro_batch)
+            return True
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+        # outside the except block: the traceback, and the activations its frames hold, are gone
+        self.optimizer.zero_grad(set_to_none=True)
+        release_memory()
+        return False
+
+    def close(self) -> None:
+        del self.model, self.optimizer, self.schedule, self.loss_fn
+        release_memory()
+
+
+def release_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def load_bench_config(path: str, ctx_len: int, kernel: str, grad_cp: str | None):
+    """The config as training would load it, with the benchmark's settings as dotted overrides."""
+    from rwkv_train.config import load_config
+
+    overrides = [f"data.ctx_len={ctx_len}", f"model.kernel={kernel}", "train.strategy=auto", "train.devices=1",
+                 "train.num_nodes=1"]
+    if grad_cp is not None:
+        overrides.append(f"train.grad_cp={'true' if grad_cp == 'on' else 'false'}")
+    return load_config(resolve(path), overrides)
+
+
+def resolve(path: str) -> Path:
+    """A config path as given, or relative to the repository (the defaults work from any directory)."""
+    given = Path(path)
+    return given if given.exists() or given.is_absolute() else REPO / given
+
+
+def bench_config(path: str, micro_batch: int | None, args: argparse.Namespace) -> Result:
+    from rwkv_train.flops import flops_per_token, mfu, peak_flops
+
+    cfg = load_bench_config(path, args.ctx_len, args.kernel, args.grad_cp)
+    per_token = flops_per_token(cfg.model, cfg.data.ctx_len)
+    bench = Bench(cfg, args.compile)
+    result = Result(config=Path(path).stem, params=bench.params, micro_batch=None, ctx_len=cfg.data.ctx_len,
+                    grad_cp=cfg.train.grad_cp, kernel=args.kernel, compiled=args.compile,
+                    gflop_per_token=round(per_token / 1e9, 6), device=torch.cuda.get_device_name())
+    try:
+        candidates = [micro_batch] if micro_batch is not None else list(MICRO_BATCHES)
+        chosen = next((b for b in candidates if bench.fits(b)), None)
+        if chosen is None:
+            print(f"{result.config}: out of memory at micro-batch {candidates[-1]}", file=sys.stderr)
+            return result
+        result.micro_batch = chosen
+        print(f"{result.config}: micro-batch {chosen} x {cfg.data.ctx_len}, timing {args.steps} steps", flush=True)
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
+            bench.step(chosen)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            bench.step(chosen)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    finally:
+        bench.close()
+    tokens_per_s = chosen * cfg.data.ctx_len * args.steps / elapsed
+    achieved = mfu(tokens_per_s, per_token, peak_flops(torch.cuda.current_device()))
+    result.tokens_per_s = round(tokens_per_s, 1)
+    result.step_s = round(elapsed / args.steps, 4)
+    result.peak_mem_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    result.mfu = None if achieved is None else round(achieved, 4)
+    return result
+
+
+HEADER = ("config", "params", "micro-batch", "ctx", "grad-cp", "tokens/s", "peak mem GiB", "MFU %")
+
+
+def table_rows(results: list[Result]) -> list[tuple[str, ...]]:
+    rows = []
+    for r in results:
+        ran = r.tokens_per_s is not None
+        rows.append((
+            r.config,
+            f"{r.params / 1e9:.2f}B" if r.params >= 1e9 else f"{r.params / 1e6:.1f}M",
+            str(r.micro_batch) if r.micro_batch else "OOM",
+            str(r.ctx_len),
+            "on" if r.grad_cp else "off",
+            f"{r.tokens_per_s:,.0f}" if ran else "-",
+            f"{r.peak_mem_gib:.1f}" if ran else "-",
+            f"{100 * r.mfu:.1f}" if r.mfu is not None else "-",
+        ))
+    return rows
+
+
+def format_text(rows: list[tuple[str, ...]]) -> str:
+    """A plain-text table: the first column left-aligned, the numbers right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(HEADER), *(line(r) for r in rows)])
+
+
+def format_markdown(rows: list[tuple[str, ...]], notes: str) -> str:
+    out = [notes, "", "| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench_train.py measures GPU training and needs a CUDA device, but torch.cuda.is_available() "
+              "is False: run it on a machine with an NVIDIA GPU and a CUDA build of torch "
+              "(for CPU throughput use scripts/bench_generations_cpu.py)", file=sys.stderr)
+        return 1
+    from rwkv_train.errors import UserError
+
+    torch.manual_seed(0)
+    notes = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, fused AdamW, "
+             f"WKV kernel {args.kernel}{', torch.compile' if args.compile else ''}; "
+             f"{args.warmup} warm-up + {args.steps} timed steps per config")
+    print(notes, flush=True)
+    results = []
+    for i, path in enumerate(args.configs):
+        micro_batch = None if args.micro_batch is None else args.micro_batch[min(i, len(args.micro_batch) - 1)]
+        try:
+            results.append(bench_config(path, micro_batch, args))
+        except UserError as err:
+            print(f"error: {path}: {err}", file=sys.stderr)
+            return 1
+
+    rows = table_rows(results)
+    print()
+    print(format_text(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_train.md").write_text(format_markdown(rows, notes))
+    with (args.out / "bench_train.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+    print(f"\nwritten: {args.out / 'bench_train.md'}, {args.out / 'bench_train.csv'}")
+    return 0 if all(r.tokens_per_s is not None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

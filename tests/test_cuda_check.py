@@ -1,0 +1,87 @@
+"""scripts/cuda_check.py: its ptxas report parser, its skip without nvcc, and (with nvcc) a compile of every kernel."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rwkv_train.ops import kernels
+from tests.conftest import REPO, run_cli
+
+SCRIPT = REPO / "scripts" / "cuda_check.py"
+
+# What `nvcc -Xptxas -v` (CUDA 13) prints for a noinline device function and two kernels.
+PTXAS_REPORT = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z2k2Pf' for 'sm_90'
+ptxas info    : Function properties for _Z2k2Pf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 8 registers, used 0 barriers
+ptxas info    : Compile time = 18.623 ms
+ptxas info    : Function properties for _Z6helperf
+    16 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function '_Z4kernILi64EEvPKfPfi' for 'sm_90'
+ptxas info    : Function properties for _Z4kernILi64EEvPKfPfi
+    256 bytes stack frame, 24 bytes spill stores, 32 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 256 bytes cumulative stack size, 8704 bytes smem
+ptxas info    : Compile time = 71.615 ms
+"""
+
+
+def load_script():
+    """The script as a module (registered first: its dataclasses look their module up by name)."""
+    if "cuda_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("cuda_check", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["cuda_check"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["cuda_check"]
+
+
+def test_parse_ptxas_reads_each_kernel_and_skips_device_functions():
+    usage = {k.name: k for k in load_script().parse_ptxas(PTXAS_REPORT)}
+    assert list(usage) == ["_Z2k2Pf", "_Z4kernILi64EEvPKfPfi"]
+    small, big = usage["_Z2k2Pf"], usage["_Z4kernILi64EEvPKfPfi"]
+    assert (small.registers, small.stack, small.smem, small.spills) == (8, 0, 0, False)
+    assert (big.registers, big.stack, big.spill_stores, big.spill_loads, big.smem) == (255, 256, 24, 32, 8704)
+    assert big.spills
+
+
+def test_short_name_drops_return_type_and_parameters():
+    short = load_script().short_name
+    assert short("void kern<64>(float const*, float*, int)") == "kern<64>"
+    assert short("void wkv::forward_kernel<(wkv::Pass)1, 4>(int, int, float const*)") == "wkv::forward_kernel<(wkv::Pass)1, 4>"
+    assert short("k2") == "k2"
+
+
+def test_every_generation_and_head_size_is_planned():
+    planned = {(b.source, b.head_size) for b in load_script().planned_builds()}
+    expected = {(src, None if g == "v4" else h) for g, src in kernels.SOURCES.items()
+                for h in ((None,) if g == "v4" else kernels.HEAD_SIZES)}
+    assert planned == expected
+
+
+def test_without_nvcc_it_says_so_and_succeeds(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = str(tmp_path)  # an empty folder: no nvcc on it
+    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "cuda-check: nvcc not found; skipped (install the CUDA toolkit to compile the kernels)" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(load_script().find_nvcc() is None, reason="nvcc not found (on PATH or in $CUDA_HOME/bin)")
+def test_every_kernel_compiles_for_sm90():
+    """Minutes on a 2-core machine: every source x head size, against torch's headers."""
+    proc = run_cli("scripts/cuda_check.py", timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = {tuple(line.split()[:2]) for line in proc.stdout.splitlines() if line.split()}
+    for generation, source in kernels.SOURCES.items():
+        for head_size in (None,) if generation == "v4" else kernels.HEAD_SIZES:
+            assert (source, "-" if head_size is None else str(head_size)) in rows, (
+                f"no row for {source} head size {head_size}:\n{proc.stdout}"
+            )

@@ -1,0 +1,336 @@
+"""The CUDA WKV kernels against the float64 PyTorch recurrences (GPU only; skipped with a reason elsewhere).
+
+For every generation (v4; v5, v6 and v7 at head sizes 64 and 128) the CUDA op's output, final
+state and every gradient (each input and the initial state, from random output and final-state
+cotangents) are compared with the token-by-token reference run in float64 on the GPU, on the same
+bf16-rounded inputs, by relative error ||out - ref|| / ||ref||. Each kernel call runs under
+`kernels.poisoned_outputs()`, so an output element a kernel never writes comes out NaN and fails.
+The measured errors go to out/kernel_errors.csv, and their maxima are printed at the end of the
+session (visible with `pytest -s`).
+
+Also here: bitwise determinism, the v7 op inside torch.compile(fullgraph=True), a model training
+step with model.kernel=cuda against model.kernel=torch, and compute-sanitizer's memcheck over every
+kernel (scripts/sanitize_kernels.py). The first run builds the kernels (about a minute each); later
+runs load them from torch's extension cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rwkv_train.config import ModelConfig
+from rwkv_train.models import build_model
+from rwkv_train.ops import kernels
+from rwkv_train.ops.wkv4 import wkv4_recurrent
+from rwkv_train.ops.wkv4_cuda import wkv4_cuda
+from rwkv_train.ops.wkv7 import wkv7_recurrent
+from rwkv_train.ops.wkv7_cuda import wkv7_cuda
+from rwkv_train.ops.wkv_diag import wkv_diag_recurrent
+from rwkv_train.ops.wkv_diag_cuda import wkv5_cuda, wkv6_cuda
+from tests.conftest import REPO
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the WKV kernels run on the GPU"),
+]
+
+B, H = 2, 2
+V4_CHANNELS = 100  # v4 has no heads; B * C = 200 threads leaves the last 32-thread block partial
+TOL = 1e-2  # relative error for values that pass through bf16 (every kernel's inputs and y are bf16)
+CONFIGS = [("v4", None), ("v5", 64), ("v5", 128), ("v6", 64), ("v6", 128), ("v7", 64), ("v7", 128)]
+# (T, with initial state): short and odd lengths cover partial chunks inside the kernels; 1000 the long run.
+CASES = [(1, False), (1, True), (7, True), (16, False), (33, True), (200, False), (200, True), (1000, True)]
+ERRORS_CSV = REPO / "out" / "kernel_errors.csv"
+
+
+def require_kernel(generation: str, head_size: int | None) -> None:
+    """Skip, with the loader's reason, when this kernel cannot be built or run here."""
+    reason = kernels.unavailable_reason(generation, head_size)
+    if reason is not None:
+        pytest.skip(f"{generation} CUDA kernel unavailable: {reason}")
+
+
+# --- inputs shaped and scaled like the models produce them -------------------------------------------
+
+
+@dataclass
+class Problem:
+    """One generation's op on concrete inputs: the CUDA op, its float64 reference, and their inputs.
+
+    `inputs` are what the CUDA op is given (bf16 where the kernel reads bf16, so the rounding happens
+    before both ops see them); the last `n_state` of them are the initial state. Both callables take
+    the inputs (the state entries None without a state) and return a flat list of outputs.
+    """
+
+    names: list[str]
+    inputs: list[Tensor]
+    n_state: int
+    output_names: list[str]
+    kernel: Callable[..., list[Tensor]]
+    reference: Callable[..., list[Tensor]]
+
+
+def _randn(g: torch.Generator, *shape: int) -> Tensor:
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype).cuda()
+
+
+def make_problem(generation: str, head_size: int | None, T: int, seed: int) -> Problem:
+    """Fresh random inputs for one generation (never zeros), at realistic magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    bf, f32 = torch.bfloat16, torch.float32
+    if generation == "v4":
+        C = V4_CHANNELS
+        w = -torch.exp(torch.rand(C, generator=g, dtype=torch.float64) * 8 - 5)  # time_decay in [-5, 3], as at init
+        u = math.log(0.3) + 0.5 * _randn(g, C)  # time_first
+        k = (2 * _randn(g, B, T, C)).clamp(-5, 5)  # |k| up to ~5: exercises the running maximum
+        v = _randn(g, B, T, C)
+        pp0 = 2 * _randn(g, B, C)
+        bb0 = 1 + 3 * torch.rand(B, C, generator=g, dtype=torch.float64)  # >= 1: the largest term counts 1
+        aa0 = bb0 * 0.5 * _randn(g, B, C).clamp(-3, 3)  # aa / bb is a weighted mean of past v
+        inputs = [_to(w, f32), _to(u, f32), _to(k, bf), _to(v, bf), _to(aa0, f32), _to(bb0, f32), _to(pp0, f32)]
+
+        def kernel(w, u, k, v, aa, bb, pp):
+            y, state = wkv4_cuda(w, u, k, v, None if aa is None else (aa, bb, pp))
+            return [y, *state]
+
+        def reference(w, u, k, v, aa, bb, pp):
+            y, state = wkv4_recurrent(w, u, k, v, None if aa is None else (aa, bb, pp))
+            return [y, *state]
+
+        return Problem(["w", "u", "k", "v", "aa0", "bb0", "pp0"], inputs, 3, ["y", "aa", "bb", "pp"], kernel, reference)
+
+    N = head_size
+    r, k, v = _randn(g, B, T, H, N), _randn(g, B, T, H, N), _randn(g, B, T, H, N)
+    state = _randn(g, B, H, N, N)
+    if generation == "v7":
+        lw = -math.exp(-0.5) * torch.sigmoid(_randn(g, B, T, H, N))  # in (-0.61, 0), as the model makes it
+        kk = F.normalize(_randn(g, B, T, H, N), dim=-1)  # unit norm per head
+        a, b = -kk, kk * torch.sigmoid(_randn(g, B, T, H, N))  # b = kk * in-context learning rate
+        inputs = [_to(x, bf) for x in (r, k, v, a, b)]
+        inputs = [inputs[0], _to(lw, f32), *inputs[1:], _to(state, f32)]
+
+        def kernel(r, lw, k, v, a, b, s):
+            return list(wkv7_cuda(r, lw, k, v, a, b, s))
+
+        def reference(r, lw, k, v, a, b, s):
+            return list(wkv7_recurrent(r, lw, k, v, a, b, s))
+
+        return Problem(["r", "lw", "k", "v", "a", "b", "state"], inputs, 1, ["y", "state"], kernel, reference)
+
+    u = 0.5 * _randn(g, H, N)  # time_faaaa, the current token's bonus
+    if generation == "v6":  # data-dependent decay: lw = -exp(time_decay + lora(x)) per token
+        lw = -torch.exp((_randn(g, B, T, H, N) - 1).clamp(-8, 2))
+        cuda_op = wkv6_cuda
+    else:  # v5: one decay per channel for all steps
+        lw = -torch.exp((1.5 * _randn(g, H, N) - 2.5).clamp(-8, 2))
+        cuda_op = wkv5_cuda
+    inputs = [_to(r, bf), _to(lw, f32), _to(k, bf), _to(v, bf), _to(u, f32), _to(state, f32)]
+
+    def kernel(r, lw, k, v, u, s):
+        return list(cuda_op(r, lw, k, v, u, s))
+
+    def reference(r, lw, k, v, u, s):
+        return list(wkv_diag_recurrent(r, lw.expand_as(r), k, v, u, s))
+
+    return Problem(["r", "lw", "k", "v", "u", "state"], inputs, 1, ["y", "state"], kernel, reference)
+
+
+def seed_of(*parts) -> int:
+    """A per-test seed: every test draws its own inputs, reproducibly."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def run(fn: Callable[..., list[Tensor]], inputs: Sequence[Tensor], n_state: int, with_state: bool,
+        seed: int) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Outputs, and the gradients w.r.t. every input (the state's only if given) of sum_i <out_i, c_i>.
+
+    The cotangents c_i are random, drawn from `seed` and rounded to bf16 (which every output dtype holds
+    exactly), so two runs with one seed, the kernel and its reference, back-propagate the same values.
+    """
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    wrt = leaves if with_state else leaves[: len(leaves) - n_state]
+    outputs = fn(*wrt, *[None] * (len(leaves) - len(wrt)))
+    g = torch.Generator().manual_seed(seed)
+    cotangents = [_randn(g, *o.shape).to(torch.bfloat16).to(device=o.device, dtype=o.dtype) for o in outputs]
+    grads = torch.autograd.grad(outputs, wrt, cotangents, allow_unused=True)
+    return [o.detach() for o in outputs], list(grads)
+
+
+def rel_error(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref||; the absolute ||out|| where the reference is exactly zero."""
+    out, ref = out.double(), ref.double()
+    scale = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+# --- the measured errors: a table at the end of the session, and a CSV --------------------------------
+
+
+@pytest.fixture(scope="session")
+def error_log():
+    """Collects (generation, head size, T, state, quantity, error); reported when the session ends."""
+    rows: list[dict] = []
+    yield rows
+    if not rows:
+        return
+    ERRORS_CSV.parent.mkdir(parents=True, exist_ok=True)
+    with open(ERRORS_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    worst: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["generation"], row["head_size"], row["quantity"])
+        if key not in worst or row["rel_error"] > worst[key]["rel_error"]:
+            worst[key] = row
+    lines = [f"\nCUDA kernels vs float64 reference: largest relative error over T and state (tolerance {TOL:g})",
+             f"{'gen':<4} {'head':>4}  {'quantity':<9} {'max rel err':>11}  at"]
+    for (gen, head, quantity), row in worst.items():
+        where = f"T={row['T']}{', initial state' if row['initial_state'] else ''}"
+        lines.append(f"{gen:<4} {head:>4}  {quantity:<9} {row['rel_error']:>11.2e}  {where}")
+    lines.append(f"(every measurement: {ERRORS_CSV})")
+    print("\n".join(lines))
+
+
+# --- values and gradients against the reference -------------------------------------------------------
+
+
+@pytest.mark.parametrize("T,with_state", CASES, ids=[f"T{t}-{'state' if s else 'zero'}" for t, s in CASES])
+@pytest.mark.parametrize("generation,head_size", CONFIGS, ids=[f"{g}-h{h}" if h else g for g, h in CONFIGS])
+def test_kernel_matches_float64_reference(generation, head_size, T, with_state, error_log):
+    require_kernel(generation, head_size)
+    seed = seed_of(generation, head_size, T, with_state)
+    problem = make_problem(generation, head_size, T, seed)
+    with kernels.poisoned_outputs():  # forward and backward: every output buffer starts as NaN
+        outs, grads = run(problem.kernel, problem.inputs, problem.n_state, with_state, seed + 1)
+    ref_inputs = [x.double() for x in problem.inputs]  # exactly the values the kernel saw
+    ref_outs, ref_grads = run(problem.reference, ref_inputs, problem.n_state, with_state, seed + 1)
+
+    measured = list(zip(problem.output_names, outs, ref_outs))
+    measured += [(f"d_{n}", gr, ref) for n, gr, ref in zip(problem.names, grads, ref_grads)]
+    problems = []
+    for quantity, out, ref in measured:
+        if out is None:
+            problems.append(f"{quantity}: no gradient (every input and the initial state must get one)")
+            continue
+        if torch.isnan(out).any():
+            problems.append(f"{quantity}: {int(torch.isnan(out).sum())} NaN of {out.numel()} (elements never written?)")
+            continue
+        assert out.shape == ref.shape, f"{quantity}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
+        err = rel_error(out, ref)
+        error_log.append({"generation": generation, "head_size": head_size or "-", "T": T,
+                          "initial_state": with_state, "quantity": quantity, "rel_error": err})
+        if not err <= TOL:
+            problems.append(f"{quantity}: relative error {err:.3e} > {TOL:g}")
+    assert not problems, f"{generation} head {head_size} T={T} state={with_state}:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("generation,head_size", [("v4", None), ("v5", 64), ("v6", 64), ("v7", 64)])
+def test_kernel_is_deterministic(generation, head_size):
+    """The same inputs twice give bitwise the same outputs and gradients (no atomics-order noise)."""
+    require_kernel(generation, head_size)
+    problem = make_problem(generation, head_size, 200, seed_of("determinism", generation))
+    with kernels.poisoned_outputs():  # an unwritten element is NaN, and NaN != NaN
+        first = run(problem.kernel, problem.inputs, problem.n_state, True, seed=1)
+        second = run(problem.kernel, problem.inputs, problem.n_state, True, seed=1)
+    for name, x, y in zip(problem.output_names + [f"d_{n}" for n in problem.names], [*first[0], *first[1]],
+                          [*second[0], *second[1]]):
+        assert torch.equal(x, y), f"{generation}: {name} differs between two identical calls"
+
+
+# --- integration: torch.compile and the model ---------------------------------------------------------
+
+
+def test_wkv7_cuda_inside_torch_compile_matches_eager():
+    """The op is a real custom op: fullgraph compilation keeps it whole, and forward and backward agree with eager."""
+    require_kernel("v7", 64)
+    problem = make_problem("v7", 64, 48, seed_of("compile"))
+
+    def step(r, lw, k, v, a, b, s):
+        y, s_out = wkv7_cuda(r, lw, k, v, a, b, s)
+        return y.float() * 0.5 + 1.0, s_out * 2.0  # some surrounding ops for inductor to fuse
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    with kernels.poisoned_outputs():
+        eager_out, eager_grads = run(lambda *x: list(step(*x)), problem.inputs, 1, True, seed=2)
+        comp_out, comp_grads = run(lambda *x: list(compiled(*x)), problem.inputs, 1, True, seed=2)
+    for name, x, y in zip(["y", "state"] + [f"d_{n}" for n in problem.names], [*comp_out, *comp_grads],
+                          [*eager_out, *eager_grads]):
+        torch.testing.assert_close(x, y, msg=lambda m, name=name: f"compiled vs eager, {name}: {m}")
+
+
+def _trained_looking(model: torch.nn.Module, seed: int) -> None:
+    """Perturb every parameter, so paths that start at zero (output, ffn.value, low-rank *1) carry signal."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, device="cuda", dtype=p.dtype) * 0.1)
+
+
+def test_model_trains_a_step_with_the_cuda_kernel():
+    """A tiny v7 model: model.kernel=cuda gives a finite loss, and the loss and gradients of model.kernel=torch."""
+    require_kernel("v7", 64)
+    dims = dict(version="v7", n_layer=2, n_embd=128, head_size=64, vocab_size=256)
+    start = build_model(ModelConfig(**dims, kernel="torch"), device="cuda")
+    _trained_looking(start, seed=3)
+    weights = {k: v.clone() for k, v in start.state_dict().items()}
+    tokens = torch.randint(0, 256, (2, 65), device="cuda", generator=torch.Generator(device="cuda").manual_seed(4))
+    idx, targets = tokens[:, :-1], tokens[:, 1:]
+
+    results = {}
+    for kernel in ("torch", "cuda"):
+        model = build_model(ModelConfig(**dims, kernel=kernel), device="cuda", init=False)
+        model.load_state_dict(weights)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with kernels.poisoned_outputs():
+            with torch.autocast("cuda", dtype=torch.bfloat16):  # as precision=bf16 trains
+                loss = model.loss(idx, targets)
+            loss.backward()
+            grad = torch.cat([p.grad.flatten().float() for p in model.parameters()])
+            optimizer.step()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                after = model.loss(idx, targets)
+        results[kernel] = (loss.item(), after.item(), grad)
+
+    (loss_t, after_t, grad_t), (loss_c, after_c, grad_c) = results["torch"], results["cuda"]
+    assert math.isfinite(loss_c) and math.isfinite(after_c), f"model.kernel=cuda: loss {loss_c}, after the step {after_c}"
+    assert torch.isfinite(grad_c).all(), "model.kernel=cuda: non-finite gradients"
+    assert abs(loss_c - loss_t) <= 1e-2 * max(1.0, abs(loss_t)), f"loss: cuda {loss_c:.5f} vs torch {loss_t:.5f}"
+    assert abs(after_c - after_t) <= 1e-2 * max(1.0, abs(after_t)), f"after a step: cuda {after_c:.5f} vs torch {after_t:.5f}"
+    grad_err = rel_error(grad_c, grad_t)
+    assert grad_err <= 2e-2, f"gradient: relative difference {grad_err:.3e} between model.kernel=cuda and torch"
+
+
+# --- memory safety ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None,
+                    reason="compute-sanitizer is not on PATH (it ships with the CUDA toolkit, in its bin/)")
+def test_kernels_pass_compute_sanitizer_memcheck():
+    """No out-of-bounds or misaligned access in any kernel, forward or backward (scripts/sanitize_kernels.py)."""
+    for generation in ("v4", "v5", "v6", "v7"):
+        require_kernel(generation, None if generation == "v4" else 64)
+    cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
+           sys.executable, str(REPO / "scripts" / "sanitize_kernels.py")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"memcheck failed (exit {proc.returncode}):\n{output[-6000:]}"
+    assert "ERROR SUMMARY: 0 errors" in output, output[-6000:]
