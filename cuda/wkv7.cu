@@ -44,15 +44,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) forward_kernel(
 
     float S[SEG];
     load_row(s0 + mat, line, q, S);
+    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5;
+    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(v, b, h, t, T); f4.get(a, b, h, t, T); f5.get(bb, b, h, t, T); };
+    fetch(0);
     for (int t0 = 0; t0 < T; t0 += CT) {
         __syncthreads();
-        stage<CT>(sr, r, b, h, t0, T);
-        stage<CT>(sw, lw, b, h, t0, T, Exp());
-        stage<CT>(sk, k, b, h, t0, T);
-        stage<CT>(sv, v, b, h, t0, T);
-        stage<CT>(sa_, a, b, h, t0, T);
-        stage<CT>(sb, bb, b, h, t0, T);
+        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sv); f4.put(sa_); f5.put(sb);
         __syncthreads();
+        if (t0 + CT < T) fetch(t0 + CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = 0; s < steps; s++) {
             float x[SEG], w[SEG];
@@ -97,15 +96,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_rows_kernel(
 
     float G[SEG];
     load_row(ds_final + mat, line, q, G);
+    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5;
+    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(a, b, h, t, T); f4.get(bb, b, h, t, T); f5.get(dy, b, h, t, T); };
+    fetch((T - 1) / CT * CT);
     for (int t0 = (T - 1) / CT * CT; t0 >= 0; t0 -= CT) {
         __syncthreads();
-        stage<CT>(sr, r, b, h, t0, T);
-        stage<CT>(sw, lw, b, h, t0, T, Exp());
-        stage<CT>(sk, k, b, h, t0, T);
-        stage<CT>(sa_, a, b, h, t0, T);
-        stage<CT>(sb, bb, b, h, t0, T);
-        stage<CT>(sdy, dy, b, h, t0, T);
+        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sa_); f4.put(sb); f5.put(sdy);
         __syncthreads();
+        if (t0 - CT >= 0) fetch(t0 - CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = steps - 1; s >= 0; s--) {
             float x[SEG];
@@ -157,18 +155,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_cols_kernel(
     float S[SEG];
     load_col(s0 + mat, line, q, S);
     float prev_rdr = 0.f;  // r_{t-1} dr_{t-1}
+    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5; Fetch<CT, bf16> f6; Fetch<CT, float> f7; Fetch<CT, float> f8;
+    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(v, b, h, t, T); f4.get(a, b, h, t, T); f5.get(bb, b, h, t, T); f6.get(dy, b, h, t, T); f7.get(sa_in, b, h, t, T); f8.get(dsa_in, b, h, t, T); };
+    fetch(0);
     for (int t0 = 0; t0 < T; t0 += CT) {
         __syncthreads();
-        stage<CT>(sr, r, b, h, t0, T);
-        stage<CT>(sw, lw, b, h, t0, T, Exp());
-        stage<CT>(sk, k, b, h, t0, T);
-        stage<CT>(sv, v, b, h, t0, T);
-        stage<CT>(sa_, a, b, h, t0, T);
-        stage<CT>(sb, bb, b, h, t0, T);
-        stage<CT>(sdy, dy, b, h, t0, T);
-        stage<CT>(ssa, sa_in, b, h, t0, T);
-        stage<CT>(sdsa, dsa_in, b, h, t0, T);
+        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sv); f4.put(sa_); f5.put(sb); f6.put(sdy); f7.put(ssa); f8.put(sdsa);
         __syncthreads();
+        if (t0 + CT < T) fetch(t0 + CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = 0; s < steps; s++) {
             const int o = s * ROW;
@@ -225,19 +219,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_decay_kernel(
         for (int e = 0; e < SEG; e++) x[e] = fmaf(__bfloat162float(dy_last[e]), r_last, G[e]);
     }
     float Z = line_sum(dot(x, z));
+    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5; Fetch<CT, bf16> f6; Fetch<CT, float> f7; Fetch<CT, float> f8; Fetch<CT, float> f9;
+    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(v, b, h, t, T); f4.get(a, b, h, t, T); f5.get(bb, b, h, t, T); f6.get(dy, b, h, t, T); f7.get(sa_in, b, h, t, T); f8.get(dsa_in, b, h, t, T); f9.get(x_in, b, h, t, T); };
+    fetch((T - 1) / CT * CT);
     for (int t0 = (T - 1) / CT * CT; t0 >= 0; t0 -= CT) {
         __syncthreads();
-        stage<CT>(sr, r, b, h, t0, T);
-        stage<CT>(sw, lw, b, h, t0, T, Exp());
-        stage<CT>(sk, k, b, h, t0, T);
-        stage<CT>(sv, v, b, h, t0, T);
-        stage<CT>(sa_, a, b, h, t0, T);
-        stage<CT>(sb, bb, b, h, t0, T);
-        stage<CT>(sdy, dy, b, h, t0, T);
-        stage<CT>(ssa, sa_in, b, h, t0, T);
-        stage<CT>(sdsa, dsa_in, b, h, t0, T);
-        stage<CT>(sx, x_in, b, h, t0, T);
+        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sv); f4.put(sa_); f5.put(sb); f6.put(sdy); f7.put(ssa); f8.put(sdsa); f9.put(sx);
         __syncthreads();
+        if (t0 - CT >= 0) fetch(t0 - CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = steps - 1; s >= 0; s--) {
             const int o = s * ROW;

@@ -37,9 +37,9 @@ constexpr int MIN_BLOCKS = 65536 / (THREADS * 128) < 1 ? 1 : 65536 / (THREADS * 
 static_assert(N % SEG == 0 && SPLIT >= 1 && SPLIT <= 32, "head size must be a multiple of 16, at most 512");
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "a block must be whole warps, at most 1024 threads");
 
-// Steps staged per chunk, so that `vectors` staged vectors take about 40 KB of shared memory.
+// Steps staged per chunk: at most 8, and `vectors` staged vectors within about 40 KB of shared memory.
 constexpr int chunk_steps(int vectors) {
-    return (40000 / (vectors * ROW * 4)) < 1 ? 1 : (40000 / (vectors * ROW * 4));
+    return (40000 / (vectors * ROW * 4)) < 1 ? 1 : (40000 / (vectors * ROW * 4)) > 8 ? 8 : (40000 / (vectors * ROW * 4));
 }
 
 __device__ __forceinline__ int padded(int j) { return j + (j / SEG) * (PAD_SEG - SEG); }
@@ -90,40 +90,65 @@ struct TimesConst {  // x * c[j], c a per-head constant vector (v5/v6's bonus u)
     __device__ __forceinline__ float operator()(float x, int j) const { return x * c[j]; }
 };
 
-// Stage steps t0 .. t0+CT-1 of one bf16 vector into dst[CT][ROW] (zeros past T), applying op.
-template <int CT, typename Op = Identity>
-__device__ __forceinline__ void stage(float* dst, Stream<const bf16> src, int b, int h, int t0, int T, Op op = Op()) {
-    constexpr int UNITS = CT * N / 8;  // 8 bf16 = 16 bytes per load
-    for (int u = threadIdx.x; u < UNITS; u += THREADS) {
-        const int s = u / (N / 8), j = (u % (N / 8)) * 8;
-        float x[8];
-        if (t0 + s < T) {
-            unpack8(*reinterpret_cast<const uint4*>(src.ptr + src.offset(b, h, t0 + s) + j), x);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; i++) x[i] = 0.f;
-        }
-        float* row = dst + s * ROW + padded(j);  // j .. j+7 lie in one segment
-#pragma unroll
-        for (int i = 0; i < 8; i++) row[i] = op(x[i], j + i);
-    }
-}
+// Software pipelining of the staging: `get` issues this thread's global loads of one vector for one
+// chunk into registers (all vectors' loads are in flight together, and the next chunk's loads
+// overlap the current chunk's compute); `put` converts them into the shared-memory layout.
+template <int CT, typename T>
+struct Fetch;
 
-// The same for a float32 vector.
-template <int CT, typename Op = Identity>
-__device__ __forceinline__ void stage(float* dst, Stream<const float> src, int b, int h, int t0, int T, Op op = Op()) {
-    constexpr int UNITS = CT * N / 4;  // 4 floats = 16 bytes per load
-    for (int u = threadIdx.x; u < UNITS; u += THREADS) {
-        const int s = u / (N / 4), j = (u % (N / 4)) * 4;
-        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (t0 + s < T) x = *reinterpret_cast<const float4*>(src.ptr + src.offset(b, h, t0 + s) + j);
-        float* row = dst + s * ROW + padded(j);
-        row[0] = op(x.x, j);
-        row[1] = op(x.y, j + 1);
-        row[2] = op(x.z, j + 2);
-        row[3] = op(x.w, j + 3);
+template <int CT>
+struct Fetch<CT, bf16> {
+    static constexpr int UNITS = CT * N / 8, PER = (UNITS + THREADS - 1) / THREADS;  // 8 bf16 = 16 bytes
+    uint4 raw[PER];
+    __device__ __forceinline__ void get(Stream<const bf16> src, int b, int h, int t0, int T) {
+#pragma unroll
+        for (int m = 0; m < PER; m++) {
+            const int u = threadIdx.x + m * THREADS, s = u / (N / 8), j = (u % (N / 8)) * 8;
+            raw[m] = make_uint4(0u, 0u, 0u, 0u);
+            if (u < UNITS && t0 + s < T) raw[m] = *reinterpret_cast<const uint4*>(src.ptr + src.offset(b, h, t0 + s) + j);
+        }
     }
-}
+    template <typename Op = Identity>
+    __device__ __forceinline__ void put(float* dst, Op op = Op()) const {
+#pragma unroll
+        for (int m = 0; m < PER; m++) {
+            const int u = threadIdx.x + m * THREADS, s = u / (N / 8), j = (u % (N / 8)) * 8;
+            if (u >= UNITS) break;
+            float x[8];
+            unpack8(raw[m], x);
+            float* row = dst + s * ROW + padded(j);  // j .. j+7 lie in one segment
+#pragma unroll
+            for (int i = 0; i < 8; i++) row[i] = op(x[i], j + i);
+        }
+    }
+};
+
+template <int CT>
+struct Fetch<CT, float> {
+    static constexpr int UNITS = CT * N / 4, PER = (UNITS + THREADS - 1) / THREADS;  // 4 floats = 16 bytes
+    float4 raw[PER];
+    __device__ __forceinline__ void get(Stream<const float> src, int b, int h, int t0, int T) {
+#pragma unroll
+        for (int m = 0; m < PER; m++) {
+            const int u = threadIdx.x + m * THREADS, s = u / (N / 4), j = (u % (N / 4)) * 4;
+            raw[m] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (u < UNITS && t0 + s < T) raw[m] = *reinterpret_cast<const float4*>(src.ptr + src.offset(b, h, t0 + s) + j);
+        }
+    }
+    template <typename Op = Identity>
+    __device__ __forceinline__ void put(float* dst, Op op = Op()) const {
+#pragma unroll
+        for (int m = 0; m < PER; m++) {
+            const int u = threadIdx.x + m * THREADS, s = u / (N / 4), j = (u % (N / 4)) * 4;
+            if (u >= UNITS) break;
+            float* row = dst + s * ROW + padded(j);
+            row[0] = op(raw[m].x, j);
+            row[1] = op(raw[m].y, j + 1);
+            row[2] = op(raw[m].z, j + 2);
+            row[3] = op(raw[m].w, j + 3);
+        }
+    }
+};
 
 // Write steps t0 .. min(t0+CT, T)-1 of a staged output vector src[CT][ROW] to global memory.
 template <int CT>

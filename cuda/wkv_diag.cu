@@ -45,14 +45,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) forward_kernel(
 
     float S[SEG];
     load_col(s0 + mat, line, q, S);
+    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4;
+    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(k, b, h, t, T); f4.get(v, b, h, t, T); };
+    fetch(0);
     for (int t0 = 0; t0 < T; t0 += CT) {
         __syncthreads();
-        stage<CT>(sr, r, b, h, t0, T);
-        stage<CT>(sw, lw, b, h, t0, T, Exp());
-        stage<CT>(sk, k, b, h, t0, T);
-        stage<CT>(suk, k, b, h, t0, T, times_u);
-        stage<CT>(sv, v, b, h, t0, T);
+        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(suk, times_u); f4.put(sv);
         __syncthreads();
+        if (t0 + CT < T) fetch(t0 + CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = 0; s < steps; s++) {
             const int o = s * ROW;
@@ -94,15 +94,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_state_kernel(
 
     float S[SEG];
     load_row(s0 + mat, line, q, S);
+    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5;
+    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(k, b, h, t, T); f4.get(v, b, h, t, T); f5.get(dy, b, h, t, T); };
+    fetch(0);
     for (int t0 = 0; t0 < T; t0 += CT) {
         __syncthreads();
-        stage<CT>(sr, r, b, h, t0, T);
-        stage<CT>(sw, lw, b, h, t0, T, Exp());
-        stage<CT>(sk, k, b, h, t0, T);
-        stage<CT>(suk, k, b, h, t0, T, times_u);
-        stage<CT>(sv, v, b, h, t0, T);
-        stage<CT>(sdy, dy, b, h, t0, T);
+        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(suk, times_u); f4.put(sv); f5.put(sdy);
         __syncthreads();
+        if (t0 + CT < T) fetch(t0 + CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = 0; s < steps; s++) {
             const int o = s * ROW;
@@ -149,15 +148,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_decay_kernel(
     load_row(s_final + mat, line, q, z);
     float Z = line_sum(dot(G, z));
     float du = 0.f;
+    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, float> f5;
+    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(v, b, h, t, T); f4.get(dy, b, h, t, T); f5.get(rdrs, b, h, t, T); };
+    fetch((T - 1) / CT * CT);
     for (int t0 = (T - 1) / CT * CT; t0 >= 0; t0 -= CT) {
         __syncthreads();
-        stage<CT>(sr, r, b, h, t0, T);
-        stage<CT>(sw, lw, b, h, t0, T, Exp());
-        stage<CT>(sk, k, b, h, t0, T);
-        stage<CT>(sv, v, b, h, t0, T);
-        stage<CT>(sdy, dy, b, h, t0, T);
-        stage<CT>(srd, rdrs, b, h, t0, T);
+        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sv); f4.put(sdy); f5.put(srd);
         __syncthreads();
+        if (t0 - CT >= 0) fetch(t0 - CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = steps - 1; s >= 0; s--) {
             const int o = s * ROW;
@@ -203,14 +201,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_value_kernel(
 
     float G[SEG];
     load_col(ds_final + mat, line, q, G);
+    Fetch<CT, bf16> f0; Fetch<CT, bf16> f1; Fetch<CT, float> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4;
+    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(r, b, h, t, T); f2.get(lw, b, h, t, T); f3.get(k, b, h, t, T); f4.get(dy, b, h, t, T); };
+    fetch((T - 1) / CT * CT);
     for (int t0 = (T - 1) / CT * CT; t0 >= 0; t0 -= CT) {
         __syncthreads();
-        stage<CT>(sr, r, b, h, t0, T);
-        stage<CT>(sru, r, b, h, t0, T, times_u);
-        stage<CT>(sw, lw, b, h, t0, T, Exp());
-        stage<CT>(sk, k, b, h, t0, T);
-        stage<CT>(sdy, dy, b, h, t0, T);
+        f0.put(sr); f1.put(sru, times_u); f2.put(sw, Exp()); f3.put(sk); f4.put(sdy);
         __syncthreads();
+        if (t0 - CT >= 0) fetch(t0 - CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = steps - 1; s >= 0; s--) {
             const int o = s * ROW;

@@ -1,0 +1,65 @@
+"""Build the CUDA WKV kernels ahead of time, in parallel (they are otherwise built on first use).
+
+    python scripts/build_kernels.py                       # every generation, head sizes 64 and 128
+    python scripts/build_kernels.py --generations v7 --head-sizes 64
+
+Each build lands in torch's extension cache (TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions), where
+training finds it. Prints one line per kernel with its build time; exits 1 if any build failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rwkv_train.ops import kernels  # noqa: E402
+
+
+def _build(job: tuple[str, int | None]) -> tuple[str, int | None, float, str | None]:
+    generation, head_size = job
+    started = time.time()
+    try:
+        kernels.load(generation, head_size)
+    except kernels.KernelUnavailable as exc:
+        return generation, head_size, time.time() - started, str(exc)
+    return generation, head_size, time.time() - started, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v7"], choices=sorted(kernels.SOURCES))
+    parser.add_argument("--head-sizes", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--jobs", type=int, default=4, help="builds at once (each also uses MAX_JOBS compiler jobs)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    jobs: list[tuple[str, int | None]] = []
+    for generation in dict.fromkeys(args.generations):
+        sizes = [None] if generation == "v4" else args.head_sizes
+        for size in sizes:
+            if (generation == "v5" and "v6" in args.generations) or (kernels.SOURCES[generation], size) in {
+                (kernels.SOURCES[g], s) for g, s in jobs
+            }:
+                continue  # v5 and v6 share one build
+            jobs.append((generation, size))
+    reason = kernels.unavailable_reason(*jobs[0]) if jobs else None
+    if reason is not None:
+        print(f"build_kernels: cannot build here: {reason}", file=sys.stderr)
+        return 1
+    failed = 0
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for generation, size, seconds, error in pool.map(_build, jobs):
+            label = f"{generation}" + ("" if size is None else f" head {size}")
+            print(f"{label:<14} {'FAILED' if error else 'ok':<7} {seconds:6.1f} s" + (f"  {error}" if error else ""))
+            failed += error is not None
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Per-kernel GPU time of one forward + backward of each WKV CUDA op (where the time goes).
+
+    python scripts/profile_kernels.py                  # v4, v6, v7 at B=8, T=4096, C=4096, head 64
+    python scripts/profile_kernels.py --shape 1 32768 4096 --generations v7
+
+Runs the op a few times under torch.profiler and prints one table: generation, kernel, calls,
+mean GPU time per call (ms). Inputs are random and shaped like the models' (never zeros).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _inputs(generation: str, B: int, T: int, C: int, N: int) -> tuple[list[torch.Tensor], callable]:
+    dev, H = "cuda", C // N
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev, generator=g) * scale).requires_grad_()
+
+    if generation == "v4":
+        from rwkv_train.ops.wkv4_cuda import wkv4_cuda
+
+        w = (-torch.exp(torch.randn(C, device=dev, generator=g) * 0.5 - 1)).requires_grad_()
+        xs = [w, randn(C, scale=0.5), randn(B, T, C), randn(B, T, C)]
+        return xs, lambda w, u, k, v: wkv4_cuda(w, u, k.bfloat16(), v.bfloat16())[0]
+    if generation in ("v5", "v6"):
+        from rwkv_train.ops.wkv_diag_cuda import wkv6_cuda
+
+        lw = (-torch.exp((torch.randn(B, T, H, N, device=dev, generator=g) - 1).clamp(-8, 2))).requires_grad_()
+        xs = [randn(B, T, H, N, scale=0.5), lw, randn(B, T, H, N, scale=0.5), randn(B, T, H, N), randn(H, N, scale=0.5)]
+        return xs, lambda r, lw, k, v, u: wkv6_cuda(r.bfloat16(), lw, k.bfloat16(), v.bfloat16(), u)[0]
+    from rwkv_train.ops.wkv7_cuda import wkv7_cuda
+
+    lw = (-0.6065 * torch.sigmoid(torch.randn(B, T, H, N, device=dev, generator=g))).requires_grad_()
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device=dev, generator=g), dim=-1)
+    xs = [randn(B, T, H, N, scale=0.5), lw, randn(B, T, H, N, scale=0.5), randn(B, T, H, N), kk.requires_grad_()]
+    return xs, lambda r, lw, k, v, kk: wkv7_cuda(r.bfloat16(), lw, k.bfloat16(), v.bfloat16(), -kk.bfloat16(), (kk * 0.5).bfloat16())[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v7"], choices=["v4", "v5", "v6", "v7"])
+    parser.add_argument("--shape", nargs=3, type=int, default=[8, 4096, 4096], metavar=("B", "T", "C"))
+    parser.add_argument("--head-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_kernels: needs a CUDA device", file=sys.stderr)
+        return 1
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T, C = args.shape
+    print(f"{'gen':<4} {'kernel':<34} {'calls':>5} {'ms/call':>9}")
+    for generation in args.generations:
+        xs, op = _inputs(generation, B, T, C, args.head_size)
+        for _ in range(2):  # warm-up (and the build, on first use)
+            op(*xs).float().sum().backward()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.repeats):
+                op(*xs).float().sum().backward()
+            torch.cuda.synchronize()
+        rows = [e for e in prof.key_averages() if e.device_time_total > 0 and "kernel" in e.key]
+        for e in sorted(rows, key=lambda e: -e.device_time_total):
+            name = e.key.split("(")[0].replace("wkv::", "").replace("(anonymous namespace)::", "")[:34]
+            print(f"{generation:<4} {name:<34} {e.count:>5} {e.device_time_total / e.count / 1000:>9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
