@@ -28,7 +28,7 @@
 namespace wkv {
 
 // ---------------------------------------------------------------------------------------------
-// forward: line = row i of S (value channel), segment over key channels j.
+// forward: lines = rows i of S (value channels), segment over key channels j.
 constexpr int FWD_IN = 6, FWD_OUT = 2, FWD_CT = chunk_steps(FWD_IN + FWD_OUT);
 
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) forward_kernel(
@@ -39,48 +39,52 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) forward_kernel(
     __shared__ __align__(16) float sh[(FWD_IN + FWD_OUT) * CT * ROW];
     float *sr = sh, *sw = sr + CT * ROW, *sk = sw + CT * ROW, *sv = sk + CT * ROW, *sa_ = sv + CT * ROW,
           *sb = sa_ + CT * ROW, *oy = sb + CT * ROW, *osa = oy + CT * ROW;
-    const int h = blockIdx.x, b = blockIdx.y, line = threadIdx.x / SPLIT, q = threadIdx.x % SPLIT;
-    const int64_t mat = (int64_t(b) * H + h) * N * N;
+    const Place p(H);
+    const int b = p.b, h = p.h, q = p.q;
 
-    float S[SEG];
-    load_row(s0 + mat, line, q, S);
-    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5;
-    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(v, b, h, t, T); f4.get(a, b, h, t, T); f5.get(bb, b, h, t, T); };
+    float S[LINES][SEG];
+    UNROLL_LINES load_row(s0 + p.mat, p.line0 + l, q, S[l]);
+    Fetch<CT, bf16> f_r, f_k, f_v, f_a, f_b;
+    Fetch<CT, float> f_w;
+    auto fetch = [&](int t) {
+        f_r.get(r, b, h, t, T), f_w.get(lw, b, h, t, T), f_k.get(k, b, h, t, T);
+        f_v.get(v, b, h, t, T), f_a.get(a, b, h, t, T), f_b.get(bb, b, h, t, T);
+    };
     fetch(0);
     for (int t0 = 0; t0 < T; t0 += CT) {
         __syncthreads();
-        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sv); f4.put(sa_); f5.put(sb);
+        f_r.put(sr), f_w.put(sw, Exp()), f_k.put(sk), f_v.put(sv), f_a.put(sa_), f_b.put(sb);
         __syncthreads();
         if (t0 + CT < T) fetch(t0 + CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = 0; s < steps; s++) {
-            float x[SEG], w[SEG];
-            load_segment(sa_ + s * ROW, q, x);
-            const float sa = line_sum(dot(S, x));
-            const float vi = sv[s * ROW + padded(line)];
-            load_segment(sw + s * ROW, q, w);
-            load_segment(sb + s * ROW, q, x);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) S[e] = fmaf(S[e], w[e], sa * x[e]);
-            load_segment(sk + s * ROW, q, x);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) S[e] = fmaf(vi, x[e], S[e]);
-            load_segment(sr + s * ROW, q, x);
-            const float yi = line_sum(dot(S, x));
-            if (q == 0) {
-                oy[s * ROW + padded(line)] = yi;
-                osa[s * ROW + padded(line)] = sa;
+            const int o = s * ROW;
+            float x[SEG], z[SEG], sa[LINES], yi[LINES];
+            load_segment(sa_ + o, q, x);
+            UNROLL_LINES sa[l] = dot(S[l], x);
+            UNROLL_LINES sa[l] = line_sum(sa[l]);
+            load_segment(sw + o, q, x);
+            load_segment(sb + o, q, z);
+            UNROLL_LINES UNROLL_SEG S[l][e] = fmaf(S[l][e], x[e], sa[l] * z[e]);
+            load_segment(sk + o, q, x);
+            UNROLL_LINES {
+                const float vi = sv[o + p.pl + l];
+                UNROLL_SEG S[l][e] = fmaf(vi, x[e], S[l][e]);
             }
+            load_segment(sr + o, q, x);
+            UNROLL_LINES yi[l] = dot(S[l], x);
+            UNROLL_LINES yi[l] = line_sum(yi[l]);
+            if (q == 0) UNROLL_LINES oy[o + p.pl + l] = yi[l], osa[o + p.pl + l] = sa[l];
         }
         __syncthreads();
         unstage<CT>(oy, y, b, h, t0, T);
         unstage<CT>(osa, sa_out, b, h, t0, T);
     }
-    store_row(s_final + mat, line, q, S);
+    UNROLL_LINES store_row(s_final + p.mat, p.line0 + l, q, S[l]);
 }
 
 // ---------------------------------------------------------------------------------------------
-// back_rows: line = row i of G, reverse in time. Gives dv, dsa and dS_0.
+// back_rows: lines = rows i of G, reverse in time. Gives dv, dsa and dS_0.
 constexpr int ROWS_IN = 6, ROWS_OUT = 2, ROWS_CT = chunk_steps(ROWS_IN + ROWS_OUT);
 
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_rows_kernel(
@@ -91,51 +95,50 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_rows_kernel(
     __shared__ __align__(16) float sh[(ROWS_IN + ROWS_OUT) * CT * ROW];
     float *sr = sh, *sw = sr + CT * ROW, *sk = sw + CT * ROW, *sa_ = sk + CT * ROW, *sb = sa_ + CT * ROW,
           *sdy = sb + CT * ROW, *odv = sdy + CT * ROW, *odsa = odv + CT * ROW;
-    const int h = blockIdx.x, b = blockIdx.y, line = threadIdx.x / SPLIT, q = threadIdx.x % SPLIT;
-    const int64_t mat = (int64_t(b) * H + h) * N * N;
+    const Place p(H);
+    const int b = p.b, h = p.h, q = p.q;
 
-    float G[SEG];
-    load_row(ds_final + mat, line, q, G);
-    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5;
-    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(a, b, h, t, T); f4.get(bb, b, h, t, T); f5.get(dy, b, h, t, T); };
+    float G[LINES][SEG];
+    UNROLL_LINES load_row(ds_final + p.mat, p.line0 + l, q, G[l]);
+    Fetch<CT, bf16> f_r, f_k, f_a, f_b, f_dy;
+    Fetch<CT, float> f_w;
+    auto fetch = [&](int t) {
+        f_r.get(r, b, h, t, T), f_w.get(lw, b, h, t, T), f_k.get(k, b, h, t, T);
+        f_a.get(a, b, h, t, T), f_b.get(bb, b, h, t, T), f_dy.get(dy, b, h, t, T);
+    };
     fetch((T - 1) / CT * CT);
     for (int t0 = (T - 1) / CT * CT; t0 >= 0; t0 -= CT) {
         __syncthreads();
-        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sa_); f4.put(sb); f5.put(sdy);
+        f_r.put(sr), f_w.put(sw, Exp()), f_k.put(sk), f_a.put(sa_), f_b.put(sb), f_dy.put(sdy);
         __syncthreads();
         if (t0 - CT >= 0) fetch(t0 - CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = steps - 1; s >= 0; s--) {
-            float x[SEG];
-            const float dyi = sdy[s * ROW + padded(line)];
-            load_segment(sr + s * ROW, q, x);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) G[e] = fmaf(dyi, x[e], G[e]);  // G_t
-            load_segment(sb + s * ROW, q, x);
-            float dsa = dot(G, x);
-            load_segment(sk + s * ROW, q, x);
-            float dvi = dot(G, x);
-            dsa = line_sum(dsa);
-            dvi = line_sum(dvi);
-            if (q == 0) {
-                odv[s * ROW + padded(line)] = dvi;
-                odsa[s * ROW + padded(line)] = dsa;
+            const int o = s * ROW;
+            float x[SEG], z[SEG], dsa[LINES], dvi[LINES];
+            load_segment(sr + o, q, x);
+            UNROLL_LINES {
+                const float dyi = sdy[o + p.pl + l];
+                UNROLL_SEG G[l][e] = fmaf(dyi, x[e], G[l][e]);  // G_t
             }
-            float w[SEG];
-            load_segment(sw + s * ROW, q, w);
-            load_segment(sa_ + s * ROW, q, x);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) G[e] = fmaf(G[e], w[e], dsa * x[e]);  // G_t M_t^T
+            load_segment(sb + o, q, x);
+            load_segment(sk + o, q, z);
+            UNROLL_LINES dsa[l] = dot(G[l], x), dvi[l] = dot(G[l], z);
+            UNROLL_LINES dsa[l] = line_sum(dsa[l]), dvi[l] = line_sum(dvi[l]);
+            if (q == 0) UNROLL_LINES odv[o + p.pl + l] = dvi[l], odsa[o + p.pl + l] = dsa[l];
+            load_segment(sw + o, q, x);
+            load_segment(sa_ + o, q, z);
+            UNROLL_LINES UNROLL_SEG G[l][e] = fmaf(G[l][e], x[e], dsa[l] * z[e]);  // G_t M_t^T
         }
         __syncthreads();
         unstage<CT>(odv, dv, b, h, t0, T);
         unstage<CT>(odsa, dsa_out, b, h, t0, T);
     }
-    store_row(ds0 + mat, line, q, G);
+    UNROLL_LINES store_row(ds0 + p.mat, p.line0 + l, q, G[l]);
 }
 
 // ---------------------------------------------------------------------------------------------
-// back_cols: line = column j of S, forward in time (S recomputed from S_0). Gives dr, da and
+// back_cols: lines = columns j of S, forward in time (S recomputed from S_0). Gives dr, da and
 // x_t = a_t da_t + r_{t-1} dr_{t-1} for the decay pass.
 constexpr int COLS_IN = 9, COLS_OUT = 3, COLS_CT = chunk_steps(COLS_IN + COLS_OUT);
 
@@ -148,40 +151,51 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_cols_kernel(
     float *sr = sh, *sw = sr + CT * ROW, *sk = sw + CT * ROW, *sv = sk + CT * ROW, *sa_ = sv + CT * ROW,
           *sb = sa_ + CT * ROW, *sdy = sb + CT * ROW, *ssa = sdy + CT * ROW, *sdsa = ssa + CT * ROW,
           *odr = sdsa + CT * ROW, *oda = odr + CT * ROW, *ox = oda + CT * ROW;
-    const int h = blockIdx.x, b = blockIdx.y, line = threadIdx.x / SPLIT, q = threadIdx.x % SPLIT;
-    const int64_t mat = (int64_t(b) * H + h) * N * N;
-    const int pj = padded(line);
+    const Place p(H);
+    const int b = p.b, h = p.h, q = p.q;
 
-    float S[SEG];
-    load_col(s0 + mat, line, q, S);
-    float prev_rdr = 0.f;  // r_{t-1} dr_{t-1}
-    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5; Fetch<CT, bf16> f6; Fetch<CT, float> f7; Fetch<CT, float> f8;
-    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(v, b, h, t, T); f4.get(a, b, h, t, T); f5.get(bb, b, h, t, T); f6.get(dy, b, h, t, T); f7.get(sa_in, b, h, t, T); f8.get(dsa_in, b, h, t, T); };
+    float S[LINES][SEG];
+    UNROLL_LINES load_col(s0 + p.mat, p.line0 + l, q, S[l]);
+    float prev_rdr[LINES];  // r_{t-1} dr_{t-1}
+    UNROLL_LINES prev_rdr[l] = 0.f;
+    Fetch<CT, bf16> f_r, f_k, f_v, f_a, f_b, f_dy;
+    Fetch<CT, float> f_w, f_sa, f_dsa;
+    auto fetch = [&](int t) {
+        f_r.get(r, b, h, t, T), f_w.get(lw, b, h, t, T), f_k.get(k, b, h, t, T), f_v.get(v, b, h, t, T);
+        f_a.get(a, b, h, t, T), f_b.get(bb, b, h, t, T), f_dy.get(dy, b, h, t, T);
+        f_sa.get(sa_in, b, h, t, T), f_dsa.get(dsa_in, b, h, t, T);
+    };
     fetch(0);
     for (int t0 = 0; t0 < T; t0 += CT) {
         __syncthreads();
-        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sv); f4.put(sa_); f5.put(sb); f6.put(sdy); f7.put(ssa); f8.put(sdsa);
+        f_r.put(sr), f_w.put(sw, Exp()), f_k.put(sk), f_v.put(sv), f_a.put(sa_), f_b.put(sb), f_dy.put(sdy);
+        f_sa.put(ssa), f_dsa.put(sdsa);
         __syncthreads();
         if (t0 + CT < T) fetch(t0 + CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = 0; s < steps; s++) {
             const int o = s * ROW;
-            float x[SEG], z[SEG];
+            float x[SEG], z[SEG], daj[LINES], drj[LINES];
             load_segment(sdsa + o, q, x);
-            const float daj = line_sum(dot(S, x));  // S_{t-1}^T dsa_t
-            const float wj = sw[o + pj], bj = sb[o + pj], kj = sk[o + pj];
+            UNROLL_LINES daj[l] = dot(S[l], x);  // S_{t-1}^T dsa_t
+            UNROLL_LINES daj[l] = line_sum(daj[l]);
             load_segment(ssa + o, q, x);
             load_segment(sv + o, q, z);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) S[e] = fmaf(S[e], wj, fmaf(x[e], bj, z[e] * kj));
-            load_segment(sdy + o, q, x);
-            const float drj = line_sum(dot(S, x));  // S_t^T dy_t
-            if (q == 0) {
-                odr[o + pj] = drj;
-                oda[o + pj] = daj;
-                ox[o + pj] = fmaf(sa_[o + pj], daj, prev_rdr);
+            UNROLL_LINES {
+                const float wj = sw[o + p.pl + l], bj = sb[o + p.pl + l], kj = sk[o + p.pl + l];
+                UNROLL_SEG S[l][e] = fmaf(S[l][e], wj, fmaf(x[e], bj, z[e] * kj));
             }
-            prev_rdr = sr[o + pj] * drj;
+            load_segment(sdy + o, q, x);
+            UNROLL_LINES drj[l] = dot(S[l], x);  // S_t^T dy_t
+            UNROLL_LINES drj[l] = line_sum(drj[l]);
+            if (q == 0) {
+                UNROLL_LINES {
+                    odr[o + p.pl + l] = drj[l];
+                    oda[o + p.pl + l] = daj[l];
+                    ox[o + p.pl + l] = fmaf(sa_[o + p.pl + l], daj[l], prev_rdr[l]);
+                }
+            }
+            UNROLL_LINES prev_rdr[l] = sr[o + p.pl + l] * drj[l];
         }
         __syncthreads();
         unstage<CT>(odr, dr, b, h, t0, T);
@@ -191,7 +205,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_cols_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
-// back_decay: line = column j of G, reverse in time. Gives dk, db and dlw.
+// back_decay: lines = columns j of G, reverse in time. Gives dk, db and dlw.
 constexpr int DEC_IN = 10, DEC_OUT = 3, DEC_CT = chunk_steps(DEC_IN + DEC_OUT);
 
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_decay_kernel(
@@ -204,54 +218,60 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_decay_kernel(
     float *sr = sh, *sw = sr + CT * ROW, *sk = sw + CT * ROW, *sv = sk + CT * ROW, *sa_ = sv + CT * ROW,
           *sb = sa_ + CT * ROW, *sdy = sb + CT * ROW, *ssa = sdy + CT * ROW, *sdsa = ssa + CT * ROW,
           *sx = sdsa + CT * ROW, *odk = sx + CT * ROW, *odb = odk + CT * ROW, *odlw = odb + CT * ROW;
-    const int h = blockIdx.x, b = blockIdx.y, line = threadIdx.x / SPLIT, q = threadIdx.x % SPLIT;
-    const int64_t mat = (int64_t(b) * H + h) * N * N;
-    const int pj = padded(line);
+    const Place p(H);
+    const int b = p.b, h = p.h, q = p.q;
 
-    float G[SEG], x[SEG], z[SEG];
-    load_col(ds_final + mat, line, q, G);
-    // Z_{T-1} = sum_i (dS_T + dy_{T-1} r_{T-1}^T)[i][j] S_T[i][j]
-    {
-        load_col(s_final + mat, line, q, z);
-        const float r_last = __bfloat162float(r.ptr[r.offset(b, h, T - 1) + line]);
-        const bf16* dy_last = dy.ptr + dy.offset(b, h, T - 1) + q * SEG;
-#pragma unroll
-        for (int e = 0; e < SEG; e++) x[e] = fmaf(__bfloat162float(dy_last[e]), r_last, G[e]);
+    float G[LINES][SEG], Z[LINES];
+    UNROLL_LINES load_col(ds_final + p.mat, p.line0 + l, q, G[l]);
+    {  // Z_{T-1} = sum_i (dS_T + dy_{T-1} r_{T-1}^T)[i][j] S_T[i][j]
+        float x[SEG], z[SEG], dy_last[SEG];
+        const bf16* dyp = dy.ptr + dy.offset(b, h, T - 1) + q * SEG;
+        UNROLL_SEG dy_last[e] = __bfloat162float(dyp[e]);
+        UNROLL_LINES {
+            load_col(s_final + p.mat, p.line0 + l, q, z);
+            const float r_last = __bfloat162float(r.ptr[r.offset(b, h, T - 1) + p.line0 + l]);
+            UNROLL_SEG x[e] = fmaf(dy_last[e], r_last, G[l][e]);
+            Z[l] = line_sum(dot(x, z));
+        }
     }
-    float Z = line_sum(dot(x, z));
-    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5; Fetch<CT, bf16> f6; Fetch<CT, float> f7; Fetch<CT, float> f8; Fetch<CT, float> f9;
-    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(v, b, h, t, T); f4.get(a, b, h, t, T); f5.get(bb, b, h, t, T); f6.get(dy, b, h, t, T); f7.get(sa_in, b, h, t, T); f8.get(dsa_in, b, h, t, T); f9.get(x_in, b, h, t, T); };
+    Fetch<CT, bf16> f_r, f_k, f_v, f_a, f_b, f_dy;
+    Fetch<CT, float> f_w, f_sa, f_dsa, f_x;
+    auto fetch = [&](int t) {
+        f_r.get(r, b, h, t, T), f_w.get(lw, b, h, t, T), f_k.get(k, b, h, t, T), f_v.get(v, b, h, t, T);
+        f_a.get(a, b, h, t, T), f_b.get(bb, b, h, t, T), f_dy.get(dy, b, h, t, T);
+        f_sa.get(sa_in, b, h, t, T), f_dsa.get(dsa_in, b, h, t, T), f_x.get(x_in, b, h, t, T);
+    };
     fetch((T - 1) / CT * CT);
     for (int t0 = (T - 1) / CT * CT; t0 >= 0; t0 -= CT) {
         __syncthreads();
-        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sv); f4.put(sa_); f5.put(sb); f6.put(sdy); f7.put(ssa); f8.put(sdsa); f9.put(sx);
+        f_r.put(sr), f_w.put(sw, Exp()), f_k.put(sk), f_v.put(sv), f_a.put(sa_), f_b.put(sb), f_dy.put(sdy);
+        f_sa.put(ssa), f_dsa.put(sdsa), f_x.put(sx);
         __syncthreads();
         if (t0 - CT >= 0) fetch(t0 - CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = steps - 1; s >= 0; s--) {
             const int o = s * ROW;
-            const float rj = sr[o + pj];
+            float x[SEG], z[SEG], dkj[LINES], dbj[LINES];
             load_segment(sdy + o, q, x);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) G[e] = fmaf(x[e], rj, G[e]);  // G_t
-            load_segment(sv + o, q, x);
-            float dkj = dot(G, x);
-            load_segment(ssa + o, q, x);
-            float dbj = dot(G, x);
-            dkj = line_sum(dkj);
-            dbj = line_sum(dbj);
-            const float bj = sb[o + pj], kj = sk[o + pj];
-            const float gl = Z - bj * dbj - kj * dkj;
-            if (q == 0) {
-                odk[o + pj] = dkj;
-                odb[o + pj] = dbj;
-                odlw[o + pj] = gl;
+            UNROLL_LINES {
+                const float rj = sr[o + p.pl + l];
+                UNROLL_SEG G[l][e] = fmaf(x[e], rj, G[l][e]);  // G_t
             }
-            Z = gl + sx[o + pj];
-            const float wj = sw[o + pj], aj = sa_[o + pj];
+            load_segment(sv + o, q, x);
+            load_segment(ssa + o, q, z);
+            UNROLL_LINES dkj[l] = dot(G[l], x), dbj[l] = dot(G[l], z);
+            UNROLL_LINES dkj[l] = line_sum(dkj[l]), dbj[l] = line_sum(dbj[l]);
+            UNROLL_LINES {
+                const int at = o + p.pl + l;
+                const float gl = Z[l] - sb[at] * dbj[l] - sk[at] * dkj[l];
+                if (q == 0) odk[at] = dkj[l], odb[at] = dbj[l], odlw[at] = gl;
+                Z[l] = gl + sx[at];
+            }
             load_segment(sdsa + o, q, x);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) G[e] = fmaf(G[e], wj, x[e] * aj);  // G_t M_t^T
+            UNROLL_LINES {
+                const float wj = sw[o + p.pl + l], aj = sa_[o + p.pl + l];
+                UNROLL_SEG G[l][e] = fmaf(G[l][e], wj, x[e] * aj);  // G_t M_t^T
+            }
         }
         __syncthreads();
         unstage<CT>(odk, dk, b, h, t0, T);

@@ -1,9 +1,12 @@
 // Shared machinery of the matrix-state WKV kernels (v5, v6, v7).
 //
 // One thread block runs one (batch, head) pair through time. The N x N float32 state is split over
-// the block by lines: a line is one row or one column of the state (which one depends on the pass),
-// and SPLIT = N / SEG consecutive lanes of a warp own one line, SEG elements each, in registers.
-// A dot product along a line is a per-thread partial sum plus a shuffle reduction over those lanes.
+// the block by lines: a line is one row or one column of the state (which one depends on the pass).
+// SPLIT = N / SEG consecutive lanes of a warp share a group of LINES consecutive lines, each lane
+// holding the same SEG-element segment of each of them in registers, so one segment of a per-step
+// vector read from shared memory feeds LINES lines (shared-memory bandwidth is what limits these
+// kernels). A dot product along a line is a per-thread partial sum plus a shuffle reduction over
+// the SPLIT lanes.
 //
 // The per-step vectors (r, k, v, decay, ...) are staged in shared memory CT steps at a time, converted
 // to float32 once. In shared memory a vector of N values is stored in SPLIT segments of SEG floats,
@@ -27,19 +30,22 @@ namespace wkv {
 using bf16 = __nv_bfloat16;
 
 constexpr int N = HEAD_SIZE;
-constexpr int SEG = N > 64 ? 32 : 16;     // state elements per thread
-constexpr int SPLIT = N / SEG;            // lanes per state line
-constexpr int THREADS = N * SPLIT;        // one block: every line of one (batch, head)
-constexpr int PAD_SEG = SEG + 4;          // a segment in shared memory, padded against bank conflicts
-constexpr int ROW = SPLIT * PAD_SEG;      // one staged vector (one step) in shared memory
-// Blocks per multiprocessor the register budget is planned for: at most 128 registers per thread.
-constexpr int MIN_BLOCKS = 65536 / (THREADS * 128) < 1 ? 1 : 65536 / (THREADS * 128);
+constexpr int SEG = 16;                        // state elements per thread and line
+constexpr int SPLIT = N / SEG;                 // lanes per state line
+constexpr int LINES = N >= 64 ? 4 : 2;         // state lines per thread: each staged segment feeds LINES lines
+constexpr int THREADS = N / LINES * SPLIT;     // one block: every line of one (batch, head)
+constexpr int PAD_SEG = SEG + 4;               // a segment in shared memory, padded against bank conflicts
+constexpr int ROW = SPLIT * PAD_SEG;           // one staged vector (one step) in shared memory
+// Blocks per multiprocessor the register budget is planned for: up to 255 registers per thread (the
+// state, LINES x SEG floats, plus the next chunk's loads in flight).
+constexpr int MIN_BLOCKS = 65536 / (THREADS * 255) < 1 ? 1 : 65536 / (THREADS * 255);
 static_assert(N % SEG == 0 && SPLIT >= 1 && SPLIT <= 32, "head size must be a multiple of 16, at most 512");
+static_assert(SEG % LINES == 0, "a thread's lines must lie in one padded segment");
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "a block must be whole warps, at most 1024 threads");
 
-// Steps staged per chunk: at most 8, and `vectors` staged vectors within about 40 KB of shared memory.
+// Steps staged per chunk: at most 4 (the next chunk's loads wait in registers), and `vectors` staged vectors within about 40 KB of shared memory.
 constexpr int chunk_steps(int vectors) {
-    return (40000 / (vectors * ROW * 4)) < 1 ? 1 : (40000 / (vectors * ROW * 4)) > 8 ? 8 : (40000 / (vectors * ROW * 4));
+    return (40000 / (vectors * ROW * 4)) < 1 ? 1 : (40000 / (vectors * ROW * 4)) > 4 ? 4 : (40000 / (vectors * ROW * 4));
 }
 
 __device__ __forceinline__ int padded(int j) { return j + (j / SEG) * (PAD_SEG - SEG); }
@@ -224,5 +230,22 @@ __device__ __forceinline__ void store_col(float* m, int line, int q, const float
 #pragma unroll
     for (int e = 0; e < SEG; e++) m[(q * SEG + e) * N + line] = in[e];
 }
+
+// Thread geometry shared by the passes: lines line0 .. line0+LINES-1, segment q.
+struct Place {
+    int h, b, line0, q, pl;  // pl: padded(line0), where line0's per-line values sit in a staged vector
+    int64_t mat;             // offset of this (batch, head)'s N x N state
+    __device__ Place(int H) {
+        h = blockIdx.x;
+        b = blockIdx.y;
+        line0 = threadIdx.x / SPLIT * LINES;
+        q = threadIdx.x % SPLIT;
+        pl = padded(line0);
+        mat = (int64_t(b) * H + h) * N * N;
+    }
+};
+
+#define UNROLL_LINES _Pragma("unroll") for (int l = 0; l < LINES; l++)
+#define UNROLL_SEG _Pragma("unroll") for (int e = 0; e < SEG; e++)
 
 }  // namespace wkv

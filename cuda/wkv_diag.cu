@@ -29,7 +29,7 @@
 namespace wkv {
 
 // ---------------------------------------------------------------------------------------------
-// forward: line = value channel i; segment over key channels j (S[j][i] for j in the segment).
+// forward: lines = value channels i (columns of S); segment over key channels j.
 constexpr int FWD_IN = 5, FWD_OUT = 1, FWD_CT = chunk_steps(FWD_IN + FWD_OUT);
 
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) forward_kernel(
@@ -39,44 +39,52 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) forward_kernel(
     __shared__ __align__(16) float sh[(FWD_IN + FWD_OUT) * CT * ROW];
     float *sr = sh, *sw = sr + CT * ROW, *sk = sw + CT * ROW, *suk = sk + CT * ROW, *sv = suk + CT * ROW,
           *oy = sv + CT * ROW;
-    const int h = blockIdx.x, b = blockIdx.y, line = threadIdx.x / SPLIT, q = threadIdx.x % SPLIT;
-    const int64_t mat = (int64_t(b) * H + h) * N * N;
+    const Place p(H);
+    const int b = p.b, h = p.h, q = p.q;
     const TimesConst times_u{u + h * N};
 
-    float S[SEG];
-    load_col(s0 + mat, line, q, S);
-    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4;
-    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(k, b, h, t, T); f4.get(v, b, h, t, T); };
+    float S[LINES][SEG];
+    UNROLL_LINES load_col(s0 + p.mat, p.line0 + l, q, S[l]);
+    Fetch<CT, bf16> f_r, f_k, f_uk, f_v;
+    Fetch<CT, float> f_w;
+    auto fetch = [&](int t) {
+        f_r.get(r, b, h, t, T), f_w.get(lw, b, h, t, T), f_k.get(k, b, h, t, T), f_v.get(v, b, h, t, T);
+    };
     fetch(0);
     for (int t0 = 0; t0 < T; t0 += CT) {
         __syncthreads();
-        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(suk, times_u); f4.put(sv);
+        f_r.put(sr), f_w.put(sw, Exp()), f_k.put(sk), f_k.put(suk, times_u), f_v.put(sv);
         __syncthreads();
         if (t0 + CT < T) fetch(t0 + CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = 0; s < steps; s++) {
             const int o = s * ROW;
-            const float vi = sv[o + padded(line)];
-            float x[SEG], z[SEG];
+            float x[SEG], z[SEG], yi[LINES];
             load_segment(suk + o, q, x);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) x[e] = fmaf(x[e], vi, S[e]);  // S_{t-1} + u k v
             load_segment(sr + o, q, z);
-            const float yi = line_sum(dot(x, z));
+            UNROLL_LINES {
+                const float vi = sv[o + p.pl + l];
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
+                UNROLL_SEG acc[e % 4] = fmaf(z[e], fmaf(x[e], vi, S[l][e]), acc[e % 4]);  // r (S_{t-1} + u k v)
+                yi[l] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+            }
+            UNROLL_LINES yi[l] = line_sum(yi[l]);
+            if (q == 0) UNROLL_LINES oy[o + p.pl + l] = yi[l];
             load_segment(sw + o, q, x);
             load_segment(sk + o, q, z);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) S[e] = fmaf(S[e], x[e], z[e] * vi);
-            if (q == 0) oy[o + padded(line)] = yi;
+            UNROLL_LINES {
+                const float vi = sv[o + p.pl + l];
+                UNROLL_SEG S[l][e] = fmaf(S[l][e], x[e], z[e] * vi);
+            }
         }
         __syncthreads();
         unstage<CT>(oy, y, b, h, t0, T);
     }
-    store_col(s_final + mat, line, q, S);
+    UNROLL_LINES store_col(s_final + p.mat, p.line0 + l, q, S[l]);
 }
 
 // ---------------------------------------------------------------------------------------------
-// back_state: line = key channel j (a row of S), forward in time. Gives dr and r drs.
+// back_state: lines = key channels j (rows of S), forward in time. Gives dr and r drs.
 constexpr int ST_IN = 6, ST_OUT = 2, ST_CT = chunk_steps(ST_IN + ST_OUT);
 
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_state_kernel(
@@ -87,37 +95,44 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_state_kernel(
     __shared__ __align__(16) float sh[(ST_IN + ST_OUT) * CT * ROW];
     float *sr = sh, *sw = sr + CT * ROW, *sk = sw + CT * ROW, *suk = sk + CT * ROW, *sv = suk + CT * ROW,
           *sdy = sv + CT * ROW, *odr = sdy + CT * ROW, *ordrs = odr + CT * ROW;
-    const int h = blockIdx.x, b = blockIdx.y, line = threadIdx.x / SPLIT, q = threadIdx.x % SPLIT;
-    const int64_t mat = (int64_t(b) * H + h) * N * N;
-    const int pj = padded(line);
+    const Place p(H);
+    const int b = p.b, h = p.h, q = p.q;
     const TimesConst times_u{u + h * N};
 
-    float S[SEG];
-    load_row(s0 + mat, line, q, S);
-    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, bf16> f5;
-    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(k, b, h, t, T); f4.get(v, b, h, t, T); f5.get(dy, b, h, t, T); };
+    float S[LINES][SEG];
+    UNROLL_LINES load_row(s0 + p.mat, p.line0 + l, q, S[l]);
+    Fetch<CT, bf16> f_r, f_k, f_v, f_dy;
+    Fetch<CT, float> f_w;
+    auto fetch = [&](int t) {
+        f_r.get(r, b, h, t, T), f_w.get(lw, b, h, t, T), f_k.get(k, b, h, t, T), f_v.get(v, b, h, t, T);
+        f_dy.get(dy, b, h, t, T);
+    };
     fetch(0);
     for (int t0 = 0; t0 < T; t0 += CT) {
         __syncthreads();
-        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(suk, times_u); f4.put(sv); f5.put(sdy);
+        f_r.put(sr), f_w.put(sw, Exp()), f_k.put(sk), f_k.put(suk, times_u), f_v.put(sv), f_dy.put(sdy);
         __syncthreads();
         if (t0 + CT < T) fetch(t0 + CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = 0; s < steps; s++) {
             const int o = s * ROW;
-            float x[SEG], z[SEG];
+            float x[SEG], z[SEG], drs[LINES];
             load_segment(sdy + o, q, x);
             load_segment(sv + o, q, z);
-            float drs = dot(S, x), dyv = dot(z, x);
-            drs = line_sum(drs);
-            dyv = line_sum(dyv);
+            const float dyv = line_sum(dot(z, x));  // dy_t . v_t, the same for every line
+            UNROLL_LINES drs[l] = dot(S[l], x);
+            UNROLL_LINES drs[l] = line_sum(drs[l]);
             if (q == 0) {
-                odr[o + pj] = fmaf(suk[o + pj], dyv, drs);
-                ordrs[o + pj] = sr[o + pj] * drs;
+                UNROLL_LINES {
+                    const int at = o + p.pl + l;
+                    odr[at] = fmaf(suk[at], dyv, drs[l]);
+                    ordrs[at] = sr[at] * drs[l];
+                }
             }
-            const float wj = sw[o + pj], kj = sk[o + pj];
-#pragma unroll
-            for (int e = 0; e < SEG; e++) S[e] = fmaf(S[e], wj, kj * z[e]);
+            UNROLL_LINES {
+                const float wj = sw[o + p.pl + l], kj = sk[o + p.pl + l];
+                UNROLL_SEG S[l][e] = fmaf(S[l][e], wj, kj * z[e]);
+            }
         }
         __syncthreads();
         unstage<CT>(odr, dr, b, h, t0, T);
@@ -126,7 +141,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_state_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
-// back_decay: line = key channel j (a row of G), reverse in time. Gives dk, dlw, du and dS_0.
+// back_decay: lines = key channels j (rows of G), reverse in time. Gives dk, dlw, du and dS_0.
 constexpr int DEC_IN = 6, DEC_OUT = 2, DEC_CT = chunk_steps(DEC_IN + DEC_OUT);
 
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_decay_kernel(
@@ -138,54 +153,59 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_decay_kernel(
     __shared__ __align__(16) float sh[(DEC_IN + DEC_OUT) * CT * ROW];
     float *sr = sh, *sw = sr + CT * ROW, *sk = sw + CT * ROW, *sv = sk + CT * ROW, *sdy = sv + CT * ROW,
           *srd = sdy + CT * ROW, *odk = srd + CT * ROW, *odlw = odk + CT * ROW;
-    const int h = blockIdx.x, b = blockIdx.y, line = threadIdx.x / SPLIT, q = threadIdx.x % SPLIT;
-    const int64_t mat = (int64_t(b) * H + h) * N * N;
-    const int pj = padded(line);
-    const float uj = u[h * N + line];
+    const Place p(H);
+    const int b = p.b, h = p.h, q = p.q;
 
-    float G[SEG], x[SEG], z[SEG];
-    load_row(ds_final + mat, line, q, G);
-    load_row(s_final + mat, line, q, z);
-    float Z = line_sum(dot(G, z));
-    float du = 0.f;
-    Fetch<CT, bf16> f0; Fetch<CT, float> f1; Fetch<CT, bf16> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4; Fetch<CT, float> f5;
-    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(lw, b, h, t, T); f2.get(k, b, h, t, T); f3.get(v, b, h, t, T); f4.get(dy, b, h, t, T); f5.get(rdrs, b, h, t, T); };
+    float G[LINES][SEG], Z[LINES], du[LINES], uj[LINES];
+    UNROLL_LINES {
+        float z[SEG];
+        load_row(ds_final + p.mat, p.line0 + l, q, G[l]);
+        load_row(s_final + p.mat, p.line0 + l, q, z);
+        Z[l] = line_sum(dot(G[l], z));
+        du[l] = 0.f;
+        uj[l] = u[h * N + p.line0 + l];
+    }
+    Fetch<CT, bf16> f_r, f_k, f_v, f_dy;
+    Fetch<CT, float> f_w, f_rd;
+    auto fetch = [&](int t) {
+        f_r.get(r, b, h, t, T), f_w.get(lw, b, h, t, T), f_k.get(k, b, h, t, T), f_v.get(v, b, h, t, T);
+        f_dy.get(dy, b, h, t, T), f_rd.get(rdrs, b, h, t, T);
+    };
     fetch((T - 1) / CT * CT);
     for (int t0 = (T - 1) / CT * CT; t0 >= 0; t0 -= CT) {
         __syncthreads();
-        f0.put(sr); f1.put(sw, Exp()); f2.put(sk); f3.put(sv); f4.put(sdy); f5.put(srd);
+        f_r.put(sr), f_w.put(sw, Exp()), f_k.put(sk), f_v.put(sv), f_dy.put(sdy), f_rd.put(srd);
         __syncthreads();
         if (t0 - CT >= 0) fetch(t0 - CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = steps - 1; s >= 0; s--) {
             const int o = s * ROW;
+            float x[SEG], z[SEG], dks[LINES];
             load_segment(sv + o, q, x);
             load_segment(sdy + o, q, z);
-            float dks = dot(G, x), dyv = dot(z, x);
-            dks = line_sum(dks);
-            dyv = line_sum(dyv);
-            const float rj = sr[o + pj], kj = sk[o + pj];
-            const float gl = Z - kj * dks;
-            if (q == 0) {
-                odk[o + pj] = fmaf(uj * rj, dyv, dks);
-                odlw[o + pj] = gl;
+            const float dyv = line_sum(dot(z, x));  // dy_t . v_t
+            UNROLL_LINES dks[l] = dot(G[l], x);
+            UNROLL_LINES dks[l] = line_sum(dks[l]);
+            UNROLL_LINES {
+                const int at = o + p.pl + l;
+                const float rj = sr[at], kj = sk[at], wj = sw[at];
+                const float gl = Z[l] - kj * dks[l];
+                if (q == 0) odk[at] = fmaf(uj[l] * rj, dyv, dks[l]), odlw[at] = gl;
+                du[l] = fmaf(rj * kj, dyv, du[l]);
+                Z[l] = gl + srd[at];
+                UNROLL_SEG G[l][e] = fmaf(G[l][e], wj, rj * z[e]);  // G_{t-1}
             }
-            du = fmaf(rj * kj, dyv, du);
-            Z = gl + srd[o + pj];
-            const float wj = sw[o + pj];
-#pragma unroll
-            for (int e = 0; e < SEG; e++) G[e] = fmaf(G[e], wj, rj * z[e]);  // G_{t-1}
         }
         __syncthreads();
         unstage<CT>(odk, dk, b, h, t0, T);
         unstage<CT>(odlw, dlw, b, h, t0, T);
     }
-    store_row(ds0 + mat, line, q, G);
-    if (q == 0) du_part[(int64_t(b) * H + h) * N + line] = du;
+    UNROLL_LINES store_row(ds0 + p.mat, p.line0 + l, q, G[l]);
+    if (q == 0) UNROLL_LINES du_part[(int64_t(b) * H + h) * N + p.line0 + l] = du[l];
 }
 
 // ---------------------------------------------------------------------------------------------
-// back_value: line = value channel i (a column of G), reverse in time. Gives dv.
+// back_value: lines = value channels i (columns of G), reverse in time. Gives dv.
 constexpr int VAL_IN = 5, VAL_OUT = 1, VAL_CT = chunk_steps(VAL_IN + VAL_OUT);
 
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_value_kernel(
@@ -195,35 +215,43 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_value_kernel(
     __shared__ __align__(16) float sh[(VAL_IN + VAL_OUT) * CT * ROW];
     float *sr = sh, *sru = sr + CT * ROW, *sw = sru + CT * ROW, *sk = sw + CT * ROW, *sdy = sk + CT * ROW,
           *odv = sdy + CT * ROW;
-    const int h = blockIdx.x, b = blockIdx.y, line = threadIdx.x / SPLIT, q = threadIdx.x % SPLIT;
-    const int64_t mat = (int64_t(b) * H + h) * N * N;
+    const Place p(H);
+    const int b = p.b, h = p.h, q = p.q;
     const TimesConst times_u{u + h * N};
 
-    float G[SEG];
-    load_col(ds_final + mat, line, q, G);
-    Fetch<CT, bf16> f0; Fetch<CT, bf16> f1; Fetch<CT, float> f2; Fetch<CT, bf16> f3; Fetch<CT, bf16> f4;
-    auto fetch = [&](int t) { f0.get(r, b, h, t, T); f1.get(r, b, h, t, T); f2.get(lw, b, h, t, T); f3.get(k, b, h, t, T); f4.get(dy, b, h, t, T); };
+    float G[LINES][SEG];
+    UNROLL_LINES load_col(ds_final + p.mat, p.line0 + l, q, G[l]);
+    Fetch<CT, bf16> f_r, f_k, f_dy;
+    Fetch<CT, float> f_w;
+    auto fetch = [&](int t) {
+        f_r.get(r, b, h, t, T), f_w.get(lw, b, h, t, T), f_k.get(k, b, h, t, T), f_dy.get(dy, b, h, t, T);
+    };
     fetch((T - 1) / CT * CT);
     for (int t0 = (T - 1) / CT * CT; t0 >= 0; t0 -= CT) {
         __syncthreads();
-        f0.put(sr); f1.put(sru, times_u); f2.put(sw, Exp()); f3.put(sk); f4.put(sdy);
+        f_r.put(sr), f_r.put(sru, times_u), f_w.put(sw, Exp()), f_k.put(sk), f_dy.put(sdy);
         __syncthreads();
         if (t0 - CT >= 0) fetch(t0 - CT);  // in flight during this chunk's steps
         const int steps = min(CT, T - t0);
         for (int s = steps - 1; s >= 0; s--) {
             const int o = s * ROW;
-            const float dyi = sdy[o + padded(line)];
-            float x[SEG], z[SEG];
+            float x[SEG], z[SEG], dvi[LINES];
             load_segment(sru + o, q, x);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) x[e] = fmaf(dyi, x[e], G[e]);  // G_t + dy_i r u
             load_segment(sk + o, q, z);
-            const float dvi = line_sum(dot(x, z));
-            if (q == 0) odv[o + padded(line)] = dvi;
+            UNROLL_LINES {
+                const float dyi = sdy[o + p.pl + l];
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
+                UNROLL_SEG acc[e % 4] = fmaf(z[e], fmaf(dyi, x[e], G[l][e]), acc[e % 4]);  // k (G_t + dy r u)
+                dvi[l] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+            }
+            UNROLL_LINES dvi[l] = line_sum(dvi[l]);
+            if (q == 0) UNROLL_LINES odv[o + p.pl + l] = dvi[l];
             load_segment(sw + o, q, x);
             load_segment(sr + o, q, z);
-#pragma unroll
-            for (int e = 0; e < SEG; e++) G[e] = fmaf(G[e], x[e], z[e] * dyi);  // G_{t-1}
+            UNROLL_LINES {
+                const float dyi = sdy[o + p.pl + l];
+                UNROLL_SEG G[l][e] = fmaf(G[l][e], x[e], z[e] * dyi);  // G_{t-1}
+            }
         }
         __syncthreads();
         unstage<CT>(odv, dv, b, h, t0, T);
