@@ -24,6 +24,7 @@
 // over b). The backward needs the states before every token: the forward saves the state before
 // every chunk of kChunk tokens, and the backward recomputes one chunk at a time into registers.
 
+#ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
 #include <torch/extension.h>
 
 // c10's stream header, not ATen/cuda/CUDAContext.h: that one needs the cuSPARSE/cuBLAS headers,
@@ -31,11 +32,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
-namespace {
+namespace wkv4 {
 
 using bf16 = __nv_bfloat16;
 
@@ -194,6 +196,7 @@ __global__ void wkv4_backward_kernel(int B, int T, int C, const float* __restric
   g_bb0[bc] = GB;
 }
 
+#ifndef WKV_KERNELS_ONLY
 // ---- host side ------------------------------------------------------------------------------------
 
 void check_tensor(const at::Tensor& x, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
@@ -278,10 +281,13 @@ void backward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
+#endif  // WKV_KERNELS_ONLY
+}  // namespace wkv4
 
+#ifndef WKV_KERNELS_ONLY
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "RWKV-4 WKV kernel: bf16 k, v, y; float32 state and arithmetic (see cuda/wkv4.cu)";
-  m.def("forward", &forward, "y, final (aa, bb) and the chunk checkpoints, written into the given outputs");
-  m.def("backward", &backward, "gradients of w, u (per batch row), k, v and the initial (aa, bb)");
+  m.def("forward", &wkv4::forward, "y, final (aa, bb) and the chunk checkpoints, written into the given outputs");
+  m.def("backward", &wkv4::backward, "gradients of w, u (per batch row), k, v and the initial (aa, bb)");
 }
+#endif  // WKV_KERNELS_ONLY

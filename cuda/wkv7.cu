@@ -19,9 +19,11 @@
 //   back_cols columns of S, forward (dr, da, x_t = a_t da_t + r_{t-1} dr_{t-1})
 //   back_decay columns of G, reverse (dk, db, dlw)
 // The decay can be any value in (0, 1]: nothing is divided by it.
+#ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+#endif
 
 #include "wkv_common.cuh"
 
@@ -282,6 +284,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_decay_kernel(
 
 }  // namespace wkv
 
+#ifndef WKV_KERNELS_ONLY
 // ---------------------------------------------------------------------------------------------
 // Host side. Python allocates every output (so tests can poison them) and checks shapes; here we
 // check what would make the kernels read or write out of bounds.
@@ -367,3 +370,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "WKV-7 forward: writes y, sa (for the backward) and the final state");
     m.def("backward", &backward, "WKV-7 backward: writes dr, dlw, dk, dv, da, db, ds0 (dsa, x: scratch)");
 }
+#endif  // WKV_KERNELS_ONLY

@@ -20,9 +20,11 @@
 //   back_state   rows of S (key channel j), forward       dr, r drs
 //   back_decay   rows of G, reverse                       dk, dlw, du, dS_0
 //   back_value   columns of G, reverse                    dv
+#ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+#endif
 
 #include "wkv_common.cuh"
 
@@ -260,6 +262,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) back_value_kernel(
 
 }  // namespace wkv
 
+#ifndef WKV_KERNELS_ONLY
 // ---------------------------------------------------------------------------------------------
 // Host side. Python allocates every output (so tests can poison them); here we check what would
 // make the kernels read or write out of bounds. lw is [B, T, H, N] (RWKV-6) or [H, N] (RWKV-5).
@@ -353,3 +356,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "WKV-5/6 forward: writes y and the final state");
     m.def("backward", &backward, "WKV-5/6 backward: writes dr, dlw (per step), dk, dv, du (per batch), ds0");
 }
+#endif  // WKV_KERNELS_ONLY

@@ -48,7 +48,7 @@ def test_matrix_params_are_the_forward_matmul_flops(version, monkeypatch):
     module = __import__(f"rwkv_train.models.{version}", fromlist=["_"])
     op = {"v4": "wkv4", "v5": "wkv5", "v6": "wkv6", "v7": "wkv7"}[version]
     if version == "v4":  # wkv4(w, u, k, v, state) -> (y, (aa, bb, pp))
-        monkeypatch.setattr(module, op, lambda w, u, k, v, state=None: (v, (None, None, None)))
+        monkeypatch.setattr(module, op, lambda w, u, k, v, state=None, backend=None: (v, (None, None, None)))
     else:  # wkv(r, lw, k, v, ..., state) -> (y, state)
         monkeypatch.setattr(module, op, lambda *args: (args[3], None))
     cfg = tiny(version)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from rwkv_train.ops.kernels import KernelUnavailable
 from rwkv_train.ops.wkv4 import BACKENDS, EMPTY_LOG, wkv4, wkv4_chunked, wkv4_recurrent, zero_wkv4_state
 
 B, C = 2, 8
@@ -221,7 +222,11 @@ def test_wkv4_runs_outside_autocast():
 def test_wkv4_unknown_backend_names_the_choices():
     w, u, k, v, *_ = make_inputs(3, "model")
     with pytest.raises(ValueError, match="'torch'"):
+        wkv4(w, u, k, v, backend="triton")
+    with pytest.raises(KernelUnavailable, match="model.kernel=torch"):  # CPU tensors: no kernel to run
         wkv4(w, u, k, v, backend="cuda")
+    y_auto, _ = wkv4(w, u, k, v, backend="auto")  # auto on the CPU is the PyTorch backend
+    assert torch.equal(y_auto, wkv4(w, u, k, v, backend="torch")[0])
 
 
 def test_shape_errors_say_what_was_expected():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rwkv_train.ops.kernels import KernelUnavailable
 from rwkv_train.ops.wkv7 import BACKENDS, wkv7, wkv7_chunked, wkv7_recurrent
 
 B, H, N = 2, 2, 16
@@ -217,7 +218,11 @@ def test_wkv7_torch_backend_is_the_chunked_form():
 def test_wkv7_unknown_backend_names_the_choices():
     inputs = make_inputs(3, "model")
     with pytest.raises(ValueError, match="'torch'"):
+        wkv7(*inputs[:6], backend="triton")
+    with pytest.raises(KernelUnavailable, match="model.kernel=torch"):  # CPU tensors: no kernel to run
         wkv7(*inputs[:6], backend="cuda")
+    y_auto, _ = wkv7(*inputs[:6], backend="auto")  # auto on the CPU is the PyTorch backend
+    assert torch.equal(y_auto, wkv7(*inputs[:6], backend="torch")[0])
 
 
 def test_shape_errors_say_what_was_expected():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from rwkv_train.ops.kernels import KernelUnavailable
 from rwkv_train.ops import wkv_diag as ops
 from rwkv_train.ops.wkv_diag import BACKENDS, wkv5, wkv6, wkv_diag_chunked, wkv_diag_recurrent
 
@@ -256,7 +257,11 @@ def test_runs_in_float32_under_autocast():
 def test_unknown_backend_and_form_name_the_choices():
     r, lw, k, v, u, _ = make_inputs(3, "v6")
     with pytest.raises(ValueError, match="'torch'"):
+        wkv6(r, lw, k, v, u, backend="triton")
+    with pytest.raises(KernelUnavailable, match="model.kernel=torch"):  # CPU tensors: no kernel to run
         wkv6(r, lw, k, v, u, backend="cuda")
+    y_auto, _ = wkv6(r, lw, k, v, u, backend="auto")  # auto on the CPU is the PyTorch backend
+    assert torch.equal(y_auto, wkv6(r, lw, k, v, u, backend="torch")[0])
     with pytest.raises(ValueError, match="'explicit'"):
         wkv_diag_chunked(r, lw, k, v, u, form="fast")
 
