@@ -2,10 +2,12 @@
 
     python scripts/cuda_check.py
     python scripts/cuda_check.py --jobs 4 --fail-on-spill
+    python scripts/cuda_check.py --source wkv7.cu      # one kernel source, every head size
 
 A compile-only check (nvcc, no GPU needed): each source in cuda/ is compiled (-c, nothing linked) once
 per head size it is built for, with the flags `rwkv_train.ops.kernels` builds it with at run time
-and torch's headers, and ptxas's resource report (-Xptxas -v) is printed as one table, one row per
+(the kernels alone, -DWKV_KERNELS_ONLY; --with-binding adds the torch binding and torch's headers,
+minutes per build), and ptxas's resource report (-Xptxas -v) is printed as one table, one row per
 kernel. Exits 1 if any build fails. Register spills are flagged: the recurrent kernels keep their
 state in registers, and spilling it to local memory costs a round trip on every step. The shared
 memory column is the static allocation ptxas sees (dynamic shared memory is sized at launch).
@@ -124,15 +126,20 @@ def torch_includes(workdir: Path) -> list[str]:
     return paths
 
 
-def compile_command(nvcc: str, build: Build, obj: Path, arch: str, includes: list[str]) -> list[str]:
+def compile_command(nvcc: str, build: Build, obj: Path, arch: str, includes: list[str] | None) -> list[str]:
     """The nvcc line for one build, mirroring the flag order of torch.utils.cpp_extension.load.
 
     torch's common flags come first and the kernel's own flags last, so its -U of torch's
-    -D__CUDA_NO_*__ switches wins exactly as in the real build.
+    -D__CUDA_NO_*__ switches wins exactly as in the real build. With includes None, only the kernels
+    are compiled (-DWKV_KERNELS_ONLY leaves out the torch binding): the same device code, in seconds.
     """
     from torch.utils import cpp_extension
 
     cmd = [nvcc, "-c", str(kernels.cuda_dir() / build.source), "-o", str(obj)]
+    if includes is None:
+        cmd += ["-DWKV_KERNELS_ONLY", f"-I{kernels.cuda_dir()}", "-std=c++17"]
+        cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}", *build.flags, "-Xptxas", "-v"]
+        return cmd
     cmd += [f"-DTORCH_EXTENSION_NAME=cuda_check_{Path(build.source).stem}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
     cmd += [f"-I{kernels.cuda_dir()}"]
     for include in [*includes, sysconfig.get_paths()["include"]]:
@@ -182,7 +189,11 @@ def parse_ptxas(text: str) -> list[KernelUsage]:
 
 
 def short_name(demangled: str) -> str:
-    """'void wkv::forward<64, 2>(float const*, int)' -> 'wkv::forward<64, 2>': no return type, no parameters."""
+    """'void wkv::forward<64, 2>(float const*, int)' -> 'wkv::forward<64, 2>': no return type, no parameters.
+
+    Kernels in an anonymous namespace lose the "(anonymous namespace)::" prefix.
+    """
+    demangled = demangled.replace("(anonymous namespace)::", "")
     depth, end = 0, len(demangled)
     for i, ch in enumerate(demangled):  # the parameter list is the first '(' outside template brackets
         if ch == "<":
@@ -228,7 +239,8 @@ def compile_one(nvcc: str, build: Build, workdir: Path, arch: str, includes: lis
     cmd = compile_command(nvcc, build, obj, arch, includes)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     log = proc.stdout + proc.stderr
-    return BuildResult(build, proc.returncode == 0, time.time() - started, parse_ptxas(log), f"$ {shlex.join(cmd)}\n{log}")
+    seconds = time.time() - started
+    return BuildResult(build, proc.returncode == 0, seconds, parse_ptxas(log), f"$ {shlex.join(cmd)}\n{log}")
 
 
 def format_table(results: list[BuildResult], names: dict[str, str]) -> list[str]:
@@ -255,7 +267,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=2, help="compilations run in parallel (default 2)")
     parser.add_argument("--arch", default="90", help="compute capability to compile for, without the dot (default 90)")
+    parser.add_argument(
+        "--with-binding",
+        action="store_true",
+        help="also compile each source's torch binding against torch's headers (minutes per build instead of seconds)",
+    )
     parser.add_argument("--fail-on-spill", action="store_true", help="exit 1 when any kernel spills registers")
+    parser.add_argument("--source", action="append", metavar="FILE",
+                        help="only this source in cuda/, e.g. wkv7.cu (repeatable; default: all)")
     return parser.parse_args(argv)
 
 
@@ -266,11 +285,19 @@ def main(argv: list[str] | None = None) -> int:
         print(SKIP_MESSAGE)
         return 0
     builds = planned_builds()
-    print(f"cuda-check: compiling {len(builds)} builds for sm_{args.arch} with {nvcc} ({args.jobs} at a time)", flush=True)
+    if args.source:
+        unknown = sorted(set(args.source) - {b.source for b in builds})
+        if unknown:
+            print(f"cuda-check: unknown source(s) {', '.join(unknown)}; the kernels are "
+                  f"{', '.join(sorted({b.source for b in builds}))}", file=sys.stderr)
+            return 2
+        builds = [b for b in builds if b.source in args.source]
+    print(f"cuda-check: compiling {len(builds)} builds for sm_{args.arch} with {nvcc} ({args.jobs} at a time)",
+          flush=True)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="cuda_check_") as tmp, ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        includes = torch_includes(Path(tmp))
-        if any("torch_cpu_stand_in" in p for p in includes):
+        includes = torch_includes(Path(tmp)) if args.with_binding else None
+        if includes and any("torch_cpu_stand_in" in p for p in includes):
             print(f"cuda-check: torch is a CPU-only build; standing in for its generated {GENERATED_HEADER}")
         results = list(pool.map(lambda b: compile_one(nvcc, b, Path(tmp), args.arch, includes), builds))
 
@@ -279,14 +306,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ncuda-check: {r.build.label} failed to compile:\n{r.log.strip()}\n", file=sys.stderr)
         elif not r.kernels:  # a source without kernels, or a ptxas report this script cannot read
             r.ok = False
-            print(f"\ncuda-check: {r.build.label} compiled, but ptxas reported no kernel:\n{r.log.strip()}\n", file=sys.stderr)
+            print(f"\ncuda-check: {r.build.label} compiled, but ptxas reported no kernel:\n{r.log.strip()}\n",
+                  file=sys.stderr)
     failed = [r for r in results if not r.ok]
     names = demangle(sorted({k.name for r in results for k in r.kernels}), nvcc)
     print("\n".join(format_table(results, names)))
 
-    spilling = sorted({short_name(names[k.name]) for r in results for k in r.kernels if k.spills})
+    spilling = [f"{r.build.label}: {short_name(names[k.name])}" for r in results for k in r.kernels if k.spills]
     if spilling:
-        print(f"cuda-check: WARNING: register spills in {', '.join(spilling)}")
+        print("cuda-check: WARNING: register spills (local memory traffic every step) in\n  " + "\n  ".join(spilling))
     print(f"cuda-check: {len(results) - len(failed)}/{len(results)} builds compiled in {time.time() - started:.0f} s")
     if failed:
         print(f"cuda-check: FAILED: {', '.join(r.build.label for r in failed)}", file=sys.stderr)

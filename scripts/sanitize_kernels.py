@@ -45,7 +45,8 @@ def run_v4() -> list[torch.Tensor]:
     u = _leaf(0.5 * _randn(C), torch.float32)
     k, v = _leaf((2 * _randn(B, T, C)).clamp(-5, 5), torch.bfloat16), _leaf(_randn(B, T, C), torch.bfloat16)
     bb0 = 1 + torch.rand(B, C, dtype=torch.float64)
-    state = [_leaf(bb0 * 0.5 * _randn(B, C), torch.float32), _leaf(bb0, torch.float32), _leaf(_randn(B, C), torch.float32)]
+    aa0, pp0 = bb0 * 0.5 * _randn(B, C), _randn(B, C)
+    state = [_leaf(aa0, torch.float32), _leaf(bb0, torch.float32), _leaf(pp0, torch.float32)]
     y, final = wkv4_cuda(w, u, k, v, tuple(state))
     return _backward([y, *final], [w, u, k, v, *state])
 
@@ -87,7 +88,8 @@ RUNNERS = {"v4": run_v4, "v5": lambda: run_diag("v5"), "v6": lambda: run_diag("v
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("generations", nargs="*", metavar="GENERATION", help=f"any of {', '.join(GENERATIONS)} (default: all)")
+    parser.add_argument("generations", nargs="*", metavar="GENERATION",
+                        help=f"any of {', '.join(GENERATIONS)} (default: all)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.generations) - set(GENERATIONS))
     if unknown:
