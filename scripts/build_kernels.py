@@ -40,14 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     jobs: list[tuple[str, int | None]] = []
-    for generation in dict.fromkeys(args.generations):
-        sizes = [None] if generation == "v4" else args.head_sizes
-        for size in sizes:
-            if (generation == "v5" and "v6" in args.generations) or (kernels.SOURCES[generation], size) in {
-                (kernels.SOURCES[g], s) for g, s in jobs
-            }:
-                continue  # v5 and v6 share one build
-            jobs.append((generation, size))
+    seen: set[tuple[str, int | None]] = set()  # (source, head size): v5 and v6 share one build
+    for generation in args.generations:
+        for size in [None] if generation == "v4" else args.head_sizes:
+            if (kernels.SOURCES[generation], size) not in seen:
+                seen.add((kernels.SOURCES[generation], size))
+                jobs.append((generation, size))
     reason = kernels.unavailable_reason(*jobs[0]) if jobs else None
     if reason is not None:
         print(f"build_kernels: cannot build here: {reason}", file=sys.stderr)

@@ -94,11 +94,8 @@ def _compiler_problem() -> str | None:
     home = cpp_extension.CUDA_HOME
     if home is None or not (Path(home) / "bin" / "nvcc").exists() and shutil.which("nvcc") is None:
         return "no CUDA compiler (nvcc) found: install the CUDA toolkit or set CUDA_HOME"
-    if shutil.which("ninja") is None and shutil.which("ninja", path=str(Path(torch.__file__).parent)) is None:
-        try:
-            import ninja  # noqa: F401
-        except ImportError:
-            return "ninja is not installed (torch builds extensions with it): pip install ninja"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (torch builds extensions with it): pip install ninja"
     return None
 
 
