@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rwkv_train.ops import kernels  # noqa: E402
+from rwkv_train.ops import kernels
 
 
 def _build(job: tuple[str, int | None]) -> tuple[str, int | None, float, str | None]:

@@ -21,12 +21,11 @@ import contextlib
 import fcntl
 import hashlib
 import logging
-import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 import torch
 
