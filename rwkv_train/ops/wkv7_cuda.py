@@ -83,7 +83,7 @@ def wkv7_cuda(
     r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """WKV-7 on the CUDA kernel. Inputs [B, T, H, N], state [B, H, N, N] or None; returns (y bf16, final state)."""
-    B, T, H, N = r.shape
+    B, _, H, N = r.shape
     bf = [x.to(torch.bfloat16).contiguous() for x in (r, k, v, a, b)]
     lw = lw.to(torch.float32).contiguous()
     if state is None:

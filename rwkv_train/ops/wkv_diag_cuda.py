@@ -42,7 +42,7 @@ def wkv_diag_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns the gradients of (r, lw, k, v, u, s0); lw's and u's summed to their shapes."""
     module = kernels.load("v6", r.shape[-1])
-    B, T, H, N = r.shape
+    B, _, H, N = r.shape
     dr, dk, dv = (kernels.new_output(r.shape, torch.bfloat16, r.device) for _ in range(3))
     dlw_steps = kernels.new_output(r.shape, torch.float32, r.device)
     du_part = kernels.new_output((B, H, N), torch.float32, r.device)
@@ -78,7 +78,7 @@ wkv_diag_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _run(r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-    B, T, H, N = r.shape
+    B, _, H, N = r.shape
     r, k, v = (x.to(torch.bfloat16).contiguous() for x in (r, k, v))
     lw, u = lw.to(torch.float32).contiguous(), u.to(torch.float32).contiguous()
     if state is None:
