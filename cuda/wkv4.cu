@@ -1,28 +1,41 @@
 // RWKV-4 WKV recurrence: bf16 inputs and output, float32 arithmetic, state in and out, any T.
 //
-// One thread per (batch b, channel c); consecutive threads take consecutive channels, so every load
-// and store of a [B, T, C] tensor is coalesced. Each thread runs the recurrence for its channel:
-//
+// The recurrence for one (batch b, channel c):
 //   State (A, Bs, P) stands for the sums (A e^P, Bs e^P), numerator and denominator of wkv.
 //   For token t with k = k_t, v = v_t, log-decay w <= 0 and bonus u:
 //     read out:  o  = max(P, u + k);   e1 = e^(P - o);       e2 = e^(u + k - o)
 //                y_t = (e1 A + e2 v) / den,   den = e1 Bs + e2
 //     take in:   o2 = max(P + w, k);   f1 = e^(P + w - o2);  f2 = e^(k - o2)
 //                A <- f1 A + f2 v;   Bs <- f1 Bs + f2;   P <- o2
-//   Every exponent is <= 0, so nothing overflows whatever k is. The final state is returned at the
-//   scale ppT the caller chose (aa, bb) = (A, Bs) e^(P_T - ppT); ppT is the largest exponent, so the
-//   factor is 1 up to rounding.
+//   Every exponent is <= 0, so nothing overflows whatever k is. P_T, the final exponent, is
+//   max(P_0 + T w, max_t k_t + (T-1-t) w); the kernel also returns which token set it (-1: P_0), so the
+//   caller can differentiate it.
+//
+// Parallel over time. A (b, c) pair alone is one sequential chain of T steps, and B * C chains do not
+// fill a GPU, so T is cut into groups of G chunks of kChunk tokens, one thread per (b, c, group):
+//   forward   summarize   each group but the last from the empty state: its (A, Bs, P) and argmax
+//             carry       per (b, c), sequential over groups: the state at each group's start
+//             outputs     each group from its start state: y, the state before every chunk
+//                         (checkpoints for the backward), and from the last group the final state
+// The decay over a whole group is the scalar e^(L w), so carrying is one combine per group.
 //
 // Backward. The outputs do not depend on which scale P a state is kept at, so the gradient is taken
 // with every P (and o, o2) held fixed. GA, GB are dL/dA, dL/dBs at the current scale; they start as
-// (g_aa, g_bb) e^(P_T - ppT) and walk back through each token (state (A, Bs, P) before it, dy = dL/dy_t):
+// the final state's (g_aa, g_bb) and walk back through each token (state (A, Bs, P) before it,
+// dy = dL/dy_t):
 //     dv_t = f2 GA + dy e2 / den
 //     dk_t = f2 (GA v + GB) + dy e2 (v - y_t) / den          du += dy e2 (v - y_t) / den
 //     dw  += f1 (GA A + GB Bs)
 //     GA <- f1 GA + dy e1 / den;   GB <- f1 GB - dy y_t e1 / den
-// After token 0, (GA, GB) = dL/d(aa0, bb0). dw and du are per-(b, c) partial sums (the caller sums
-// over b). The backward needs the states before every token: the forward saves the state before
-// every chunk of kChunk tokens, and the backward recomputes one chunk at a time into registers.
+// GA at a group's start is D GA_end + sum_t (prod_{s<t} f1_s) dy_t e1_t / den_t with D the product of
+// every f1 in the group (GB alike), which a forward walk over the group gives without the end value:
+//   backward  grad_summarize   each group but the first: (sum for GA, sum for GB, D)
+//             grad_carry       per (b, c), sequential over groups from the last: (GA, GB) at each group's end
+//             gradients        each group walked back from its end, a chunk at a time: the chunk's states
+//                              recomputed from its checkpoint into registers; dk, dv, and per-group sums
+//                              of dw and du, which `reduce` adds up per (b, c)
+// After token 0, (GA, GB) = dL/d(aa0, bb0). The gradient through P_T itself (g_p, formed by the caller)
+// is added to dk at the token that set it; its w and P_0 parts are the caller's.
 
 #ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
 #include <torch/extension.h>
@@ -35,6 +48,7 @@
 #endif
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace wkv4 {
@@ -45,20 +59,66 @@ using bf16 = __nv_bfloat16;
 // token), so this trades checkpoint memory (3 floats per (b, c) per chunk) against registers.
 // rwkv_train/ops/wkv4_cuda.py allocates the checkpoint buffer with the same value.
 constexpr int kChunk = 16;
-// Small blocks spread the B * C threads over as many multiprocessors as possible: each thread is a
-// long sequential chain, so occupancy comes from the number of threads, not from the block size.
-constexpr int kThreads = 32;
+constexpr int kThreads = 128;
+// Each group costs its (b, c) chain one carry step, so groups are at least this many chunks long.
+constexpr int kMinGroupChunks = 4;
+// The exponent of the empty state: every token's exponent is larger.
+constexpr float kEmpty = -1e38f;
+
+// How T is cut: groups of `group` chunks (the last may be shorter), all but the last full.
+struct Plan {
+  int B, T, C, n_chunks, group, n_groups;
+  __device__ int first_chunk(int g) const { return g * group; }
+  __device__ int end_chunk(int g) const { return min(n_chunks, (g + 1) * group); }
+  __device__ int end_token(int g) const { return min(T, (g + 1) * group * kChunk); }
+};
+
+// The thread's (b, c) pair, and the offset of its token 0 in a [B, T, C] tensor.
+struct Lane {
+  int64_t bc;
+  int b, c;
+  int64_t first;
+  bool valid;
+  __device__ explicit Lane(const Plan& p) {
+    bc = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    valid = bc < static_cast<int64_t>(p.B) * p.C;
+    b = static_cast<int>(bc / p.C);
+    c = static_cast<int>(bc % p.C);
+    first = static_cast<int64_t>(b) * p.T * p.C + c;
+  }
+};
+
+// Offset of slot s of entry j (chunk or group) in a [B, n, slots, C] buffer.
+__device__ __forceinline__ int64_t slot_at(const Plan& p, int b, int j, int s, int n, int slots) {
+  return ((static_cast<int64_t>(b) * n + j) * slots + s) * p.C;
+}
+
+__device__ __forceinline__ int64_t checkpoint_at(const Plan& p, int b, int j, int s) {
+  return slot_at(p, b, j, s, p.n_chunks, 3);
+}
+
+// One chunk's values of a [B, T, C] stream, every load issued before any is used.
+__device__ __forceinline__ void load_chunk(const bf16* __restrict__ x, const Lane& l, const Plan& p, int t0, int t_end,
+                                           float (&out)[kChunk]) {
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) {
+    if (t0 + i < t_end) out[i] = __bfloat162float(x[l.first + static_cast<int64_t>(t0 + i) * p.C]);
+  }
+}
 
 // y_t and the weights it was formed with, read from the state before token t.
 struct Readout {
   float e1, e2, inv_den, y;
 };
 
+// One of each pair of weights is e^0 = 1, so each pair costs one exponential.
 __device__ __forceinline__ Readout read_out(float A, float Bs, float P, float u, float k, float v) {
-  const float o = fmaxf(P, u + k);
+  const float uk = u + k;
+  const float smaller = __expf(-fabsf(P - uk));  // e^(min - max) of the exponents P and u + k
+  const bool state_larger = P >= uk;
   Readout r;
-  r.e1 = __expf(P - o);
-  r.e2 = __expf(u + k - o);
+  r.e1 = state_larger ? 1.0f : smaller;
+  r.e2 = state_larger ? smaller : 1.0f;
   r.inv_den = 1.0f / (r.e1 * Bs + r.e2);
   r.y = (r.e1 * A + r.e2 * v) * r.inv_den;
   return r;
@@ -67,133 +127,264 @@ __device__ __forceinline__ Readout read_out(float A, float Bs, float P, float u,
 // The weights of the state update: the state decays one step, then takes token t in.
 struct TakeIn {
   float f1, f2, p;
+  bool sets_max;  // token t's exponent is the new P (the earlier one wins a tie)
 };
 
 __device__ __forceinline__ TakeIn take_in(float P, float w, float k) {
-  const float o2 = fmaxf(P + w, k);
-  return {__expf(P + w - o2), __expf(k - o2), o2};
+  const float kept = P + w;
+  const float smaller = __expf(-fabsf(kept - k));
+  const bool sets_max = k > kept;
+  return {sets_max ? smaller : 1.0f, sets_max ? 1.0f : smaller, sets_max ? k : kept, sets_max};
 }
 
-// Offset of checkpoint slot s (0: A, 1: Bs, 2: P) of chunk j in the [B, n_chunks, 3, C] buffer.
-__device__ __forceinline__ int64_t checkpoint_at(int b, int j, int s, int n_chunks, int C) {
-  return ((static_cast<int64_t>(b) * n_chunks + j) * 3 + s) * C;
+struct State {
+  float A, Bs, P;
+  __device__ void take(const TakeIn& d, float v) {
+    A = d.f1 * A + d.f2 * v;
+    Bs = d.f1 * Bs + d.f2;
+    P = d.p;
+  }
+};
+
+__device__ __forceinline__ State load_checkpoint(const float* __restrict__ cp, const Plan& p, const Lane& l, int j) {
+  return {cp[checkpoint_at(p, l.b, j, 0) + l.c], cp[checkpoint_at(p, l.b, j, 1) + l.c],
+          cp[checkpoint_at(p, l.b, j, 2) + l.c]};
 }
 
-__global__ void wkv4_forward_kernel(int B, int T, int C, const float* __restrict__ w, const float* __restrict__ u,
-                                    const bf16* __restrict__ k, const bf16* __restrict__ v,
-                                    const float* __restrict__ aa0, const float* __restrict__ bb0,
-                                    const float* __restrict__ pp0, const float* __restrict__ ppT,
-                                    bf16* __restrict__ y, float* __restrict__ aa, float* __restrict__ bb,
-                                    float* __restrict__ checkpoints) {
-  const int64_t bc = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // index into [B, C]
-  if (bc >= static_cast<int64_t>(B) * C) return;
-  const int b = static_cast<int>(bc / C), c = static_cast<int>(bc % C);
-  const float wc = w[c], uc = u[c];
-  const int64_t first = static_cast<int64_t>(b) * T * C + c;  // token 0 of this (b, c) in [B, T, C]
-  const int n_chunks = (T + kChunk - 1) / kChunk;
+__device__ __forceinline__ void store_checkpoint(float* __restrict__ cp, const Plan& p, const Lane& l, int j,
+                                                 const State& s) {
+  cp[checkpoint_at(p, l.b, j, 0) + l.c] = s.A;
+  cp[checkpoint_at(p, l.b, j, 1) + l.c] = s.Bs;
+  cp[checkpoint_at(p, l.b, j, 2) + l.c] = s.P;
+}
 
-  float A = aa0[bc], Bs = bb0[bc], P = pp0[bc];
-  for (int j = 0; j < n_chunks; ++j) {
-    checkpoints[checkpoint_at(b, j, 0, n_chunks, C) + c] = A;
-    checkpoints[checkpoint_at(b, j, 1, n_chunks, C) + c] = Bs;
-    checkpoints[checkpoint_at(b, j, 2, n_chunks, C) + c] = P;
+// ---- forward --------------------------------------------------------------------------------------
+
+// Group g (< n_groups - 1) from the empty state: its (A, Bs, P) into sums [B, n_groups, 3, C] and the
+// token that set its P into sum_arg [B, n_groups, C].
+__global__ void summarize_kernel(Plan p, const float* __restrict__ w, const bf16* __restrict__ k,
+                                 const bf16* __restrict__ v, float* __restrict__ sums, int* __restrict__ sum_arg) {
+  const Lane l(p);
+  if (!l.valid) return;
+  const int g = blockIdx.y;
+  const float wc = w[l.c];
+  const int t_end = p.end_token(g);
+  State s{0.0f, 0.0f, kEmpty};
+  int arg = -1;
+  for (int j = p.first_chunk(g); j < p.end_chunk(g); ++j) {
     const int t0 = j * kChunk;
-    // All of the chunk's loads first, so they are in flight together rather than one per step.
     float ks[kChunk], vs[kChunk];
+    load_chunk(k, l, p, t0, t_end, ks);
+    load_chunk(v, l, p, t0, t_end, vs);
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
-      if (t0 + i < T) {
-        ks[i] = __bfloat162float(k[first + static_cast<int64_t>(t0 + i) * C]);
-        vs[i] = __bfloat162float(v[first + static_cast<int64_t>(t0 + i) * C]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      if (t0 + i < T) {
-        const Readout r = read_out(A, Bs, P, uc, ks[i], vs[i]);
-        y[first + static_cast<int64_t>(t0 + i) * C] = __float2bfloat16(r.y);
-        const TakeIn d = take_in(P, wc, ks[i]);
-        A = d.f1 * A + d.f2 * vs[i];
-        Bs = d.f1 * Bs + d.f2;
-        P = d.p;
+      if (t0 + i < t_end) {
+        const TakeIn d = take_in(s.P, wc, ks[i]);
+        if (d.sets_max) arg = t0 + i;
+        s.take(d, vs[i]);
       }
     }
   }
-  const float to_final = __expf(P - ppT[bc]);
-  aa[bc] = A * to_final;
-  bb[bc] = Bs * to_final;
+  sums[slot_at(p, l.b, g, 0, p.n_groups, 3) + l.c] = s.A;
+  sums[slot_at(p, l.b, g, 1, p.n_groups, 3) + l.c] = s.Bs;
+  sums[slot_at(p, l.b, g, 2, p.n_groups, 3) + l.c] = s.P;
+  sum_arg[(static_cast<int64_t>(l.b) * p.n_groups + g) * p.C + l.c] = arg;
 }
 
-__global__ void wkv4_backward_kernel(int B, int T, int C, const float* __restrict__ w, const float* __restrict__ u,
-                                     const bf16* __restrict__ k, const bf16* __restrict__ v,
-                                     const float* __restrict__ checkpoints, const float* __restrict__ ppT,
-                                     const bf16* __restrict__ gy, const float* __restrict__ g_aa,
-                                     const float* __restrict__ g_bb, float* __restrict__ gw, float* __restrict__ gu,
-                                     bf16* __restrict__ gk, bf16* __restrict__ gv, float* __restrict__ g_aa0,
-                                     float* __restrict__ g_bb0) {
-  const int64_t bc = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // index into [B, C]
-  if (bc >= static_cast<int64_t>(B) * C) return;
-  const int b = static_cast<int>(bc / C), c = static_cast<int>(bc % C);
-  const float wc = w[c], uc = u[c];
-  const int64_t first = static_cast<int64_t>(b) * T * C + c;
-  const int n_chunks = (T + kChunk - 1) / kChunk;
+// Per (b, c): the state at each group's start (its first checkpoint), and in arg [B, C] the token that
+// set P at the last group's start (-1: P_0).
+__global__ void carry_kernel(Plan p, const float* __restrict__ w, const float* __restrict__ aa0,
+                             const float* __restrict__ bb0, const float* __restrict__ pp0,
+                             const float* __restrict__ sums, const int* __restrict__ sum_arg,
+                             float* __restrict__ checkpoints, int* __restrict__ arg) {
+  const Lane l(p);
+  if (!l.valid) return;
+  const float decay = static_cast<float>(p.group * kChunk) * w[l.c];  // log-decay over a full group
+  State s{aa0[l.bc], bb0[l.bc], pp0[l.bc]};
+  int a = -1;
+  for (int g = 0; g < p.n_groups; ++g) {
+    store_checkpoint(checkpoints, p, l, p.first_chunk(g), s);
+    if (g + 1 == p.n_groups) break;
+    const float A = sums[slot_at(p, l.b, g, 0, p.n_groups, 3) + l.c];
+    const float Bs = sums[slot_at(p, l.b, g, 1, p.n_groups, 3) + l.c];
+    const float P = sums[slot_at(p, l.b, g, 2, p.n_groups, 3) + l.c];
+    const float kept = s.P + decay;
+    const float top = fmaxf(kept, P);
+    if (P > kept) a = sum_arg[(static_cast<int64_t>(l.b) * p.n_groups + g) * p.C + l.c];
+    const float f_kept = __expf(kept - top), f_new = __expf(P - top);
+    s = {f_kept * s.A + f_new * A, f_kept * s.Bs + f_new * Bs, top};
+  }
+  arg[l.bc] = a;
+}
 
-  float GA = 0.0f, GB = 0.0f, dw = 0.0f, du = 0.0f;
-  for (int j = n_chunks - 1; j >= 0; --j) {
+// Group g from its start state: y, the other checkpoints of the group, and from the last group the
+// final (aa, bb, pp) and the token that set pp (arg, read and rewritten).
+__global__ void outputs_kernel(Plan p, const float* __restrict__ w, const float* __restrict__ u,
+                               const bf16* __restrict__ k, const bf16* __restrict__ v, float* __restrict__ checkpoints,
+                               int* __restrict__ arg, bf16* __restrict__ y, float* __restrict__ aa,
+                               float* __restrict__ bb, float* __restrict__ pp) {
+  const Lane l(p);
+  if (!l.valid) return;
+  const int g = blockIdx.y;
+  const bool last = g + 1 == p.n_groups;
+  const float wc = w[l.c], uc = u[l.c];
+  const int t_end = p.end_token(g);
+  State s = load_checkpoint(checkpoints, p, l, p.first_chunk(g));
+  int a = last ? arg[l.bc] : -1;
+  for (int j = p.first_chunk(g); j < p.end_chunk(g); ++j) {
+    if (j != p.first_chunk(g)) store_checkpoint(checkpoints, p, l, j, s);
+    const int t0 = j * kChunk;
+    float ks[kChunk], vs[kChunk];
+    load_chunk(k, l, p, t0, t_end, ks);
+    load_chunk(v, l, p, t0, t_end, vs);
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      if (t0 + i < t_end) {
+        const Readout r = read_out(s.A, s.Bs, s.P, uc, ks[i], vs[i]);
+        y[l.first + static_cast<int64_t>(t0 + i) * p.C] = __float2bfloat16(r.y);
+        const TakeIn d = take_in(s.P, wc, ks[i]);
+        if (d.sets_max) a = t0 + i;
+        s.take(d, vs[i]);
+      }
+    }
+  }
+  if (last) {
+    aa[l.bc] = s.A;
+    bb[l.bc] = s.Bs;
+    pp[l.bc] = s.P;
+    arg[l.bc] = a;
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------------
+
+// Group g (>= 1) walked forward from its start: the part of (GA, GB) at its start that comes from its
+// own dy, and D, into gsums [B, n_groups, 3, C].
+__global__ void grad_summarize_kernel(Plan p, const float* __restrict__ w, const float* __restrict__ u,
+                                      const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                      const bf16* __restrict__ gy, const float* __restrict__ checkpoints,
+                                      float* __restrict__ gsums) {
+  const Lane l(p);
+  if (!l.valid) return;
+  const int g = blockIdx.y + 1;
+  const float wc = w[l.c], uc = u[l.c];
+  const int t_end = p.end_token(g);
+  State s = load_checkpoint(checkpoints, p, l, p.first_chunk(g));
+  float GA = 0.0f, GB = 0.0f, D = 1.0f;  // D: product of f1 over the tokens walked
+  for (int j = p.first_chunk(g); j < p.end_chunk(g); ++j) {
+    const int t0 = j * kChunk;
+    float ks[kChunk], vs[kChunk], gys[kChunk];
+    load_chunk(k, l, p, t0, t_end, ks);
+    load_chunk(v, l, p, t0, t_end, vs);
+    load_chunk(gy, l, p, t0, t_end, gys);
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      if (t0 + i < t_end) {
+        const Readout r = read_out(s.A, s.Bs, s.P, uc, ks[i], vs[i]);
+        const float ge = D * gys[i] * r.inv_den * r.e1;
+        GA += ge;
+        GB -= ge * r.y;
+        const TakeIn d = take_in(s.P, wc, ks[i]);
+        D *= d.f1;
+        s.take(d, vs[i]);
+      }
+    }
+  }
+  gsums[slot_at(p, l.b, g, 0, p.n_groups, 3) + l.c] = GA;
+  gsums[slot_at(p, l.b, g, 1, p.n_groups, 3) + l.c] = GB;
+  gsums[slot_at(p, l.b, g, 2, p.n_groups, 3) + l.c] = D;
+}
+
+// Per (b, c), from the last group back: (GA, GB) at each group's end into gend [B, n_groups, 2, C].
+__global__ void grad_carry_kernel(Plan p, const float* __restrict__ g_aa, const float* __restrict__ g_bb,
+                                  const float* __restrict__ gsums, float* __restrict__ gend) {
+  const Lane l(p);
+  if (!l.valid) return;
+  float GA = g_aa[l.bc], GB = g_bb[l.bc];
+  for (int g = p.n_groups - 1; g >= 0; --g) {
+    gend[slot_at(p, l.b, g, 0, p.n_groups, 2) + l.c] = GA;
+    gend[slot_at(p, l.b, g, 1, p.n_groups, 2) + l.c] = GB;
+    if (g == 0) break;
+    const float D = gsums[slot_at(p, l.b, g, 2, p.n_groups, 3) + l.c];
+    GA = D * GA + gsums[slot_at(p, l.b, g, 0, p.n_groups, 3) + l.c];
+    GB = D * GB + gsums[slot_at(p, l.b, g, 1, p.n_groups, 3) + l.c];
+  }
+}
+
+// Group g walked back from its end: dk, dv; the group's sums of dw and du into partial
+// [B, n_groups, 2, C]; from group 0, dL/d(aa0, bb0). g_p [B, C] joins dk at token arg [B, C].
+__global__ void gradients_kernel(Plan p, const float* __restrict__ w, const float* __restrict__ u,
+                                 const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                 const float* __restrict__ checkpoints, const float* __restrict__ gend,
+                                 const int* __restrict__ arg, const float* __restrict__ g_p,
+                                 const bf16* __restrict__ gy, float* __restrict__ partial, bf16* __restrict__ gk,
+                                 bf16* __restrict__ gv, float* __restrict__ g_aa0, float* __restrict__ g_bb0) {
+  const Lane l(p);
+  if (!l.valid) return;
+  const int g = blockIdx.y;
+  const float wc = w[l.c], uc = u[l.c];
+  const int t_end = p.end_token(g);
+  const int t_max = arg[l.bc];
+  const float gp = g_p[l.bc];
+  float GA = gend[slot_at(p, l.b, g, 0, p.n_groups, 2) + l.c];
+  float GB = gend[slot_at(p, l.b, g, 1, p.n_groups, 2) + l.c];
+  float dw = 0.0f, du = 0.0f;
+  for (int j = p.end_chunk(g) - 1; j >= p.first_chunk(g); --j) {
     const int t0 = j * kChunk;
     // Recompute the chunk from its checkpoint: the state before each token, and its inputs.
-    float A = checkpoints[checkpoint_at(b, j, 0, n_chunks, C) + c];
-    float Bs = checkpoints[checkpoint_at(b, j, 1, n_chunks, C) + c];
-    float P = checkpoints[checkpoint_at(b, j, 2, n_chunks, C) + c];
+    State s = load_checkpoint(checkpoints, p, l, j);
     float As[kChunk], Bss[kChunk], Ps[kChunk], ks[kChunk], vs[kChunk], gys[kChunk];
+    load_chunk(k, l, p, t0, t_end, ks);
+    load_chunk(v, l, p, t0, t_end, vs);
+    load_chunk(gy, l, p, t0, t_end, gys);
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
-      if (t0 + i < T) {
-        const int64_t at = first + static_cast<int64_t>(t0 + i) * C;
-        ks[i] = __bfloat162float(k[at]);
-        vs[i] = __bfloat162float(v[at]);
-        gys[i] = __bfloat162float(gy[at]);
+      if (t0 + i < t_end) {
+        As[i] = s.A;
+        Bss[i] = s.Bs;
+        Ps[i] = s.P;
+        s.take(take_in(s.P, wc, ks[i]), vs[i]);
       }
-    }
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      if (t0 + i < T) {
-        As[i] = A;
-        Bss[i] = Bs;
-        Ps[i] = P;
-        const TakeIn d = take_in(P, wc, ks[i]);
-        A = d.f1 * A + d.f2 * vs[i];
-        Bs = d.f1 * Bs + d.f2;
-        P = d.p;
-      }
-    }
-    if (j == n_chunks - 1) {  // P is now P_T: the final outputs' gradient at the kernel's own scale
-      const float from_final = __expf(P - ppT[bc]);
-      GA = g_aa[bc] * from_final;
-      GB = g_bb[bc] * from_final;
     }
     // Walk the chunk backwards; (GA, GB) goes from the state after token t to the state before it.
 #pragma unroll
     for (int i = kChunk - 1; i >= 0; --i) {
-      if (t0 + i < T) {
+      if (t0 + i < t_end) {
         const Readout r = read_out(As[i], Bss[i], Ps[i], uc, ks[i], vs[i]);
         const TakeIn d = take_in(Ps[i], wc, ks[i]);
-        const float g = gys[i] * r.inv_den;  // dy / den
-        const float g_bonus = g * r.e2 * (vs[i] - r.y);  // through e2 = e^(u + k - o)
-        const int64_t at = first + static_cast<int64_t>(t0 + i) * C;
-        gv[at] = __float2bfloat16(d.f2 * GA + g * r.e2);
-        gk[at] = __float2bfloat16(d.f2 * (GA * vs[i] + GB) + g_bonus);
+        const float gd = gys[i] * r.inv_den;             // dy / den
+        const float g_bonus = gd * r.e2 * (vs[i] - r.y);  // through e2 = e^(u + k - o)
+        const float g_top = t0 + i == t_max ? gp : 0.0f;  // through P_T, at the token that set it
+        const int64_t at = l.first + static_cast<int64_t>(t0 + i) * p.C;
+        gv[at] = __float2bfloat16(d.f2 * GA + gd * r.e2);
+        gk[at] = __float2bfloat16(d.f2 * (GA * vs[i] + GB) + g_bonus + g_top);
         du += g_bonus;
         dw += d.f1 * (GA * As[i] + GB * Bss[i]);
-        GA = d.f1 * GA + g * r.e1;
-        GB = d.f1 * GB - g * r.y * r.e1;
+        GA = d.f1 * GA + gd * r.e1;
+        GB = d.f1 * GB - gd * r.y * r.e1;
       }
     }
   }
-  gw[bc] = dw;
-  gu[bc] = du;
-  g_aa0[bc] = GA;
-  g_bb0[bc] = GB;
+  partial[slot_at(p, l.b, g, 0, p.n_groups, 2) + l.c] = dw;
+  partial[slot_at(p, l.b, g, 1, p.n_groups, 2) + l.c] = du;
+  if (g == 0) {
+    g_aa0[l.bc] = GA;
+    g_bb0[l.bc] = GB;
+  }
+}
+
+// Per (b, c): dw and du summed over the groups, in group order (deterministic).
+__global__ void reduce_kernel(Plan p, const float* __restrict__ partial, float* __restrict__ gw,
+                              float* __restrict__ gu) {
+  const Lane l(p);
+  if (!l.valid) return;
+  float dw = 0.0f, du = 0.0f;
+  for (int g = 0; g < p.n_groups; ++g) {
+    dw += partial[slot_at(p, l.b, g, 0, p.n_groups, 2) + l.c];
+    du += partial[slot_at(p, l.b, g, 1, p.n_groups, 2) + l.c];
+  }
+  gw[l.bc] = dw;
+  gu[l.bc] = du;
 }
 
 #ifndef WKV_KERNELS_ONLY
@@ -220,9 +411,30 @@ int64_t check_sizes(const at::Tensor& k) {
   return k.size(0) * k.size(2);
 }
 
+// Enough (b, c, group) threads to keep every multiprocessor's thread slots full twice over, with
+// groups of at least kMinGroupChunks chunks. Depends only on the shape and the device, so the
+// backward cuts T as its forward did.
+Plan plan_for(const at::Tensor& k) {
+  const int B = static_cast<int>(k.size(0)), T = static_cast<int>(k.size(1)), C = static_cast<int>(k.size(2));
+  int sms = 0, threads_per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, k.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, k.device().index()));
+  const int64_t wanted = 2LL * sms * threads_per_sm;
+  const int n_chunks = n_chunks_for(T);
+  int64_t n_groups = (wanted + static_cast<int64_t>(B) * C - 1) / (static_cast<int64_t>(B) * C);
+  n_groups = std::min<int64_t>({n_groups, std::max(1, n_chunks / kMinGroupChunks), 65535});
+  const int group = static_cast<int>((n_chunks + n_groups - 1) / n_groups);
+  return {B, T, C, n_chunks, group, (n_chunks + group - 1) / group};
+}
+
+dim3 grid_for(const Plan& p, int groups) {
+  return dim3(static_cast<unsigned>((static_cast<int64_t>(p.B) * p.C + kThreads - 1) / kThreads),
+              static_cast<unsigned>(groups));
+}
+
 void forward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
-             const at::Tensor& aa0, const at::Tensor& bb0, const at::Tensor& pp0, const at::Tensor& ppT,
-             at::Tensor& y, at::Tensor& aa, at::Tensor& bb, at::Tensor& checkpoints) {
+             const at::Tensor& aa0, const at::Tensor& bb0, const at::Tensor& pp0, at::Tensor& y, at::Tensor& aa,
+             at::Tensor& bb, at::Tensor& pp, at::Tensor& arg, at::Tensor& checkpoints) {
   const int64_t BC = check_sizes(k);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   const at::Device device = k.device();
@@ -231,28 +443,44 @@ void forward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, cons
   check_tensor(u, "u", f32, {C}, device);
   check_tensor(k, "k", bf, {B, T, C}, device);
   check_tensor(v, "v", bf, {B, T, C}, device);
-  for (const auto& [x, name] : {std::pair{&aa0, "aa0"}, {&bb0, "bb0"}, {&pp0, "pp0"}, {&ppT, "ppT"}, {&aa, "aa"},
-                                {&bb, "bb"}}) {
+  for (const auto& [x, name] : {std::pair{&aa0, "aa0"}, {&bb0, "bb0"}, {&pp0, "pp0"}, {&aa, "aa"}, {&bb, "bb"},
+                                {&pp, "pp"}}) {
     check_tensor(*x, name, f32, {B, C}, device);
   }
+  check_tensor(arg, "arg", at::kInt, {B, C}, device);
   check_tensor(y, "y", bf, {B, T, C}, device);
   check_tensor(checkpoints, "checkpoints", f32, {B, n_chunks_for(T), 3, C}, device);
   if (BC == 0) return;
 
   const c10::cuda::CUDAGuard guard(device);
-  const int blocks = static_cast<int>((BC + kThreads - 1) / kThreads);
-  wkv4_forward_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>()),
-      reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>()), aa0.data_ptr<float>(), bb0.data_ptr<float>(),
-      pp0.data_ptr<float>(), ppT.data_ptr<float>(), reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()),
-      aa.data_ptr<float>(), bb.data_ptr<float>(), checkpoints.data_ptr<float>());
+  const Plan p = plan_for(k);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto k_ = reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>());
+  const auto v_ = reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>());
+  at::Tensor sums, sum_arg;
+  if (p.n_groups > 1) {
+    sums = at::empty({B, p.n_groups, 3, C}, k.options().dtype(f32));
+    sum_arg = at::empty({B, p.n_groups, C}, k.options().dtype(at::kInt));
+    summarize_kernel<<<grid_for(p, p.n_groups - 1), kThreads, 0, stream>>>(
+        p, w.data_ptr<float>(), k_, v_, sums.data_ptr<float>(), sum_arg.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  carry_kernel<<<grid_for(p, 1), kThreads, 0, stream>>>(
+      p, w.data_ptr<float>(), aa0.data_ptr<float>(), bb0.data_ptr<float>(), pp0.data_ptr<float>(),
+      p.n_groups > 1 ? sums.data_ptr<float>() : nullptr, p.n_groups > 1 ? sum_arg.data_ptr<int>() : nullptr,
+      checkpoints.data_ptr<float>(), arg.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  outputs_kernel<<<grid_for(p, p.n_groups), kThreads, 0, stream>>>(
+      p, w.data_ptr<float>(), u.data_ptr<float>(), k_, v_, checkpoints.data_ptr<float>(), arg.data_ptr<int>(),
+      reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()), aa.data_ptr<float>(), bb.data_ptr<float>(),
+      pp.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void backward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& checkpoints, const at::Tensor& ppT, const at::Tensor& gy, const at::Tensor& g_aa,
-              const at::Tensor& g_bb, at::Tensor& gw, at::Tensor& gu, at::Tensor& gk, at::Tensor& gv,
-              at::Tensor& g_aa0, at::Tensor& g_bb0) {
+              const at::Tensor& checkpoints, const at::Tensor& arg, const at::Tensor& g_p, const at::Tensor& gy,
+              const at::Tensor& g_aa, const at::Tensor& g_bb, at::Tensor& gw, at::Tensor& gu, at::Tensor& gk,
+              at::Tensor& gv, at::Tensor& g_aa0, at::Tensor& g_bb0) {
   const int64_t BC = check_sizes(k);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   const at::Device device = k.device();
@@ -263,21 +491,39 @@ void backward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, con
     check_tensor(*x, name, bf, {B, T, C}, device);
   }
   check_tensor(checkpoints, "checkpoints", f32, {B, n_chunks_for(T), 3, C}, device);
-  for (const auto& [x, name] : {std::pair{&ppT, "ppT"}, {&g_aa, "g_aa"}, {&g_bb, "g_bb"}, {&gw, "gw"},
-                                {&gu, "gu"}, {&g_aa0, "g_aa0"}, {&g_bb0, "g_bb0"}}) {
+  check_tensor(arg, "arg", at::kInt, {B, C}, device);
+  for (const auto& [x, name] : {std::pair{&g_p, "g_p"}, {&g_aa, "g_aa"}, {&g_bb, "g_bb"}, {&gw, "gw"}, {&gu, "gu"},
+                                {&g_aa0, "g_aa0"}, {&g_bb0, "g_bb0"}}) {
     check_tensor(*x, name, f32, {B, C}, device);
   }
   if (BC == 0) return;
 
   const c10::cuda::CUDAGuard guard(device);
-  const int blocks = static_cast<int>((BC + kThreads - 1) / kThreads);
-  wkv4_backward_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      B, T, C, w.data_ptr<float>(), u.data_ptr<float>(), reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>()),
-      reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>()), checkpoints.data_ptr<float>(),
-      ppT.data_ptr<float>(), reinterpret_cast<const bf16*>(gy.data_ptr<at::BFloat16>()), g_aa.data_ptr<float>(),
-      g_bb.data_ptr<float>(), gw.data_ptr<float>(), gu.data_ptr<float>(),
+  const Plan p = plan_for(k);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto k_ = reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>());
+  const auto v_ = reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>());
+  const auto gy_ = reinterpret_cast<const bf16*>(gy.data_ptr<at::BFloat16>());
+  const auto opts = k.options().dtype(f32);
+  at::Tensor gsums = at::empty({B, p.n_groups, 3, C}, opts), gend = at::empty({B, p.n_groups, 2, C}, opts);
+  at::Tensor partial = at::empty({B, p.n_groups, 2, C}, opts);
+  if (p.n_groups > 1) {
+    grad_summarize_kernel<<<grid_for(p, p.n_groups - 1), kThreads, 0, stream>>>(
+        p, w.data_ptr<float>(), u.data_ptr<float>(), k_, v_, gy_, checkpoints.data_ptr<float>(),
+        gsums.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  grad_carry_kernel<<<grid_for(p, 1), kThreads, 0, stream>>>(p, g_aa.data_ptr<float>(), g_bb.data_ptr<float>(),
+                                                              gsums.data_ptr<float>(), gend.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gradients_kernel<<<grid_for(p, p.n_groups), kThreads, 0, stream>>>(
+      p, w.data_ptr<float>(), u.data_ptr<float>(), k_, v_, checkpoints.data_ptr<float>(), gend.data_ptr<float>(),
+      arg.data_ptr<int>(), g_p.data_ptr<float>(), gy_, partial.data_ptr<float>(),
       reinterpret_cast<bf16*>(gk.data_ptr<at::BFloat16>()), reinterpret_cast<bf16*>(gv.data_ptr<at::BFloat16>()),
       g_aa0.data_ptr<float>(), g_bb0.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  reduce_kernel<<<grid_for(p, 1), kThreads, 0, stream>>>(p, partial.data_ptr<float>(), gw.data_ptr<float>(),
+                                                          gu.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -287,7 +533,8 @@ void backward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, con
 #ifndef WKV_KERNELS_ONLY
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "RWKV-4 WKV kernel: bf16 k, v, y; float32 state and arithmetic (see cuda/wkv4.cu)";
-  m.def("forward", &wkv4::forward, "y, final (aa, bb) and the chunk checkpoints, written into the given outputs");
+  m.def("forward", &wkv4::forward,
+        "y, the final (aa, bb, pp), the token that set pp, and the chunk checkpoints, written into the given outputs");
   m.def("backward", &wkv4::backward, "gradients of w, u (per batch row), k, v and the initial (aa, bb)");
 }
 #endif  // WKV_KERNELS_ONLY

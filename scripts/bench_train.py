@@ -5,10 +5,18 @@
     python scripts/bench_train.py --kernel torch --grad-cp on     # the PyTorch WKV, checkpointing forced on
 
 Each config is built as training builds it (rwkv_train.models.build_model, the reference init) on the
-GPU with fp32 weights under bf16 autocast: what `train.precision: bf16` gives with `train.strategy: auto`
-or `ddp` (Lightning's bf16-mixed). The optimiser, parameter groups and LR schedule are those of
-RWKVModule.configure_optimizers (fused torch AdamW), the gradient is clipped to optim.grad_clip, and the
-loss is read back every step, as the trainer does. Batches are uniformly random token ids.
+GPU, with the weights of one of the two ways `train.precision: bf16` trains:
+  --weights bf16   (default) what the presets' `train.strategy: deepspeed` runs: the model in bf16, and
+                   float32 master weights that the optimiser steps and copies back (DeepSpeed's bf16 mode,
+                   without ZeRO's partitioning on one GPU)
+  --weights fp32   what `train.strategy: auto` or `ddp` runs: float32 weights under bf16 autocast
+                   (Lightning's bf16-mixed)
+The optimiser, parameter groups and LR schedule are those of RWKVModule.configure_optimizers (fused
+torch AdamW on the float32 weights), the gradient is clipped to optim.grad_clip, and the loss is read
+back every step, as the trainer does. Batches are uniformly random token ids.
+
+--compile loss compiles the whole training loss with torch.compile; --compile blocks compiles each
+block on its own (the head and its fused loss stay eager).
 
 A step is forward + backward + optimiser step on one micro-batch of micro_batch x ctx_len tokens.
 Without --micro-batch, the largest of 1, 2, 4, 8, 16 that runs a whole step without running out of
@@ -22,11 +30,13 @@ bf16 peak. The table is printed and written to --out as bench_train.md and bench
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import gc
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,7 +58,8 @@ class Result:
     ctx_len: int
     grad_cp: bool
     kernel: str
-    compiled: bool
+    weights: str
+    compiled: str
     tokens_per_s: float | None = None
     step_s: float | None = None
     peak_mem_gib: float | None = None
@@ -69,7 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel", choices=("cuda", "torch"), default="cuda", help="WKV backend (model.kernel)")
     p.add_argument("--grad-cp", choices=("on", "off"), default=None,
                    help="gradient checkpointing per block (default: each config's train.grad_cp)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training loss (compiles per micro-batch)")
+    p.add_argument("--weights", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16: bf16 model with float32 master weights (DeepSpeed bf16, the presets' strategy); "
+                        "fp32: float32 weights under bf16 autocast (Lightning bf16-mixed). Default bf16")
+    p.add_argument("--compile", choices=("off", "loss", "blocks"), default="off",
+                   help="torch.compile the whole training loss, or each block; default off")
     p.add_argument("--out", type=Path, default=REPO / "out" / "bench_train", help="folder for bench_train.md/.csv")
     args = p.parse_args(argv)
     if args.micro_batch is not None and len(args.micro_batch) not in (1, len(args.configs)):
@@ -91,19 +106,27 @@ def is_out_of_memory(err: BaseException) -> bool:
 class Bench:
     """One config's model, optimiser and step function on the GPU."""
 
-    def __init__(self, cfg, compile_loss: bool):
+    def __init__(self, cfg, weights: str, compile_mode: str):
         from rwkv_train.models import build_model
         from rwkv_train.module import RWKVModule
 
         self.cfg = cfg
-        self.model = build_model(cfg.model, device="cuda")
-        self.model.grad_cp = cfg.train.grad_cp
-        self.model.train()
+        self.model = build_model(cfg.model, device="cuda")  # float32: the weights the optimiser steps
         # The real optimiser: parameter groups, fused AdamW and LR schedule of the training module.
         optimizers = RWKVModule(cfg, self.model, total_steps=1000).configure_optimizers()
         self.optimizer = optimizers["optimizer"]
         self.schedule = optimizers["lr_scheduler"]["scheduler"]
-        self.loss_fn: Callable = torch.compile(self.model.loss) if compile_loss else self.model.loss
+        # The model forward and backward run on: a bf16 copy, or the float32 model itself under autocast.
+        self.compute = copy.deepcopy(self.model).to(torch.bfloat16) if weights == "bf16" else self.model
+        self.masters = list(self.model.parameters())
+        self.copies = list(self.compute.parameters())
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if weights == "fp32" else nullcontext()
+        self.compute.grad_cp = cfg.train.grad_cp
+        self.compute.train()
+        if compile_mode == "blocks":
+            for block in self.compute.blocks:
+                block.compile()
+        self.loss_fn: Callable = torch.compile(self.compute.loss) if compile_mode == "loss" else self.compute.loss
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def step(self, micro_batch: int) -> float:
@@ -111,14 +134,21 @@ class Bench:
         ctx_len, vocab = self.cfg.data.ctx_len, self.cfg.model.vocab_size
         tokens = torch.randint(0, vocab, (micro_batch, ctx_len + 1), device="cuda")
         idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # Lightning's bf16-mixed
+        with self.autocast:
             loss = self.loss_fn(idx, targets)
         loss.backward()
+        if self.compute is not self.model:  # the bf16 gradients to the float32 master weights
+            for master, copy_ in zip(self.masters, self.copies):
+                master.grad = None if copy_.grad is None else copy_.grad.float()
+                copy_.grad = None
         if self.cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.masters, self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
+        if self.compute is not self.model:
+            with torch.no_grad():
+                torch._foreach_copy_(self.copies, self.masters)
         return loss.item()
 
     def fits(self, micro_batch: int) -> bool:
@@ -131,11 +161,12 @@ class Bench:
                 raise
         # outside the except block: the traceback, and the activations its frames hold, are gone
         self.optimizer.zero_grad(set_to_none=True)
+        self.compute.zero_grad(set_to_none=True)
         release_memory()
         return False
 
     def close(self) -> None:
-        del self.model, self.optimizer, self.schedule, self.loss_fn
+        del self.model, self.compute, self.masters, self.copies, self.optimizer, self.schedule, self.loss_fn
         release_memory()
 
 
@@ -166,9 +197,9 @@ def bench_config(path: str, micro_batch: int | None, args: argparse.Namespace) -
 
     cfg = load_bench_config(path, args.ctx_len, args.kernel, args.grad_cp)
     per_token = flops_per_token(cfg.model, cfg.data.ctx_len)
-    bench = Bench(cfg, args.compile)
+    bench = Bench(cfg, args.weights, args.compile)
     result = Result(config=Path(path).stem, params=bench.params, micro_batch=None, ctx_len=cfg.data.ctx_len,
-                    grad_cp=cfg.train.grad_cp, kernel=args.kernel, compiled=args.compile,
+                    grad_cp=cfg.train.grad_cp, kernel=args.kernel, weights=args.weights, compiled=args.compile,
                     gflop_per_token=round(per_token / 1e9, 6), device=torch.cuda.get_device_name())
     try:
         candidates = [micro_batch] if micro_batch is not None else list(MICRO_BATCHES)
@@ -244,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     from rwkv_train.errors import UserError
 
     torch.manual_seed(0)
-    notes = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, fused AdamW, "
-             f"WKV kernel {args.kernel}{', torch.compile' if args.compile else ''}; "
+    weights = ("bf16 weights, float32 master weights" if args.weights == "bf16"
+               else "float32 weights under bf16 autocast")
+    compiled = {"off": "", "loss": ", torch.compile of the loss", "blocks": ", torch.compile of each block"}
+    notes = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {weights}, fused AdamW, "
+             f"WKV kernel {args.kernel}{compiled[args.compile]}; "
              f"{args.warmup} warm-up + {args.steps} timed steps per config")
     print(notes, flush=True)
     results = []

@@ -3,8 +3,9 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_kernels.py
     python scripts/sanitize_kernels.py v7          # one generation, without the sanitizer
 
-One call per generation (B=1, T=33, one head of 64 channels; v4 with C=64), from a random initial
-state, with every input and the state requiring gradients; T=33 leaves a partial chunk at the end.
+One call per generation (B=1, T=33, one head of 64 channels; v4 with C=64 and T=200), from a random
+initial state, with every input and the state requiring gradients; T=33 leaves a partial chunk at the
+end, and v4's T=200 is cut into several groups of chunks with a partial one last.
 The sanitizer reports any out-of-bounds or misaligned access; this script checks that every output
 and gradient is finite (outputs start as NaN, so an unwritten element fails) and prints OK.
 Needs a CUDA device (the kernels are built on first use).
@@ -27,6 +28,7 @@ from rwkv_train.ops import kernels
 
 GENERATIONS = ("v4", "v5", "v6", "v7")
 B, T, H, N = 1, 33, 1, 64
+V4_STEPS = 200  # 13 chunks of 16: the v4 kernel runs them as 3 groups, the last partial
 
 
 def _leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -40,7 +42,7 @@ def _randn(*shape: int) -> torch.Tensor:
 def run_v4() -> list[torch.Tensor]:
     from rwkv_train.ops.wkv4_cuda import wkv4_cuda
 
-    C = N
+    C, T = N, V4_STEPS
     w = _leaf(-torch.exp(torch.rand(C) * 8 - 5), torch.float32)
     u = _leaf(0.5 * _randn(C), torch.float32)
     k, v = _leaf((2 * _randn(B, T, C)).clamp(-5, 5), torch.bfloat16), _leaf(_randn(B, T, C), torch.bfloat16)

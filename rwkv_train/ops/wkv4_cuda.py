@@ -1,15 +1,18 @@
 """RWKV-4 WKV on the GPU: the kernel in `cuda/wkv4.cu` as torch custom ops.
 
 `wkv4_cuda` has the contract of `rwkv_train.ops.wkv4.wkv4_chunked`: same outputs and gradients
-(w, u, k, v and the whole initial state, with the final state's exponent ppT differentiable), for any
+(w, u, k, v and the whole initial state; the final state's exponent pp is differentiable), for any
 B, T >= 1 and C. k and v go to the kernel in bf16 and y comes back in bf16; everything else, the
 arithmetic included, is float32.
 
 Two ops, `rwkv_train::wkv4_forward` and `rwkv_train::wkv4_backward`, each with a fake (shape-only)
 implementation, so torch.compile keeps them as opaque calls. The forward also returns the state
-before every chunk of CHECKPOINT_EVERY tokens; the backward recomputes each chunk from it instead of
-keeping the state at every token. The extension is built (or loaded from the cache) at the first
-call, never at import.
+before every chunk of CHECKPOINT_EVERY tokens, and which token set the final exponent pp; the
+backward recomputes each chunk from its checkpoint instead of keeping the state at every token. The
+extension is built (or loaded from the cache) at the first call, never at import.
+
+The final pp is max(pp0 + T w, max_t k_t + (T-1-t) w). Its gradient goes to the token that set it (the
+first one on a tie) and to w, or to pp0 and w when no token beats pp0 + T w.
 """
 
 from __future__ import annotations
@@ -32,84 +35,78 @@ def _n_checkpoints(T: int) -> int:  # T may be a symbolic size under torch.compi
 
 @torch.library.custom_op("rwkv_train::wkv4_forward", mutates_args=())
 def _wkv4_forward(
-    w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa0: Tensor, bb0: Tensor, pp0: Tensor, ppT: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y [B, T, C] bf16, the final (aa, bb) at scale ppT, and the checkpoints [B, ceil(T/16), 3, C]."""
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa0: Tensor, bb0: Tensor, pp0: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y [B, T, C] bf16; the final (aa, bb, pp) [B, C]; the token that set pp [B, C] int32 (-1: pp0);
+    the checkpoints [B, ceil(T/16), 3, C]."""
     B, T, C = k.shape
     y = kernels.new_output((B, T, C), torch.bfloat16, k.device)
-    aa = kernels.new_output((B, C), torch.float32, k.device)
-    bb = kernels.new_output((B, C), torch.float32, k.device)
+    aa, bb, pp = (kernels.new_output((B, C), torch.float32, k.device) for _ in range(3))
+    arg = torch.empty((B, C), dtype=torch.int32, device=k.device)
     checkpoints = kernels.new_output((B, _n_checkpoints(T), 3, C), torch.float32, k.device)
-    kernels.load("v4").forward(w, u, k, v, aa0, bb0, pp0, ppT, y, aa, bb, checkpoints)
-    return y, aa, bb, checkpoints
+    kernels.load("v4").forward(w, u, k, v, aa0, bb0, pp0, y, aa, bb, pp, arg, checkpoints)
+    return y, aa, bb, pp, arg, checkpoints
 
 
 @_wkv4_forward.register_fake
-def _(w, u, k, v, aa0, bb0, pp0, ppT):
+def _(w, u, k, v, aa0, bb0, pp0):
     B, T, C = k.shape
     y, checkpoints = k.new_empty((B, T, C)), aa0.new_empty((B, _n_checkpoints(T), 3, C))
-    return y, aa0.new_empty((B, C)), aa0.new_empty((B, C)), checkpoints
+    per_row = [aa0.new_empty((B, C)) for _ in range(3)]
+    return y, *per_row, aa0.new_empty((B, C), dtype=torch.int32), checkpoints
 
 
 @torch.library.custom_op("rwkv_train::wkv4_backward", mutates_args=())
 def _wkv4_backward(
-    w: Tensor, u: Tensor, k: Tensor, v: Tensor, checkpoints: Tensor, ppT: Tensor, gy: Tensor, g_aa: Tensor, g_bb: Tensor
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, checkpoints: Tensor, arg: Tensor, g_p: Tensor, gy: Tensor,
+    g_aa: Tensor, g_bb: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of w and u per batch row [B, C], of k and v [B, T, C] bf16, of the initial (aa, bb) [B, C]."""
+    """Gradients of w and u per batch row [B, C], of k and v [B, T, C] bf16, of the initial (aa, bb) [B, C].
+
+    g_p [B, C] is the gradient that reaches the final exponent pp; it joins dk at token `arg`. Its parts
+    through w and pp0 are not included.
+    """
     B, T, C = k.shape
     gw, gu = (kernels.new_output((B, C), torch.float32, k.device) for _ in range(2))
     gk, gv = (kernels.new_output((B, T, C), torch.bfloat16, k.device) for _ in range(2))
     g_aa0, g_bb0 = (kernels.new_output((B, C), torch.float32, k.device) for _ in range(2))
-    kernels.load("v4").backward(w, u, k, v, checkpoints, ppT, gy, g_aa, g_bb, gw, gu, gk, gv, g_aa0, g_bb0)
+    kernels.load("v4").backward(w, u, k, v, checkpoints, arg, g_p, gy, g_aa, g_bb, gw, gu, gk, gv, g_aa0, g_bb0)
     return gw, gu, gk, gv, g_aa0, g_bb0
 
 
 @_wkv4_backward.register_fake
-def _(w, u, k, v, checkpoints, ppT, gy, g_aa, g_bb):
-    def per_row() -> Tensor:  # [B, C] float32, like ppT
-        return ppT.new_empty(ppT.shape)
+def _(w, u, k, v, checkpoints, arg, g_p, gy, g_aa, g_bb):
+    def per_row() -> Tensor:  # [B, C] float32, like g_p
+        return g_p.new_empty(g_p.shape)
 
     return per_row(), per_row(), k.new_empty(k.shape), v.new_empty(v.shape), per_row(), per_row()
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    w, u, k, v, aa0, bb0, _, ppT = inputs
-    _, aa, bb, checkpoints = output
-    ctx.save_for_backward(w, u, k, v, aa0, bb0, ppT, aa, bb, checkpoints)
-    ctx.mark_non_differentiable(checkpoints)
+    w, u, k, v, aa0, bb0, _ = inputs
+    _, aa, bb, _, arg, checkpoints = output
+    ctx.save_for_backward(w, u, k, v, aa0, bb0, aa, bb, arg, checkpoints)
+    ctx.mark_non_differentiable(arg, checkpoints)
 
 
-def _backward(ctx, gy: Tensor, g_aa: Tensor, g_bb: Tensor, _g_checkpoints: Tensor):
-    w, u, k, v, aa0, bb0, ppT, aa, bb, checkpoints = ctx.saved_tensors
+def _backward(ctx, gy: Tensor, g_aa: Tensor, g_bb: Tensor, g_pp: Tensor, _g_arg: Tensor, _g_checkpoints: Tensor):
+    w, u, k, v, aa0, bb0, aa, bb, arg, checkpoints = ctx.saved_tensors
     # autograd hands over zeros for unused outputs; an expanded (stride-0) gradient needs a real copy
     gy = torch.zeros_like(k) if gy is None else gy.to(torch.bfloat16).contiguous()
     g_aa = torch.zeros_like(aa) if g_aa is None else g_aa.float().contiguous()
     g_bb = torch.zeros_like(bb) if g_bb is None else g_bb.float().contiguous()
-    gw, gu, gk, gv, g_aa0, g_bb0 = _wkv4_backward(w, u, k, v, checkpoints, ppT, gy, g_aa, g_bb)
-    # (aa0, bb0, pp0) stands for (aa0, bb0) e^pp0, and the outputs for (aa, bb) e^ppT: the exponents
-    # act as scales on those sums (as in `_Wkv4Scan.backward`).
-    g_pp0 = g_aa0 * aa0 + g_bb0 * bb0
-    g_ppT = -(g_aa * aa + g_bb * bb)
-    return gw.sum(0), gu.sum(0), gk, gv, g_aa0, g_bb0, g_pp0, g_ppT
+    g_pp = torch.zeros_like(aa) if g_pp is None else g_pp.float()
+    # (aa, bb, pp) stands for (aa, bb) e^pp: pp is a scale on the sums, and a function of w, k and pp0
+    # through the token `arg` that set it.
+    g_p = (g_pp - g_aa * aa - g_bb * bb).contiguous()
+    gw, gu, gk, gv, g_aa0, g_bb0 = _wkv4_backward(w, u, k, v, checkpoints, arg, g_p, gy, g_aa, g_bb)
+    from_pp0 = arg < 0
+    steps = torch.where(from_pp0, k.shape[1], k.shape[1] - 1 - arg)  # pp = (pp0 or k_arg) + steps * w
+    g_pp0 = g_aa0 * aa0 + g_bb0 * bb0 + torch.where(from_pp0, g_p, 0.0)
+    return gw.sum(0) + (g_p * steps).sum(0), gu.sum(0), gk, gv, g_aa0, g_bb0, g_pp0
 
 
 _wkv4_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _final_exponent(w: Tensor, k: Tensor, pp0: Tensor) -> Tensor:
-    """ppT = max(pp0 + T w, max_t k_t + (T-1-t) w), the final state's largest exponent, differentiable.
-
-    The value and the gradient of `wkv4_chunked`'s, except that a tie inside the maximum over time
-    sends the gradient to the first of the tied tokens instead of sharing it. The maximum is located
-    without autograd and then gathered, so the backward keeps one index per (b, c), not a float32
-    copy of k. k is the bf16 k the kernel sees, so its own final exponent equals ppT up to rounding.
-    """
-    T = k.shape[1]
-    age = torch.arange(T - 1, -1, -1, device=k.device, dtype=torch.float32)[:, None]  # (T, 1): steps to the end
-    with torch.no_grad():
-        last = (k.float() + age * w).argmax(dim=1, keepdim=True)  # (B, 1, C)
-    from_tokens = k.gather(1, last).float() + (T - 1 - last).float() * w  # (B, 1, C)
-    return torch.maximum(pp0 + T * w, from_tokens[:, 0])
 
 
 def wkv4_cuda(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Wkv4State | None = None) -> tuple[Tensor, Wkv4State]:
@@ -125,6 +122,5 @@ def wkv4_cuda(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Wkv4State | Non
         return k.new_zeros((B, 0, C), dtype=torch.bfloat16), (aa0, bb0, pp0)
     w, u = w.float().contiguous(), u.float().contiguous()
     k, v = k.to(torch.bfloat16).contiguous(), v.to(torch.bfloat16).contiguous()
-    ppT = _final_exponent(w, k, pp0)
-    y, aa, bb, _ = _wkv4_forward(w, u, k, v, aa0, bb0, pp0, ppT)
-    return y, (aa, bb, ppT)
+    y, aa, bb, pp, _, _ = _wkv4_forward(w, u, k, v, aa0, bb0, pp0)
+    return y, (aa, bb, pp)
