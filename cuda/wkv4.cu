@@ -18,6 +18,9 @@
 //             outputs     each group from its start state: y, the state before every chunk
 //                         (checkpoints for the backward), and from the last group the final state
 // The decay over a whole group is the scalar e^(L w), so carrying is one combine per group.
+// A block is 128 channels of one (b, group). The chunks of k, v and dy go through shared memory, moved
+// 16 bytes per thread (whole row segments) and fetched one chunk ahead of the one being computed; y, dk
+// and dv leave the same way.
 //
 // Backward. The outputs do not depend on which scale P a state is kept at, so the gradient is taken
 // with every P (and o, o2) held fixed. GA, GB are dL/dA, dL/dBs at the current scale; they start as
@@ -50,15 +53,17 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 namespace wkv4 {
 
 using bf16 = __nv_bfloat16;
 
-// Tokens between checkpoints. The backward holds a chunk's states in registers (five floats per
+// Tokens between checkpoints. The backward holds a chunk's states in registers (three floats per
 // token), so this trades checkpoint memory (3 floats per (b, c) per chunk) against registers.
 // rwkv_train/ops/wkv4_cuda.py allocates the checkpoint buffer with the same value.
 constexpr int kChunk = 16;
+// Channels per block, one per thread. A block's threads share (b, group) and walk the same chunks.
 constexpr int kThreads = 128;
 // Each group costs its (b, c) chain one carry step, so groups are at least this many chunks long.
 constexpr int kMinGroupChunks = 4;
@@ -66,25 +71,26 @@ constexpr int kMinGroupChunks = 4;
 constexpr float kEmpty = -1e38f;
 
 // How T is cut: groups of `group` chunks (the last may be shorter), all but the last full.
+// vec: every [B, T, C] row can be moved 8 bf16 (16 bytes) at a time (C % 8 == 0, aligned pointers).
 struct Plan {
   int B, T, C, n_chunks, group, n_groups;
+  bool vec;
   __device__ int first_chunk(int g) const { return g * group; }
   __device__ int end_chunk(int g) const { return min(n_chunks, (g + 1) * group); }
   __device__ int end_token(int g) const { return min(T, (g + 1) * group * kChunk); }
 };
 
-// The thread's (b, c) pair, and the offset of its token 0 in a [B, T, C] tensor.
+// The thread's (b, c) pair: blocks are (channel tile, group, b), threads the tile's channels.
 struct Lane {
   int64_t bc;
-  int b, c;
-  int64_t first;
-  bool valid;
+  int b, c, c0;
+  bool valid;  // c < C; the other threads of a partial tile only help move tiles
   __device__ explicit Lane(const Plan& p) {
-    bc = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    valid = bc < static_cast<int64_t>(p.B) * p.C;
-    b = static_cast<int>(bc / p.C);
-    c = static_cast<int>(bc % p.C);
-    first = static_cast<int64_t>(b) * p.T * p.C + c;
+    b = blockIdx.z;
+    c0 = blockIdx.x * kThreads;
+    c = c0 + threadIdx.x;
+    valid = c < p.C;
+    bc = static_cast<int64_t>(b) * p.C + c;
   }
 };
 
@@ -97,13 +103,80 @@ __device__ __forceinline__ int64_t checkpoint_at(const Plan& p, int b, int j, in
   return slot_at(p, b, j, s, p.n_chunks, 3);
 }
 
-// One chunk's values of a [B, T, C] stream, every load issued before any is used.
-__device__ __forceinline__ void load_chunk(const bf16* __restrict__ x, const Lane& l, const Plan& p, int t0, int t_end,
-                                           float (&out)[kChunk]) {
-#pragma unroll
-  for (int i = 0; i < kChunk; ++i) {
-    if (t0 + i < t_end) out[i] = __bfloat162float(x[l.first + static_cast<int64_t>(t0 + i) * p.C]);
+// ---- chunk tiles: [kChunk tokens, kThreads channels] of a [B, T, C] bf16 stream ------------------------
+// Moved between global and shared memory 16 bytes per thread per access, so a warp reads or writes
+// whole 256-byte row segments; each thread then works on its own column in shared memory.
+
+constexpr int kRowVecs = kThreads / 8;                 // 16-byte pieces per tile row
+constexpr int kVecsPerThread = kChunk * kRowVecs / kThreads;
+
+struct TileIndex {
+  int row, col;  // token in the chunk, first of 8 channels in the tile
+  __device__ explicit TileIndex(int r) {
+    const int q = threadIdx.x + r * kThreads;
+    row = q / kRowVecs;
+    col = (q % kRowVecs) * 8;
   }
+};
+
+union Piece {
+  uint4 vec;
+  bf16 x[8];
+};
+
+// One stream's chunk in registers, on its way into shared memory: loaded one chunk ahead, so the
+// loads are in flight while the current chunk computes.
+struct TileLoad {
+  Piece part[kVecsPerThread];
+
+  __device__ void get(const bf16* __restrict__ x, const Plan& p, const Lane& l, int t0, int t_end) {
+#pragma unroll
+    for (int r = 0; r < kVecsPerThread; ++r) {
+      const TileIndex at(r);
+      const int t = t0 + at.row, c = l.c0 + at.col;
+      const bf16* src = x + (static_cast<int64_t>(l.b) * p.T + t) * p.C + c;
+      if (t < t_end && p.vec && c < p.C) {
+        part[r].vec = *reinterpret_cast<const uint4*>(src);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part[r].x[e] = t < t_end && c + e < p.C ? src[e] : __float2bfloat16(0.0f);
+      }
+    }
+  }
+
+  __device__ void put(bf16* __restrict__ tile) const {
+#pragma unroll
+    for (int r = 0; r < kVecsPerThread; ++r) {
+      const TileIndex at(r);
+      *reinterpret_cast<uint4*>(tile + at.row * kThreads + at.col) = part[r].vec;
+    }
+  }
+};
+
+// A chunk of output, written by each thread into its column of `tile`, then stored row-wise.
+__device__ __forceinline__ void store_tile(const bf16* __restrict__ tile, bf16* __restrict__ x, const Plan& p,
+                                           const Lane& l, int t0, int t_end) {
+#pragma unroll
+  for (int r = 0; r < kVecsPerThread; ++r) {
+    const TileIndex at(r);
+    const int t = t0 + at.row, c = l.c0 + at.col;
+    if (t >= t_end || c >= p.C) continue;
+    Piece piece;
+    piece.vec = *reinterpret_cast<const uint4*>(tile + at.row * kThreads + at.col);
+    bf16* dst = x + (static_cast<int64_t>(l.b) * p.T + t) * p.C + c;
+    if (p.vec) {
+      *reinterpret_cast<uint4*>(dst) = piece.vec;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (c + e < p.C) dst[e] = piece.x[e];
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float column(const bf16* __restrict__ tile, int i) {
+  return __bfloat162float(tile[i * kThreads + threadIdx.x]);
 }
 
 // y_t and the weights it was formed with, read from the state before token t.
@@ -146,45 +219,59 @@ struct State {
   }
 };
 
+// Threads past C compute on this harmless state (and w = u = 0) and write nothing.
+constexpr State kIdle{0.0f, 1.0f, 0.0f};
+
 __device__ __forceinline__ State load_checkpoint(const float* __restrict__ cp, const Plan& p, const Lane& l, int j) {
+  if (!l.valid) return kIdle;
   return {cp[checkpoint_at(p, l.b, j, 0) + l.c], cp[checkpoint_at(p, l.b, j, 1) + l.c],
           cp[checkpoint_at(p, l.b, j, 2) + l.c]};
 }
 
 __device__ __forceinline__ void store_checkpoint(float* __restrict__ cp, const Plan& p, const Lane& l, int j,
                                                  const State& s) {
+  if (!l.valid) return;
   cp[checkpoint_at(p, l.b, j, 0) + l.c] = s.A;
   cp[checkpoint_at(p, l.b, j, 1) + l.c] = s.Bs;
   cp[checkpoint_at(p, l.b, j, 2) + l.c] = s.P;
+}
+
+__device__ __forceinline__ float per_channel(const float* __restrict__ x, const Lane& l) {
+  return l.valid ? x[l.c] : 0.0f;
 }
 
 // ---- forward --------------------------------------------------------------------------------------
 
 // Group g (< n_groups - 1) from the empty state: its (A, Bs, P) into sums [B, n_groups, 3, C] and the
 // token that set its P into sum_arg [B, n_groups, C].
-__global__ void summarize_kernel(Plan p, const float* __restrict__ w, const bf16* __restrict__ k,
-                                 const bf16* __restrict__ v, float* __restrict__ sums, int* __restrict__ sum_arg) {
+__global__ void __launch_bounds__(kThreads) summarize_kernel(Plan p, const float* __restrict__ w,
+                                                             const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                                             float* __restrict__ sums, int* __restrict__ sum_arg) {
+  __shared__ __align__(16) bf16 sk[kChunk * kThreads], sv[kChunk * kThreads];
   const Lane l(p);
-  if (!l.valid) return;
   const int g = blockIdx.y;
-  const float wc = w[l.c];
-  const int t_end = p.end_token(g);
+  const float wc = per_channel(w, l);
+  const int t_end = p.end_token(g), j0 = p.first_chunk(g), j1 = p.end_chunk(g);
   State s{0.0f, 0.0f, kEmpty};
   int arg = -1;
-  for (int j = p.first_chunk(g); j < p.end_chunk(g); ++j) {
+  TileLoad fk, fv;
+  fk.get(k, p, l, j0 * kChunk, t_end), fv.get(v, p, l, j0 * kChunk, t_end);
+  for (int j = j0; j < j1; ++j) {
     const int t0 = j * kChunk;
-    float ks[kChunk], vs[kChunk];
-    load_chunk(k, l, p, t0, t_end, ks);
-    load_chunk(v, l, p, t0, t_end, vs);
+    __syncthreads();
+    fk.put(sk), fv.put(sv);
+    __syncthreads();
+    if (j + 1 < j1) fk.get(k, p, l, t0 + kChunk, t_end), fv.get(v, p, l, t0 + kChunk, t_end);
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
       if (t0 + i < t_end) {
-        const TakeIn d = take_in(s.P, wc, ks[i]);
+        const TakeIn d = take_in(s.P, wc, column(sk, i));
         if (d.sets_max) arg = t0 + i;
-        s.take(d, vs[i]);
+        s.take(d, column(sv, i));
       }
     }
   }
+  if (!l.valid) return;
   sums[slot_at(p, l.b, g, 0, p.n_groups, 3) + l.c] = s.A;
   sums[slot_at(p, l.b, g, 1, p.n_groups, 3) + l.c] = s.Bs;
   sums[slot_at(p, l.b, g, 2, p.n_groups, 3) + l.c] = s.P;
@@ -219,36 +306,43 @@ __global__ void carry_kernel(Plan p, const float* __restrict__ w, const float* _
 
 // Group g from its start state: y, the other checkpoints of the group, and from the last group the
 // final (aa, bb, pp) and the token that set pp (arg, read and rewritten).
-__global__ void outputs_kernel(Plan p, const float* __restrict__ w, const float* __restrict__ u,
-                               const bf16* __restrict__ k, const bf16* __restrict__ v, float* __restrict__ checkpoints,
-                               int* __restrict__ arg, bf16* __restrict__ y, float* __restrict__ aa,
-                               float* __restrict__ bb, float* __restrict__ pp) {
+__global__ void __launch_bounds__(kThreads) outputs_kernel(Plan p, const float* __restrict__ w,
+                                                           const float* __restrict__ u, const bf16* __restrict__ k,
+                                                           const bf16* __restrict__ v, float* __restrict__ checkpoints,
+                                                           int* __restrict__ arg, bf16* __restrict__ y,
+                                                           float* __restrict__ aa, float* __restrict__ bb,
+                                                           float* __restrict__ pp) {
+  __shared__ __align__(16) bf16 sk[kChunk * kThreads], sv[kChunk * kThreads], sy[kChunk * kThreads];
   const Lane l(p);
-  if (!l.valid) return;
   const int g = blockIdx.y;
   const bool last = g + 1 == p.n_groups;
-  const float wc = w[l.c], uc = u[l.c];
-  const int t_end = p.end_token(g);
-  State s = load_checkpoint(checkpoints, p, l, p.first_chunk(g));
-  int a = last ? arg[l.bc] : -1;
-  for (int j = p.first_chunk(g); j < p.end_chunk(g); ++j) {
-    if (j != p.first_chunk(g)) store_checkpoint(checkpoints, p, l, j, s);
+  const float wc = per_channel(w, l), uc = per_channel(u, l);
+  const int t_end = p.end_token(g), j0 = p.first_chunk(g), j1 = p.end_chunk(g);
+  State s = load_checkpoint(checkpoints, p, l, j0);
+  int a = last && l.valid ? arg[l.bc] : -1;
+  TileLoad fk, fv;
+  fk.get(k, p, l, j0 * kChunk, t_end), fv.get(v, p, l, j0 * kChunk, t_end);
+  for (int j = j0; j < j1; ++j) {
     const int t0 = j * kChunk;
-    float ks[kChunk], vs[kChunk];
-    load_chunk(k, l, p, t0, t_end, ks);
-    load_chunk(v, l, p, t0, t_end, vs);
+    if (j != j0) store_checkpoint(checkpoints, p, l, j, s);
+    __syncthreads();
+    fk.put(sk), fv.put(sv);
+    __syncthreads();
+    if (j + 1 < j1) fk.get(k, p, l, t0 + kChunk, t_end), fv.get(v, p, l, t0 + kChunk, t_end);
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
       if (t0 + i < t_end) {
-        const Readout r = read_out(s.A, s.Bs, s.P, uc, ks[i], vs[i]);
-        y[l.first + static_cast<int64_t>(t0 + i) * p.C] = __float2bfloat16(r.y);
-        const TakeIn d = take_in(s.P, wc, ks[i]);
+        const float kt = column(sk, i), vt = column(sv, i);
+        sy[i * kThreads + threadIdx.x] = __float2bfloat16(read_out(s.A, s.Bs, s.P, uc, kt, vt).y);
+        const TakeIn d = take_in(s.P, wc, kt);
         if (d.sets_max) a = t0 + i;
-        s.take(d, vs[i]);
+        s.take(d, vt);
       }
     }
+    __syncthreads();
+    store_tile(sy, y, p, l, t0, t_end);
   }
-  if (last) {
+  if (last && l.valid) {
     aa[l.bc] = s.A;
     bb[l.bc] = s.Bs;
     pp[l.bc] = s.P;
@@ -260,36 +354,46 @@ __global__ void outputs_kernel(Plan p, const float* __restrict__ w, const float*
 
 // Group g (>= 1) walked forward from its start: the part of (GA, GB) at its start that comes from its
 // own dy, and D, into gsums [B, n_groups, 3, C].
-__global__ void grad_summarize_kernel(Plan p, const float* __restrict__ w, const float* __restrict__ u,
-                                      const bf16* __restrict__ k, const bf16* __restrict__ v,
-                                      const bf16* __restrict__ gy, const float* __restrict__ checkpoints,
-                                      float* __restrict__ gsums) {
+__global__ void __launch_bounds__(kThreads) grad_summarize_kernel(Plan p, const float* __restrict__ w,
+                                                                  const float* __restrict__ u,
+                                                                  const bf16* __restrict__ k,
+                                                                  const bf16* __restrict__ v,
+                                                                  const bf16* __restrict__ gy,
+                                                                  const float* __restrict__ checkpoints,
+                                                                  float* __restrict__ gsums) {
+  __shared__ __align__(16) bf16 sk[kChunk * kThreads], sv[kChunk * kThreads], sg[kChunk * kThreads];
   const Lane l(p);
-  if (!l.valid) return;
   const int g = blockIdx.y + 1;
-  const float wc = w[l.c], uc = u[l.c];
-  const int t_end = p.end_token(g);
-  State s = load_checkpoint(checkpoints, p, l, p.first_chunk(g));
+  const float wc = per_channel(w, l), uc = per_channel(u, l);
+  const int t_end = p.end_token(g), j0 = p.first_chunk(g), j1 = p.end_chunk(g);
+  State s = load_checkpoint(checkpoints, p, l, j0);
   float GA = 0.0f, GB = 0.0f, D = 1.0f;  // D: product of f1 over the tokens walked
-  for (int j = p.first_chunk(g); j < p.end_chunk(g); ++j) {
+  TileLoad fk, fv, fg;
+  fk.get(k, p, l, j0 * kChunk, t_end), fv.get(v, p, l, j0 * kChunk, t_end), fg.get(gy, p, l, j0 * kChunk, t_end);
+  for (int j = j0; j < j1; ++j) {
     const int t0 = j * kChunk;
-    float ks[kChunk], vs[kChunk], gys[kChunk];
-    load_chunk(k, l, p, t0, t_end, ks);
-    load_chunk(v, l, p, t0, t_end, vs);
-    load_chunk(gy, l, p, t0, t_end, gys);
+    __syncthreads();
+    fk.put(sk), fv.put(sv), fg.put(sg);
+    __syncthreads();
+    if (j + 1 < j1) {
+      fk.get(k, p, l, t0 + kChunk, t_end), fv.get(v, p, l, t0 + kChunk, t_end);
+      fg.get(gy, p, l, t0 + kChunk, t_end);
+    }
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
       if (t0 + i < t_end) {
-        const Readout r = read_out(s.A, s.Bs, s.P, uc, ks[i], vs[i]);
-        const float ge = D * gys[i] * r.inv_den * r.e1;
+        const float kt = column(sk, i), vt = column(sv, i);
+        const Readout r = read_out(s.A, s.Bs, s.P, uc, kt, vt);
+        const float ge = D * column(sg, i) * r.inv_den * r.e1;
         GA += ge;
         GB -= ge * r.y;
-        const TakeIn d = take_in(s.P, wc, ks[i]);
+        const TakeIn d = take_in(s.P, wc, kt);
         D *= d.f1;
-        s.take(d, vs[i]);
+        s.take(d, vt);
       }
     }
   }
+  if (!l.valid) return;
   gsums[slot_at(p, l.b, g, 0, p.n_groups, 3) + l.c] = GA;
   gsums[slot_at(p, l.b, g, 1, p.n_groups, 3) + l.c] = GB;
   gsums[slot_at(p, l.b, g, 2, p.n_groups, 3) + l.c] = D;
@@ -313,58 +417,74 @@ __global__ void grad_carry_kernel(Plan p, const float* __restrict__ g_aa, const 
 
 // Group g walked back from its end: dk, dv; the group's sums of dw and du into partial
 // [B, n_groups, 2, C]; from group 0, dL/d(aa0, bb0). g_p [B, C] joins dk at token arg [B, C].
-__global__ void gradients_kernel(Plan p, const float* __restrict__ w, const float* __restrict__ u,
-                                 const bf16* __restrict__ k, const bf16* __restrict__ v,
-                                 const float* __restrict__ checkpoints, const float* __restrict__ gend,
-                                 const int* __restrict__ arg, const float* __restrict__ g_p,
-                                 const bf16* __restrict__ gy, float* __restrict__ partial, bf16* __restrict__ gk,
-                                 bf16* __restrict__ gv, float* __restrict__ g_aa0, float* __restrict__ g_bb0) {
+__global__ void __launch_bounds__(kThreads) gradients_kernel(Plan p, const float* __restrict__ w,
+                                                             const float* __restrict__ u, const bf16* __restrict__ k,
+                                                             const bf16* __restrict__ v,
+                                                             const float* __restrict__ checkpoints,
+                                                             const float* __restrict__ gend,
+                                                             const int* __restrict__ arg,
+                                                             const float* __restrict__ g_p,
+                                                             const bf16* __restrict__ gy, float* __restrict__ partial,
+                                                             bf16* __restrict__ gk, bf16* __restrict__ gv,
+                                                             float* __restrict__ g_aa0, float* __restrict__ g_bb0) {
+  __shared__ __align__(16) bf16 sk[kChunk * kThreads], sv[kChunk * kThreads], sg[kChunk * kThreads];
+  __shared__ __align__(16) bf16 sdk[kChunk * kThreads], sdv[kChunk * kThreads];
   const Lane l(p);
-  if (!l.valid) return;
   const int g = blockIdx.y;
-  const float wc = w[l.c], uc = u[l.c];
-  const int t_end = p.end_token(g);
-  const int t_max = arg[l.bc];
-  const float gp = g_p[l.bc];
-  float GA = gend[slot_at(p, l.b, g, 0, p.n_groups, 2) + l.c];
-  float GB = gend[slot_at(p, l.b, g, 1, p.n_groups, 2) + l.c];
+  const float wc = per_channel(w, l), uc = per_channel(u, l);
+  const int t_end = p.end_token(g), j0 = p.first_chunk(g), j1 = p.end_chunk(g);
+  const int t_max = l.valid ? arg[l.bc] : -1;
+  const float gp = l.valid ? g_p[l.bc] : 0.0f;
+  float GA = l.valid ? gend[slot_at(p, l.b, g, 0, p.n_groups, 2) + l.c] : 0.0f;
+  float GB = l.valid ? gend[slot_at(p, l.b, g, 1, p.n_groups, 2) + l.c] : 0.0f;
   float dw = 0.0f, du = 0.0f;
-  for (int j = p.end_chunk(g) - 1; j >= p.first_chunk(g); --j) {
+  TileLoad fk, fv, fg;
+  const int t_last = (j1 - 1) * kChunk;
+  fk.get(k, p, l, t_last, t_end), fv.get(v, p, l, t_last, t_end), fg.get(gy, p, l, t_last, t_end);
+  for (int j = j1 - 1; j >= j0; --j) {
     const int t0 = j * kChunk;
-    // Recompute the chunk from its checkpoint: the state before each token, and its inputs.
+    __syncthreads();
+    fk.put(sk), fv.put(sv), fg.put(sg);
+    __syncthreads();
+    if (j > j0) {
+      fk.get(k, p, l, t0 - kChunk, t_end), fv.get(v, p, l, t0 - kChunk, t_end);
+      fg.get(gy, p, l, t0 - kChunk, t_end);
+    }
+    // Recompute the chunk from its checkpoint: the state before each token.
     State s = load_checkpoint(checkpoints, p, l, j);
-    float As[kChunk], Bss[kChunk], Ps[kChunk], ks[kChunk], vs[kChunk], gys[kChunk];
-    load_chunk(k, l, p, t0, t_end, ks);
-    load_chunk(v, l, p, t0, t_end, vs);
-    load_chunk(gy, l, p, t0, t_end, gys);
+    float As[kChunk], Bss[kChunk], Ps[kChunk];
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
       if (t0 + i < t_end) {
         As[i] = s.A;
         Bss[i] = s.Bs;
         Ps[i] = s.P;
-        s.take(take_in(s.P, wc, ks[i]), vs[i]);
+        s.take(take_in(s.P, wc, column(sk, i)), column(sv, i));
       }
     }
     // Walk the chunk backwards; (GA, GB) goes from the state after token t to the state before it.
 #pragma unroll
     for (int i = kChunk - 1; i >= 0; --i) {
       if (t0 + i < t_end) {
-        const Readout r = read_out(As[i], Bss[i], Ps[i], uc, ks[i], vs[i]);
-        const TakeIn d = take_in(Ps[i], wc, ks[i]);
-        const float gd = gys[i] * r.inv_den;             // dy / den
-        const float g_bonus = gd * r.e2 * (vs[i] - r.y);  // through e2 = e^(u + k - o)
+        const float kt = column(sk, i), vt = column(sv, i);
+        const Readout r = read_out(As[i], Bss[i], Ps[i], uc, kt, vt);
+        const TakeIn d = take_in(Ps[i], wc, kt);
+        const float gd = column(sg, i) * r.inv_den;       // dy / den
+        const float g_bonus = gd * r.e2 * (vt - r.y);     // through e2 = e^(u + k - o)
         const float g_top = t0 + i == t_max ? gp : 0.0f;  // through P_T, at the token that set it
-        const int64_t at = l.first + static_cast<int64_t>(t0 + i) * p.C;
-        gv[at] = __float2bfloat16(d.f2 * GA + gd * r.e2);
-        gk[at] = __float2bfloat16(d.f2 * (GA * vs[i] + GB) + g_bonus + g_top);
+        sdv[i * kThreads + threadIdx.x] = __float2bfloat16(d.f2 * GA + gd * r.e2);
+        sdk[i * kThreads + threadIdx.x] = __float2bfloat16(d.f2 * (GA * vt + GB) + g_bonus + g_top);
         du += g_bonus;
         dw += d.f1 * (GA * As[i] + GB * Bss[i]);
         GA = d.f1 * GA + gd * r.e1;
         GB = d.f1 * GB - gd * r.y * r.e1;
       }
     }
+    __syncthreads();
+    store_tile(sdk, gk, p, l, t0, t_end);
+    store_tile(sdv, gv, p, l, t0, t_end);
   }
+  if (!l.valid) return;
   partial[slot_at(p, l.b, g, 0, p.n_groups, 2) + l.c] = dw;
   partial[slot_at(p, l.b, g, 1, p.n_groups, 2) + l.c] = du;
   if (g == 0) {
@@ -408,6 +528,8 @@ int64_t check_sizes(const at::Tensor& k) {
   TORCH_CHECK(k.size(1) >= 1, "wkv4 CUDA kernel: T must be >= 1, got k with shape ", k.sizes());
   TORCH_CHECK(k.size(0) * k.size(2) <= INT32_MAX && k.size(1) <= INT32_MAX,
               "wkv4 CUDA kernel: B * C and T must fit in 32 bits, got k with shape ", k.sizes());
+  TORCH_CHECK(k.size(0) <= 65535, "wkv4 CUDA kernel: B must be at most 65535 (one grid row each), got k with shape ",
+              k.sizes(), "; split the batch");
   return k.size(0) * k.size(2);
 }
 
@@ -424,12 +546,22 @@ Plan plan_for(const at::Tensor& k) {
   int64_t n_groups = (wanted + static_cast<int64_t>(B) * C - 1) / (static_cast<int64_t>(B) * C);
   n_groups = std::min<int64_t>({n_groups, std::max(1, n_chunks / kMinGroupChunks), 65535});
   const int group = static_cast<int>((n_chunks + n_groups - 1) / n_groups);
-  return {B, T, C, n_chunks, group, (n_chunks + group - 1) / group};
+  return {B, T, C, n_chunks, group, static_cast<int>((n_chunks + group - 1) / group), false};
 }
 
+// Whether every [B, T, C] stream can be moved 16 bytes at a time.
+bool vectorizable(int64_t C, std::initializer_list<const at::Tensor*> streams) {
+  if (C % 8 != 0) return false;
+  for (const at::Tensor* x : streams) {
+    if (reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Blocks: (channel tile, group, batch row).
 dim3 grid_for(const Plan& p, int groups) {
-  return dim3(static_cast<unsigned>((static_cast<int64_t>(p.B) * p.C + kThreads - 1) / kThreads),
-              static_cast<unsigned>(groups));
+  return dim3(static_cast<unsigned>((p.C + kThreads - 1) / kThreads), static_cast<unsigned>(groups),
+              static_cast<unsigned>(p.B));
 }
 
 void forward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
@@ -453,7 +585,8 @@ void forward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, cons
   if (BC == 0) return;
 
   const c10::cuda::CUDAGuard guard(device);
-  const Plan p = plan_for(k);
+  Plan p = plan_for(k);
+  p.vec = vectorizable(C, {&k, &v, &y});
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto k_ = reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>());
   const auto v_ = reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>());
@@ -499,7 +632,8 @@ void backward(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, con
   if (BC == 0) return;
 
   const c10::cuda::CUDAGuard guard(device);
-  const Plan p = plan_for(k);
+  Plan p = plan_for(k);
+  p.vec = vectorizable(C, {&k, &v, &gy, &gk, &gv});
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto k_ = reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>());
   const auto v_ = reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>());

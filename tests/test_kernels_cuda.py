@@ -48,7 +48,9 @@ pytestmark = [
 ]
 
 B, H = 2, 2
-V4_CHANNELS = 100  # v4 has no heads; B * C = 200 threads leaves the last 128-thread block partial
+V4_CHANNELS = 100  # v4 has no heads; C % 8 != 0 takes the kernel's element-by-element loads
+# C % 8 == 0 moves whole 16-byte pieces; 136 = 128 + 8 also leaves the second 128-channel tile partial
+V4_VECTOR_CHANNELS = 136
 TOL = 1e-2  # relative error for values that pass through bf16 (every kernel's inputs and y are bf16)
 CONFIGS = [("v4", None), ("v5", 64), ("v5", 128), ("v6", 64), ("v6", 128), ("v7", 64), ("v7", 128)]
 # (T, with initial state): short and odd lengths cover partial chunks inside the kernels; 1000 the long run.
@@ -91,12 +93,12 @@ def _to(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).cuda()
 
 
-def make_problem(generation: str, head_size: int | None, T: int, seed: int) -> Problem:
-    """Fresh random inputs for one generation (never zeros), at realistic magnitudes."""
+def make_problem(generation: str, head_size: int | None, T: int, seed: int, channels: int = V4_CHANNELS) -> Problem:
+    """Fresh random inputs for one generation (never zeros), at realistic magnitudes; `channels` is v4's C."""
     g = torch.Generator().manual_seed(seed)
     bf, f32 = torch.bfloat16, torch.float32
     if generation == "v4":
-        C = V4_CHANNELS
+        C = channels
         w = -torch.exp(torch.rand(C, generator=g, dtype=torch.float64) * 8 - 5)  # time_decay in [-5, 3], as at init
         u = math.log(0.3) + 0.5 * _randn(g, C)  # time_first
         k = (2 * _randn(g, B, T, C)).clamp(-5, 5)  # |k| up to ~5: exercises the running maximum
@@ -216,9 +218,19 @@ def error_log():
 @pytest.mark.parametrize("T,with_state", CASES, ids=[f"T{t}-{'state' if s else 'zero'}" for t, s in CASES])
 @pytest.mark.parametrize("generation,head_size", CONFIGS, ids=[f"{g}-h{h}" if h else g for g, h in CONFIGS])
 def test_kernel_matches_float64_reference(generation, head_size, T, with_state, error_log):
+    compare_with_reference(generation, head_size, T, with_state, error_log)
+
+
+@pytest.mark.parametrize("T,with_state", [(7, True), (200, False), (1000, True)])
+def test_v4_kernel_with_whole_row_moves_matches_reference(T, with_state, error_log):
+    """v4 with C % 8 == 0: chunks move 16 bytes per thread, and a partial channel tile is masked."""
+    compare_with_reference("v4", None, T, with_state, error_log, channels=V4_VECTOR_CHANNELS)
+
+
+def compare_with_reference(generation, head_size, T, with_state, error_log, channels=V4_CHANNELS):
     require_kernel(generation, head_size)
-    seed = seed_of(generation, head_size, T, with_state)
-    problem = make_problem(generation, head_size, T, seed)
+    seed = seed_of(generation, head_size, T, with_state, channels)
+    problem = make_problem(generation, head_size, T, seed, channels)
     with kernels.poisoned_outputs():  # forward and backward: every output buffer starts as NaN
         outs, grads = run(problem.kernel, problem.inputs, problem.n_state, with_state, seed + 1)
     ref_inputs = [x.double() for x in problem.inputs]  # exactly the values the kernel saw
