@@ -65,8 +65,6 @@ using bf16 = __nv_bfloat16;
 constexpr int kChunk = 16;
 // Channels per block, one per thread. A block's threads share (b, group) and walk the same chunks.
 constexpr int kThreads = 128;
-// Each group costs its (b, c) chain one carry step, so groups are at least this many chunks long.
-constexpr int kMinGroupChunks = 4;
 // The exponent of the empty state: every token's exponent is larger.
 constexpr float kEmpty = -1e38f;
 
@@ -532,6 +530,9 @@ int64_t check_sizes(const at::Tensor& k) {
               k.sizes(), "; split the batch");
   return k.size(0) * k.size(2);
 }
+
+// Each group costs its (b, c) chain one carry step, so groups are at least this many chunks long.
+constexpr int kMinGroupChunks = 4;
 
 // Enough (b, c, group) threads to keep every multiprocessor's thread slots full twice over, with
 // groups of at least kMinGroupChunks chunks. Depends only on the shape and the device, so the

@@ -15,8 +15,9 @@ The optimiser, parameter groups and LR schedule are those of RWKVModule.configur
 torch AdamW on the float32 weights), the gradient is clipped to optim.grad_clip, and the loss is read
 back every step, as the trainer does. Batches are uniformly random token ids.
 
---compile loss compiles the whole training loss with torch.compile; --compile blocks compiles each
-block on its own (the head and its fused loss stay eager).
+--compile loss compiles the whole training loss with torch.compile; --compile blocks compiles the call
+of each block, gradient checkpointing included (one graph for layer 0, one shared by the others; the
+embedding, the head and its fused loss stay eager).
 
 A step is forward + backward + optimiser step on one micro-batch of micro_batch x ctx_len tokens.
 Without --micro-batch, the largest of 1, 2, 4, 8, 16 that runs a whole step without running out of
@@ -124,8 +125,9 @@ class Bench:
         self.compute.grad_cp = cfg.train.grad_cp
         self.compute.train()
         if compile_mode == "blocks":
-            for block in self.compute.blocks:
-                block.compile()
+            # each block's call with its gradient checkpointing, so the recomputation runs compiled code
+            # too; layers 1..n-1 run the same code and share one graph
+            self.compute.run_block = torch.compile(self.compute.run_block)
         self.loss_fn: Callable = torch.compile(self.compute.loss) if compile_mode == "loss" else self.compute.loss
         self.params = sum(p.numel() for p in self.model.parameters())
 

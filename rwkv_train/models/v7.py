@@ -93,6 +93,9 @@ class TimeMix(nn.Module):
     def __init__(self, dims: RWKV7Dims, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
+        # forward branches on this, not on layer_id, so every later layer runs the same code: a compiled
+        # block's graph is then shared by layers 1..n-1 instead of being rebuilt for each layer_id
+        self.is_first = layer_id == 0
         C, H, N = dims.n_embd, dims.n_head, dims.head_size
         self.n_head, self.head_size = H, N
 
@@ -178,7 +181,7 @@ class TimeMix(nn.Module):
         lw = -DECAY_SCALE * torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32)))
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
-        if self.layer_id == 0:
+        if self.is_first:
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
@@ -221,6 +224,7 @@ class Block(nn.Module):
     def __init__(self, dims: RWKV7Dims, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
+        self.is_first = layer_id == 0  # see TimeMix.is_first
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(dims.n_embd)
         self.ln1 = nn.LayerNorm(dims.n_embd)
@@ -231,7 +235,7 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, v_first: Optional[Tensor], state: Optional[LayerState]
     ) -> tuple[Tensor, Tensor, LayerState]:
-        if self.layer_id == 0:
+        if self.is_first:
             x = self.ln0(x)
         att_prev, wkv_prev, ffn_prev = state if state is not None else (None, None, None)
         dx, v_first, att_last, wkv_state = self.att(self.ln1(x), v_first, att_prev, wkv_prev)
