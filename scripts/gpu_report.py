@@ -1,0 +1,152 @@
+"""Every GPU check and benchmark of the CUDA kernels in one run, summed up in one table.
+
+    python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
+    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, kernels, train)
+    python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
+
+Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
+  build      scripts/build_kernels.py: every kernel built once, in parallel
+  tests      pytest tests/test_kernels_cuda.py: every kernel against the float64 reference
+  sanitizer  compute-sanitizer memcheck over scripts/sanitize_kernels.py
+  kernels    scripts/bench_kernels.py (forward + backward times against RWKV-LM and fla)
+  train      scripts/bench_train.py (tokens/s, memory, MFU of the RWKV-7 presets)
+The summary (step, result, the line that says how it went, seconds) is printed and written to
+--out/gpu_report.md with the benchmarks' tables after it. Exits 1 if any step failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = ("build", "tests", "sanitizer", "kernels", "train")
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    timeout_s: int
+    verdict: str  # a regular expression for the line of the output that says how it went
+    table: Path | None = None  # a markdown table the step writes, appended to the report
+
+
+@dataclass
+class Outcome:
+    step: Step
+    ok: bool
+    summary: str
+    seconds: float
+
+
+def sanitizer() -> str:
+    """compute-sanitizer on PATH, else beside the nvcc torch builds with, else the bare name."""
+    if shutil.which("compute-sanitizer"):
+        return "compute-sanitizer"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    beside_nvcc = Path(CUDA_HOME) / "bin" / "compute-sanitizer" if CUDA_HOME else None
+    return str(beside_nvcc) if beside_nvcc is not None and beside_nvcc.exists() else "compute-sanitizer"
+
+
+def plan(out: Path, jobs: int) -> list[Step]:
+    py = sys.executable
+    return [
+        Step("build", [py, "scripts/build_kernels.py", "--jobs", str(jobs)], 900, r"(built|failed|ok)"),
+        Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py"], 900,
+             r"\d+ (passed|failed|error)"),
+        Step("sanitizer", [sanitizer(), "--tool", "memcheck", "--error-exitcode", "1", py,
+                           "scripts/sanitize_kernels.py"], 900, r"ERROR SUMMARY"),
+        Step("kernels", [py, "scripts/bench_kernels.py", "--out", str(out / "kernels")], 1800, r"done after",
+             out / "kernels" / "bench_kernels.md"),
+        Step("train", [py, "scripts/bench_train.py", "--out", str(out / "train")], 1800, r"written:|error",
+             out / "train" / "bench_train.md"),
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--skip", nargs="+", default=[], choices=STEPS, metavar="STEP",
+                   help=f"steps to leave out: {', '.join(STEPS)}")
+    p.add_argument("--jobs", type=int, default=4, help="kernel builds at once in the build step (default 4)")
+    p.add_argument("--out", type=Path, default=REPO / "out" / "gpu_report", help="folder for the logs and the report")
+    p.add_argument("--plan", action="store_true", help="print the steps' commands and exit; no GPU needed")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    return args
+
+
+def last_matching(text: str, pattern: str) -> str:
+    """The last output line matching `pattern` (stripped), or the last non-empty line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    matching = [line for line in lines if re.search(pattern, line)]
+    return (matching or lines or ["(no output)"])[-1]
+
+
+def run_step(step: Step, out: Path) -> Outcome:
+    log = out / f"{step.name}.log"
+    start = time.perf_counter()
+    if shutil.which(step.command[0]) is None and not Path(step.command[0]).exists():
+        return Outcome(step, False, f"{step.command[0]} not found: install it (it ships with the CUDA toolkit)", 0.0)
+    try:
+        proc = subprocess.run(step.command, cwd=REPO, capture_output=True, text=True, timeout=step.timeout_s,
+                              check=False)
+        text, ok = proc.stdout + proc.stderr, proc.returncode == 0
+    except subprocess.TimeoutExpired as err:
+        partial = err.stdout or ""
+        text = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+        text += f"\n(stopped after its {step.timeout_s} s limit)"
+        ok = False
+    log.write_text(text)
+    summary = last_matching(text, step.verdict if ok else r"(error|Error|failed|FAILED|limit)")
+    return Outcome(step, ok, summary[:160], time.perf_counter() - start)
+
+
+def report(outcomes: list[Outcome]) -> str:
+    rows = [("step", "result", "how it went", "seconds")]
+    rows += [(o.step.name, "ok" if o.ok else "FAILED", o.summary, f"{o.seconds:.0f}") for o in outcomes]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    steps = [s for s in plan(args.out, args.jobs) if s.name not in args.skip]
+    if args.plan:
+        for s in steps:
+            print(f"{s.name:<10} (limit {s.timeout_s} s)  {' '.join(s.command)}")
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: gpu_report.py runs the GPU checks and needs a CUDA device, but torch.cuda.is_available() is "
+              "False: run it on a machine with an NVIDIA GPU and a CUDA build of torch (--plan shows the steps)",
+              file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; logs in {args.out}", flush=True)
+    outcomes = []
+    for s in steps:
+        print(f"[{s.name}] {' '.join(s.command)}", flush=True)
+        outcomes.append(run_step(s, args.out))
+        print(f"[{s.name}] {'ok' if outcomes[-1].ok else 'FAILED'}: {outcomes[-1].summary}", flush=True)
+    summary = report(outcomes)
+    print("\n" + summary)
+    tables = [o.step.table.read_text() for o in outcomes if o.step.table and o.step.table.exists()]
+    md = "\n\n".join([f"# GPU report: {torch.cuda.get_device_name()}, torch {torch.__version__}",
+                      "```\n" + summary + "\n```", *tables])
+    (args.out / "gpu_report.md").write_text(md + "\n")
+    print(f"\nwritten: {args.out / 'gpu_report.md'}")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

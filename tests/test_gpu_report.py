@@ -1,0 +1,58 @@
+"""scripts/gpu_report.py on any machine: its plan, its argument checks, how it runs and sums up a step."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+
+_spec = importlib.util.spec_from_file_location("gpu_report", REPO / "scripts" / "gpu_report.py")
+gpu_report = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_report"] = gpu_report  # its dataclasses look their module up there
+_spec.loader.exec_module(gpu_report)
+
+
+def test_plan_lists_every_step_without_a_gpu():
+    result = run_cli("scripts/gpu_report.py", "--plan")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(gpu_report.STEPS)
+    assert "tests/test_kernels_cuda.py" in lines[1] and "--tool memcheck" in lines[2]
+
+
+def test_skip_leaves_steps_out_and_rejects_unknown_ones():
+    result = run_cli("scripts/gpu_report.py", "--plan", "--skip", "train", "kernels")
+    assert [line.split()[0] for line in result.stdout.strip().splitlines()] == ["build", "tests", "sanitizer"]
+    bad = run_cli("scripts/gpu_report.py", "--skip", "everything")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no CUDA device")
+def test_says_it_needs_a_gpu(tmp_path):
+    result = run_cli("scripts/gpu_report.py", "--out", str(tmp_path / "report"))
+    assert result.returncode == 1
+    assert "needs a CUDA device" in result.stderr and "--plan" in result.stderr
+    assert not (tmp_path / "report").exists(), "nothing is written when nothing ran"
+
+
+def _step(code: str, timeout_s: int = 60) -> gpu_report.Step:
+    return gpu_report.Step("probe", [sys.executable, "-c", code], timeout_s, r"passed")
+
+
+def test_a_step_is_summed_up_by_its_verdict_line_and_logged(tmp_path):
+    ok = gpu_report.run_step(_step("print('building'); print('3 passed in 1.0s'); print('bye')"), tmp_path)
+    assert ok.ok and ok.summary == "3 passed in 1.0s"
+    assert "building" in (tmp_path / "probe.log").read_text()
+
+    failed = gpu_report.run_step(_step("import sys; print('RuntimeError: boom'); print('tail'); sys.exit(3)"), tmp_path)
+    assert not failed.ok and failed.summary == "RuntimeError: boom"
+
+    slow = gpu_report.run_step(_step("import time; time.sleep(5)", timeout_s=1), tmp_path)
+    assert not slow.ok and "1 s limit" in slow.summary
+
+    table = gpu_report.report([ok, failed])
+    assert table.splitlines()[1].split()[:2] == ["probe", "ok"] and table.splitlines()[2].split()[:2] == ["probe", "FAILED"]
