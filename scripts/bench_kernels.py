@@ -51,8 +51,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,23 +352,12 @@ def make_inputs(generation: str, shape: Shape, seed: int, device: str) -> dict[s
 # RWKV-LM's kernels, wrapped as its trainers wrap them
 
 
-_poison = False
-
-
-@contextmanager
-def poisoned_outputs() -> Iterator[None]:
-    """RWKV-LM wrappers allocate outputs and gradient buffers NaN-filled (the check run)."""
-    global _poison
-    before, _poison = _poison, True
-    try:
-        yield
-    finally:
-        _poison = before
-
-
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    return out.fill_(float("nan")) if _poison else out
+    """An output or gradient buffer of the RWKV-LM wrappers: allocated as the project's op wrappers do,
+    so `kernels.poisoned_outputs()` NaN-fills them too."""
+    from rwkv_train.ops import kernels
+
+    return kernels.new_output(shape, dtype, device)
 
 
 class _RwkvLm4(torch.autograd.Function):
@@ -762,12 +750,10 @@ def measure(task: Task, inputs: dict[str, Tensor], ext: Any) -> Result:
         y.backward(dy.view(y.shape).to(y.dtype))
         return y
 
-    # Check run: every output buffer NaN-filled first (ours through the project's own switch).
+    # Check run: every output buffer NaN-filled first (ours and the RWKV-LM wrappers' alike).
     from rwkv_train.ops import kernels
 
-    switch = getattr(kernels, "poisoned_outputs", None)
-    ours_poison = switch() if v.column == "ours-cuda" and switch is not None else nullcontext()
-    with ours_poison, poisoned_outputs():
+    with kernels.poisoned_outputs():
         y = step()
     nan = (["y"] if _has_nan(y) else []) + [f"grad{i}" for i, t in enumerate(leaves) if _has_nan(t.grad)]
     res.nan = ",".join(nan)
