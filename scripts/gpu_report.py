@@ -26,6 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+try:
+    import rwkv_train  # noqa: F401
+except ImportError:  # run from a checkout without installing the package
+    sys.path.insert(0, str(REPO))
+
+from rwkv_train.ops import kernels
+
 STEPS = ("build", "tests", "sanitizer", "kernels", "train")
 
 
@@ -46,23 +53,13 @@ class Outcome:
     seconds: float
 
 
-def sanitizer() -> str:
-    """compute-sanitizer on PATH, else beside the nvcc torch builds with, else the bare name."""
-    if shutil.which("compute-sanitizer"):
-        return "compute-sanitizer"
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    beside_nvcc = Path(CUDA_HOME) / "bin" / "compute-sanitizer" if CUDA_HOME else None
-    return str(beside_nvcc) if beside_nvcc is not None and beside_nvcc.exists() else "compute-sanitizer"
-
-
 def plan(out: Path, jobs: int) -> list[Step]:
     py = sys.executable
     return [
         Step("build", [py, "scripts/build_kernels.py", "--jobs", str(jobs)], 900, r"(built|failed|ok)"),
         Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py"], 900,
              r"\d+ (passed|failed|error)"),
-        Step("sanitizer", [sanitizer(), "--tool", "memcheck", "--error-exitcode", "1", py,
+        Step("sanitizer", [kernels.cuda_tool("compute-sanitizer") or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", py,
                            "scripts/sanitize_kernels.py"], 900, r"ERROR SUMMARY"),
         Step("kernels", [py, "scripts/bench_kernels.py", "--out", str(out / "kernels")], 1800, r"done after",
              out / "kernels" / "bench_kernels.md"),

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 import subprocess
 import sys
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -336,11 +334,7 @@ def test_model_trains_a_step_with_the_cuda_kernel():
 
 
 def _compute_sanitizer() -> str | None:
-    """compute-sanitizer on PATH, else in the CUDA toolkit torch builds with."""
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    beside_nvcc = Path(CUDA_HOME) / "bin" / "compute-sanitizer" if CUDA_HOME else None
-    return shutil.which("compute-sanitizer") or (str(beside_nvcc) if beside_nvcc and beside_nvcc.is_file() else None)
+    return kernels.cuda_tool("compute-sanitizer")
 
 
 @pytest.mark.skipif(_compute_sanitizer() is None,

@@ -156,3 +156,20 @@ def test_model_kernel_reaches_every_block_and_config_validates():
         assert {block.att.kernel for block in model.blocks} == {"torch"}
     with pytest.raises(ConfigError, match="model.kernel"):
         load_config(str(REPO / "configs" / "demo.yaml"), ["model.kernel=triton"])
+
+
+def test_cuda_tool_is_found_on_path_then_beside_nvcc(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    toolkit, elsewhere = tmp_path / "cuda", tmp_path / "bin"
+    (toolkit / "bin").mkdir(parents=True), elsewhere.mkdir()
+    for folder in (toolkit / "bin", elsewhere):
+        tool = folder / "compute-sanitizer"
+        tool.write_text("#!/bin/sh\n"), tool.chmod(0o755)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
+    monkeypatch.setenv("PATH", str(elsewhere))
+    assert kernels.cuda_tool("compute-sanitizer") == str(elsewhere / "compute-sanitizer")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert kernels.cuda_tool("compute-sanitizer") == str(toolkit / "bin" / "compute-sanitizer")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert kernels.cuda_tool("compute-sanitizer") is None

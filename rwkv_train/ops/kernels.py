@@ -87,6 +87,14 @@ def _check_head_size(generation: str, head_size: int | None) -> int:
     return head_size
 
 
+def cuda_tool(name: str) -> str | None:
+    """A CUDA toolkit program (compute-sanitizer, ...): on PATH, else in the toolkit torch builds with."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    beside_nvcc = Path(CUDA_HOME) / "bin" / name if CUDA_HOME else None
+    return shutil.which(name) or (str(beside_nvcc) if beside_nvcc and beside_nvcc.is_file() else None)
+
+
 def _compiler_problem() -> str | None:
     from torch.utils import cpp_extension
 
