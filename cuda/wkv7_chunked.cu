@@ -1,0 +1,502 @@
+// RWKV-7 WKV, chunked: 16 steps at a time, the products on tensor cores (bf16 operands, float32
+// accumulation), the state and every recurrence in float32. Same contract as wkv7.cu (the
+// sequential kernel) plus one saved tensor: the state at the start of every chunk, in bf16, which
+// the backward reads instead of recomputing the forward.
+//
+// One block per (batch, head) walks the chunks. Per chunk of L steps from state S (value i, key j),
+// with c_t the cumulative log-decay through step t, c_ex its value through step t-1, the chunk's
+// total c_L and its log-space middle c_ref = c_L / 2 (all per key channel):
+//
+//     left  = [a e^(c_ex - c_ref) ; r e^(c_t - c_ref)]     right = [b e^(c_ref - c_t) ; k e^(c_ref - c_t)]
+//     hat   = [a e^(c_ex) ; r e^(c_t)]                     ends  = [b e^(c_L - c_t) ; k e^(c_L - c_t)]
+//     M     = left right^T   (2L x 2L; blocks ab, ak strictly causal, rb, rk causal with the diagonal)
+//     P     = hat S^T
+//     x_t   = P_a[t] + sum_{s<t} (M_ab[t,s] x_s + M_ak[t,s] v_s)          (x_t = S_{t-1} a_t)
+//     y_t   = P_r[t] + sum_{s<=t} (M_rb[t,s] x_s + M_rk[t,s] v_s)
+//     S'    = S diag(e^(c_L)) + [X; V]^T ends
+//
+// M, P and the state update run on tensor cores; the two triangular recurrences (x, y) run in
+// float32 on one thread per value channel. The split around c_ref keeps every factor within
+// e^(|c_L| / 2); per-step log-decays below LW_MIN are taken as LW_MIN (see wkv7_chunked_cuda.py).
+//
+// Backward per chunk, last chunk first, with dS the gradient of the chunk's end state:
+//     dX_t  = (ends_b dS^T)[t] + sum_{s>=t} M_rb[s,t] dy_s
+//     g_t   = dX_t + sum_{s>t} M_ab[s,t] g_s                                (g = d(rhs of the x system))
+//     dv_t  = (ends_k dS^T)[t] + sum_{s>t} M_ak[s,t] g_s + sum_{s>=t} M_rk[s,t] dy_s
+//     dM    = [g; dy] [X; V]^T  (masked as M)       d left = dM right      d right = dM^T left
+//     d hat = [g; dy] S         d ends = [X; V] dS   Z_j = sum_i S[i,j] dS[i,j]
+//     dS   <- dS diag(e^(c_L)) + [g; dy]^T hat
+// and the chain through the exponents: with dc_ex[t] = a da, dc_t = r dr - b db - k dk,
+// dc_ref = sum_t (-a_rel g_arel - r_rel g_rrel + b_rel g_brel + k_rel g_krel),
+// dc_L = sum_t (b_end g_bend + k_end g_kend) + Z e^(c_L) + dc_ref / 2,
+//     dlw_s = sum_{t>=s} dc_t + sum_{t>s} dc_ex[t] + dc_L.
+#ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#endif
+
+#include <cuda_bf16.h>
+#include <mma.h>
+#include <cstdint>
+#include <type_traits>
+
+#ifndef HEAD_SIZE
+#error "compile with -DHEAD_SIZE=<head size>"
+#endif
+
+#ifndef WKV_LAUNCH  // the CUDA spellings; tests/cuda_cpu/cuda_cpu.h defines CPU ones
+#define WKV_LAUNCH(kernel, grid, threads, smem, stream, ...) kernel<<<grid, threads, smem, stream>>>(__VA_ARGS__)
+#define WKV_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#define WKV_ALLOW_SMEM(kernel, bytes) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes))
+#else
+#define WKV_ALLOW_SMEM(kernel, bytes) ((void)0)
+#endif
+
+namespace wkv7c {
+
+using bf16 = __nv_bfloat16;
+namespace wmma = nvcuda::wmma;
+using row = wmma::row_major;
+using col = wmma::col_major;
+
+constexpr int N = HEAD_SIZE;
+constexpr int L = 16;       // steps per chunk
+constexpr int L2 = 2 * L;   // rows of the stacked (a; r) and (b; k) tiles
+constexpr int THREADS = 128;
+constexpr int WARPS = THREADS / 32;
+constexpr float LW_MIN = -5.f;  // per-step log-decay floor: factors stay within e^(8 * 5) = 2.4e17
+constexpr int LDH = N + 8;      // leading dimension of [rows][N] tiles (bf16 and float): 16-byte multiples
+constexpr int LDM = L2 + 8;     // ... of the [2L][2L] tiles
+static_assert(N % 16 == 0 && N >= 32 && N <= 64, "the chunked kernel is built for head sizes 32 and 64");
+
+__host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
+
+// Shared memory of one block, carved in 128-byte aligned pieces (wmma needs 32-byte aligned tiles).
+struct Carve {
+    size_t end = 0;
+    __host__ __device__ constexpr size_t take(size_t bytes) {
+        const size_t at = end;
+        end = align128(end + bytes);
+        return at;
+    }
+};
+constexpr size_t STATE_F = size_t(N) * LDH * 4, STATE_H = size_t(N) * LDH * 2;
+constexpr size_t TILE_H = size_t(L2) * LDH * 2, TILE_F = size_t(L2) * LDH * 4;
+constexpr size_t SQUARE_F = size_t(L2) * LDM * 4, SQUARE_H = size_t(L2) * LDM * 2;
+
+struct ForwardSmem {
+    size_t S, Sh, left, right, hat, ends, xv, M, P, decay, bytes;
+    __host__ __device__ constexpr ForwardSmem() : S(), Sh(), left(), right(), hat(), ends(), xv(), M(), P(), decay(), bytes() {
+        Carve c;
+        S = c.take(STATE_F), Sh = c.take(STATE_H);
+        left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H), xv = c.take(TILE_H);
+        M = c.take(SQUARE_F), P = c.take(TILE_F), decay = c.take(N * 4);
+        bytes = c.end;
+    }
+};
+
+struct BackwardSmem {
+    size_t Sh, dS, dSh, left, right, hat, ends, xv, dr, M, dMh, f0, f1, f2, f3, lw, Z, decay, bytes;
+    __host__ __device__ constexpr BackwardSmem()
+        : Sh(), dS(), dSh(), left(), right(), hat(), ends(), xv(), dr(), M(), dMh(), f0(), f1(), f2(), f3(), lw(), Z(),
+          decay(), bytes() {
+        Carve c;
+        Sh = c.take(STATE_H), dS = c.take(STATE_F), dSh = c.take(STATE_H);
+        left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H), xv = c.take(TILE_H);
+        dr = c.take(TILE_H);
+        M = c.take(SQUARE_F), dMh = c.take(SQUARE_H);
+        f0 = c.take(TILE_F), f1 = c.take(TILE_F), f2 = c.take(TILE_F), f3 = c.take(TILE_F);
+        lw = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4);
+        bytes = c.end;
+    }
+};
+
+__device__ __forceinline__ float f32(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16(x); }
+
+template <typename Layout>
+constexpr bool is_row = std::is_same<Layout, row>::value;
+
+// C (+)= A B for the 16 x 16 tile of C at c; a, b point at the tile's first row of A and first
+// column of B (element (m, k) of A is a[m * lda + k] row-major, a[k * lda + m] column-major).
+template <typename LA, typename LB>
+__device__ __forceinline__ void tile_mma(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int K,
+                                         bool accumulate) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    if (accumulate)
+        wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major);
+    else
+        wmma::fill_fragment(acc, 0.f);
+    for (int k = 0; k < K; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
+        wmma::load_matrix_sync(fa, a + (is_row<LA> ? k : k * lda), lda);
+        wmma::load_matrix_sync(fb, b + (is_row<LB> ? k * ldb : k), ldb);
+        wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
+}
+
+// C[rows x cols] (+)= A[rows x K] B[K x cols], row-major float C; the tiles are dealt out to the warps.
+template <typename LA, typename LB>
+__device__ __forceinline__ void matmul(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int rows,
+                                       int cols, int K, bool accumulate) {
+    const int warp = threadIdx.x / 32, tiles_n = cols / 16, tiles = rows / 16 * tiles_n;
+    for (int tile = warp; tile < tiles; tile += WARPS) {
+        const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16;
+        tile_mma<LA, LB>(c + m0 * ldc + n0, ldc, a + (is_row<LA> ? m0 * lda : m0), lda, b + (is_row<LB> ? n0 : n0 * ldb),
+                         ldb, K, accumulate);
+    }
+}
+
+// Element (b, t, h, n) of a [B, T, H, N] tensor.
+struct Layout4 {
+    int T, H;
+    __device__ __forceinline__ int64_t at(int b, int t, int h, int n) const { return ((int64_t(b) * T + t) * H + h) * N + n; }
+};
+
+struct Inputs {
+    const bf16 *r, *k, *v, *a, *b;
+    const float* lw;
+};
+
+// Builds one chunk's factor tiles (left, right, hat, ends; V into rows L.. of xv) and the chunk's
+// decay e^(c_L), one thread per key channel. Steps past the end are zeros with lw = 0.
+__device__ __forceinline__ void chunk_factors(const Inputs& in, Layout4 g, int b, int h, int t0, int steps, bf16* left,
+                                              bf16* right, bf16* hat, bf16* ends, bf16* xv, float* decay, float* lw_out) {
+    for (int n = threadIdx.x; n < N; n += THREADS) {
+        float lw[L], c_L = 0.f;
+#pragma unroll
+        for (int t = 0; t < L; t++) {
+            lw[t] = t < steps ? fmaxf(in.lw[g.at(b, t0 + t, h, n)], LW_MIN) : 0.f;
+            c_L += lw[t];
+            if (lw_out) lw_out[t * N + n] = lw[t];
+        }
+        const float c_ref = 0.5f * c_L;
+        decay[n] = __expf(c_L);
+        float c = 0.f;
+#pragma unroll
+        for (int t = 0; t < L; t++) {
+            const float c_ex = c;
+            c += lw[t];
+            float av = 0.f, rv = 0.f, bv = 0.f, kv = 0.f, vv = 0.f;
+            if (t < steps) {
+                const int64_t e = g.at(b, t0 + t, h, n);
+                av = f32(in.a[e]), rv = f32(in.r[e]), bv = f32(in.b[e]), kv = f32(in.k[e]), vv = f32(in.v[e]);
+            }
+            const float to_ref = __expf(c_ref - c), to_end = __expf(c_L - c);
+            left[t * LDH + n] = to_bf16(av * __expf(c_ex - c_ref));
+            left[(L + t) * LDH + n] = to_bf16(rv * __expf(c - c_ref));
+            right[t * LDH + n] = to_bf16(bv * to_ref);
+            right[(L + t) * LDH + n] = to_bf16(kv * to_ref);
+            hat[t * LDH + n] = to_bf16(av * __expf(c_ex));
+            hat[(L + t) * LDH + n] = to_bf16(rv * __expf(c));
+            ends[t * LDH + n] = to_bf16(bv * to_end);
+            ends[(L + t) * LDH + n] = to_bf16(kv * to_end);
+            xv[(L + t) * LDH + n] = to_bf16(vv);
+        }
+    }
+}
+
+// x_t = P[t] + sum_{s<t} (M_ab[t,s] x_s + M_ak[t,s] v_s) for one value channel, in float32.
+__device__ __forceinline__ void solve_x(const float* M, const float* P, int i, const float v[L], float x[L]) {
+#pragma unroll
+    for (int t = 0; t < L; t++) {
+        float acc = P[t * LDH + i];
+#pragma unroll
+        for (int s = 0; s < t; s++) acc += M[t * LDM + s] * x[s] + M[t * LDM + L + s] * v[s];
+        x[t] = acc;
+    }
+}
+
+__global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
+                                                          bf16* __restrict__ y, float* __restrict__ s_final,
+                                                          bf16* __restrict__ states) {
+    WKV_DYNAMIC_SMEM(smem);
+    constexpr ForwardSmem F;
+    float* S = reinterpret_cast<float*>(smem + F.S);
+    bf16* Sh = reinterpret_cast<bf16*>(smem + F.Sh);
+    bf16 *left = reinterpret_cast<bf16*>(smem + F.left), *right = reinterpret_cast<bf16*>(smem + F.right);
+    bf16 *hat = reinterpret_cast<bf16*>(smem + F.hat), *ends = reinterpret_cast<bf16*>(smem + F.ends);
+    bf16* xv = reinterpret_cast<bf16*>(smem + F.xv);
+    float *M = reinterpret_cast<float*>(smem + F.M), *P = reinterpret_cast<float*>(smem + F.P);
+    float* decay = reinterpret_cast<float*>(smem + F.decay);
+
+    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const Layout4 g{T, H};
+    const int64_t head = int64_t(b) * H + h;
+    const int chunks = (T + L - 1) / L;
+    for (int e = tid; e < N * N; e += THREADS) {
+        const float x = s0[head * N * N + e];
+        S[e / N * LDH + e % N] = x;
+        Sh[e / N * LDH + e % N] = to_bf16(x);
+    }
+    __syncthreads();
+    for (int c = 0; c < chunks; c++) {
+        const int t0 = c * L, steps = min(L, T - t0);
+        bf16* saved = states + (head * chunks + c) * N * N;
+        for (int e = tid; e < N * N; e += THREADS) saved[e] = Sh[e / N * LDH + e % N];
+        chunk_factors(in, g, b, h, t0, steps, left, right, hat, ends, xv, decay, nullptr);
+        __syncthreads();
+        matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
+        matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L2, N, N, false);       // hat S^T
+        __syncthreads();
+        for (int i = tid; i < N; i += THREADS) {
+            float v[L], x[L];
+#pragma unroll
+            for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + i]);
+            solve_x(M, P, i, v, x);
+#pragma unroll
+            for (int t = 0; t < L; t++) {
+                float acc = P[(L + t) * LDH + i];
+#pragma unroll
+                for (int s = 0; s <= t; s++) acc += M[(L + t) * LDM + s] * x[s] + M[(L + t) * LDM + L + s] * v[s];
+                if (t < steps) y[g.at(b, t0 + t, h, i)] = to_bf16(acc);
+                xv[t * LDH + i] = to_bf16(x[t]);
+            }
+        }
+        for (int e = tid; e < N * N; e += THREADS) S[e / N * LDH + e % N] *= decay[e % N];
+        __syncthreads();
+        matmul<col, row>(S, LDH, xv, LDH, ends, LDH, N, N, L2, true);  // S += [X; V]^T ends
+        __syncthreads();
+        for (int e = tid; e < N * N; e += THREADS) Sh[e / N * LDH + e % N] = to_bf16(S[e / N * LDH + e % N]);
+        __syncthreads();
+    }
+    for (int e = tid; e < N * N; e += THREADS) s_final[head * N * N + e] = S[e / N * LDH + e % N];
+}
+
+struct Grads {
+    bf16 *dr, *dk, *dv, *da, *db;
+    float* dlw;
+};
+
+__global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
+                                                           const bf16* __restrict__ states,
+                                                           const float* __restrict__ ds_final, Grads out,
+                                                           float* __restrict__ ds0) {
+    WKV_DYNAMIC_SMEM(smem);
+    constexpr BackwardSmem B_;
+    bf16* Sh = reinterpret_cast<bf16*>(smem + B_.Sh);
+    float* dS = reinterpret_cast<float*>(smem + B_.dS);
+    bf16* dSh = reinterpret_cast<bf16*>(smem + B_.dSh);
+    bf16 *left = reinterpret_cast<bf16*>(smem + B_.left), *right = reinterpret_cast<bf16*>(smem + B_.right);
+    bf16 *hat = reinterpret_cast<bf16*>(smem + B_.hat), *ends = reinterpret_cast<bf16*>(smem + B_.ends);
+    bf16 *xv = reinterpret_cast<bf16*>(smem + B_.xv), *gdy = reinterpret_cast<bf16*>(smem + B_.dr);
+    float* M = reinterpret_cast<float*>(smem + B_.M);  // M, then dM
+    bf16* dMh = reinterpret_cast<bf16*>(smem + B_.dMh);
+    float* P = reinterpret_cast<float*>(smem + B_.f0);       // P, then d left
+    float* E = reinterpret_cast<float*>(smem + B_.f1);       // ends dS^T, then d right
+    float* d_ends = reinterpret_cast<float*>(smem + B_.f2);  // [X; V] dS
+    float* d_hat = reinterpret_cast<float*>(smem + B_.f3);   // [g; dy] S
+    float *lw_c = reinterpret_cast<float*>(smem + B_.lw), *Z = reinterpret_cast<float*>(smem + B_.Z);
+    float* decay = reinterpret_cast<float*>(smem + B_.decay);
+
+    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const Layout4 g{T, H};
+    const int64_t head = int64_t(b) * H + h;
+    const int chunks = (T + L - 1) / L;
+    for (int e = tid; e < N * N; e += THREADS) {
+        const float x = ds_final[head * N * N + e];
+        dS[e / N * LDH + e % N] = x;
+        dSh[e / N * LDH + e % N] = to_bf16(x);
+    }
+    for (int c = chunks - 1; c >= 0; c--) {
+        const int t0 = c * L, steps = min(L, T - t0);
+        const bf16* saved = states + (head * chunks + c) * N * N;
+        for (int e = tid; e < N * N; e += THREADS) Sh[e / N * LDH + e % N] = saved[e];
+        chunk_factors(in, g, b, h, t0, steps, left, right, hat, ends, xv, decay, lw_c);
+        for (int e = tid; e < L * N; e += THREADS) {
+            const int t = e / N, n = e % N;
+            gdy[(L + t) * LDH + n] = t < steps ? dy[g.at(b, t0 + t, h, n)] : to_bf16(0.f);
+        }
+        __syncthreads();
+        matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
+        matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, N, N, false);        // hat_a S^T
+        matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, N, N, false);     // ends dS^T
+        __syncthreads();
+        for (int i = tid; i < N; i += THREADS) {
+            float v[L], x[L], d[L], gg[L];
+#pragma unroll
+            for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + i]), d[s] = f32(gdy[(L + s) * LDH + i]);
+            solve_x(M, P, i, v, x);
+#pragma unroll
+            for (int t = L - 1; t >= 0; t--) {
+                float acc = E[t * LDH + i];
+#pragma unroll
+                for (int s = t; s < L; s++) acc += M[(L + s) * LDM + t] * d[s];
+#pragma unroll
+                for (int s = t + 1; s < L; s++) acc += M[s * LDM + t] * gg[s];
+                gg[t] = acc;
+            }
+#pragma unroll
+            for (int t = 0; t < L; t++) {
+                float acc = E[(L + t) * LDH + i];
+#pragma unroll
+                for (int s = t + 1; s < L; s++) acc += M[s * LDM + L + t] * gg[s];
+#pragma unroll
+                for (int s = t; s < L; s++) acc += M[(L + s) * LDM + L + t] * d[s];
+                if (t < steps) out.dv[g.at(b, t0 + t, h, i)] = to_bf16(acc);
+                xv[t * LDH + i] = to_bf16(x[t]);
+                gdy[t * LDH + i] = to_bf16(gg[t]);
+            }
+        }
+        for (int j = tid; j < N; j += THREADS) {  // Z_j = sum_i S[i,j] dS[i,j], before dS moves on
+            float z = 0.f;
+            for (int i = 0; i < N; i++) z += f32(Sh[i * LDH + j]) * dS[i * LDH + j];
+            Z[j] = z;
+        }
+        __syncthreads();
+        matmul<row, col>(M, LDM, gdy, LDH, xv, LDH, L2, L2, N, false);        // dM = [g; dy] [X; V]^T
+        matmul<row, row>(d_ends, LDH, xv, LDH, dSh, LDH, L2, N, N, false);   // [X; V] dS
+        matmul<row, row>(d_hat, LDH, gdy, LDH, Sh, LDH, L2, N, N, false);    // [g; dy] S
+        __syncthreads();
+        for (int e = tid; e < L2 * L2; e += THREADS) {
+            const int t = e / L2, s = e % L2 % L, causal = t < L ? s < t : s <= t - L;
+            dMh[t * LDM + e % L2] = to_bf16(causal ? M[t * LDM + e % L2] : 0.f);
+        }
+        for (int e = tid; e < N * N; e += THREADS) dS[e / N * LDH + e % N] *= decay[e % N];
+        __syncthreads();
+        float *d_left = P, *d_right = E;
+        matmul<row, row>(d_left, LDH, dMh, LDM, right, LDH, L2, N, L2, false);  // dM right
+        matmul<col, row>(d_right, LDH, dMh, LDM, left, LDH, L2, N, L2, false);  // dM^T left
+        matmul<col, row>(dS, LDH, gdy, LDH, hat, LDH, N, N, L2, true);          // dS += [g; dy]^T hat
+        __syncthreads();
+        for (int n = tid; n < N; n += THREADS) {
+            float lw[L], c_L = 0.f;
+#pragma unroll
+            for (int t = 0; t < L; t++) lw[t] = lw_c[t * N + n], c_L += lw[t];
+            const float c_ref = 0.5f * c_L;
+            float dc_ex[L], dc_in[L], dc_ref = 0.f, dc_L = 0.f, c = 0.f;
+#pragma unroll
+            for (int t = 0; t < L; t++) {
+                const float c_ex = c;
+                c += lw[t];
+                float av = 0.f, rv = 0.f, bv = 0.f, kv = 0.f;
+                const int64_t e = g.at(b, t0 + t, h, n);
+                if (t < steps) av = f32(in.a[e]), rv = f32(in.r[e]), bv = f32(in.b[e]), kv = f32(in.k[e]);
+                const float e_a = __expf(c_ex - c_ref), e_r = __expf(c - c_ref), e_b = __expf(c_ref - c);
+                const float e_end = __expf(c_L - c);
+                const float gl_a = d_left[t * LDH + n], gl_r = d_left[(L + t) * LDH + n];
+                const float gr_b = d_right[t * LDH + n], gr_k = d_right[(L + t) * LDH + n];
+                const float ge_b = d_ends[t * LDH + n], ge_k = d_ends[(L + t) * LDH + n];
+                const float da = gl_a * e_a + d_hat[t * LDH + n] * __expf(c_ex);
+                const float dr = gl_r * e_r + d_hat[(L + t) * LDH + n] * __expf(c);
+                const float db = gr_b * e_b + ge_b * e_end, dk = gr_k * e_b + ge_k * e_end;
+                dc_ex[t] = av * da;
+                dc_in[t] = rv * dr - bv * db - kv * dk;
+                dc_ref += (gr_b * bv + gr_k * kv) * e_b - gl_a * av * e_a - gl_r * rv * e_r;
+                dc_L += (ge_b * bv + ge_k * kv) * e_end;
+                if (t < steps) {
+                    out.da[e] = to_bf16(da), out.dr[e] = to_bf16(dr), out.db[e] = to_bf16(db), out.dk[e] = to_bf16(dk);
+                }
+            }
+            dc_L += Z[n] * decay[n] + 0.5f * dc_ref;
+            float in_sum = 0.f, ex_sum = 0.f;
+#pragma unroll
+            for (int t = L - 1; t >= 0; t--) {
+                in_sum += dc_in[t];
+                if (t < steps) {
+                    const int64_t e = g.at(b, t0 + t, h, n);
+                    out.dlw[e] = in.lw[e] < LW_MIN ? 0.f : in_sum + ex_sum + dc_L;
+                }
+                ex_sum += dc_ex[t];
+            }
+        }
+        for (int e = tid; e < N * N; e += THREADS) dSh[e / N * LDH + e % N] = to_bf16(dS[e / N * LDH + e % N]);
+        __syncthreads();
+    }
+    for (int e = tid; e < N * N; e += THREADS) ds0[head * N * N + e] = dS[e / N * LDH + e % N];
+}
+
+// Launches, shared by the torch binding below and the CPU emulation in tests/cuda_cpu.
+inline void launch_forward(cudaStream_t stream, int B, int T, int H, Inputs in, const float* s0, bf16* y,
+                           float* s_final, bf16* states) {
+    constexpr ForwardSmem F;
+    WKV_ALLOW_SMEM(forward_kernel, F.bytes);
+    WKV_LAUNCH(forward_kernel, dim3(H, B), THREADS, F.bytes, stream, T, H, in, s0, y, s_final, states);
+}
+
+inline void launch_backward(cudaStream_t stream, int B, int T, int H, Inputs in, const bf16* dy, const bf16* states,
+                            const float* ds_final, Grads out, float* ds0) {
+    constexpr BackwardSmem S;
+    WKV_ALLOW_SMEM(backward_kernel, S.bytes);
+    WKV_LAUNCH(backward_kernel, dim3(H, B), THREADS, S.bytes, stream, T, H, in, dy, states, ds_final, out, ds0);
+}
+
+}  // namespace wkv7c
+
+#ifndef WKV_KERNELS_ONLY
+// ---------------------------------------------------------------------------------------------
+// Host side. Python allocates every output (so tests can poison them) and checks shapes; here we
+// check what would make the kernels read or write out of bounds.
+namespace {
+
+using torch::Tensor;
+using wkv7c::bf16;
+
+void check(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
+    TORCH_CHECK(x.is_cuda(), "wkv7_chunked: ", name, " must be a CUDA tensor");
+    TORCH_CHECK(x.scalar_type() == dtype, "wkv7_chunked: ", name, " has dtype ", x.scalar_type(), ", expected ", dtype);
+    TORCH_CHECK(x.is_contiguous(), "wkv7_chunked: ", name, " must be contiguous");
+    TORCH_CHECK(x.numel() == numel, "wkv7_chunked: ", name, " has ", x.numel(), " elements, expected ", numel);
+}
+
+const bf16* cbf(const Tensor& x) { return reinterpret_cast<const bf16*>(x.data_ptr()); }
+bf16* mbf(const Tensor& x) { return reinterpret_cast<bf16*>(x.data_ptr()); }
+
+wkv7c::Inputs inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const Tensor& v, const Tensor& a,
+                     const Tensor& b) {
+    return wkv7c::Inputs{cbf(r), cbf(k), cbf(v), cbf(a), cbf(b), lw.data_ptr<float>()};
+}
+
+void check_inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const Tensor& v, const Tensor& a,
+                  const Tensor& b, const Tensor& states) {
+    TORCH_CHECK(r.dim() == 4 && r.size(3) == wkv7c::N, "wkv7_chunked: inputs must be [B, T, H, ", wkv7c::N, "]");
+    const int64_t n = r.numel(), chunks = (r.size(1) + wkv7c::L - 1) / wkv7c::L;
+    for (auto [x, name] : {std::pair{r, "r"}, {k, "k"}, {v, "v"}, {a, "a"}, {b, "b"}}) check(x, name, at::kBFloat16, n);
+    check(lw, "lw", at::kFloat, n);
+    check(states, "states", at::kBFloat16, r.size(0) * r.size(2) * chunks * wkv7c::N * wkv7c::N);
+}
+
+void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, Tensor y, Tensor s_final,
+             Tensor states) {
+    check_inputs(r, lw, k, v, a, b, states);
+    const int B = r.size(0), T = r.size(1), H = r.size(2);
+    const int64_t ns = int64_t(B) * H * wkv7c::N * wkv7c::N;
+    check(y, "y", at::kBFloat16, r.numel());
+    check(s0, "s0", at::kFloat, ns);
+    check(s_final, "s_final", at::kFloat, ns);
+    if (B == 0 || H == 0) return;
+    wkv7c::launch_forward(c10::cuda::getCurrentCUDAStream(), B, T, H, inputs(r, lw, k, v, a, b), s0.data_ptr<float>(),
+                          mbf(y), s_final.data_ptr<float>(), mbf(states));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor states, Tensor dy, Tensor ds_final,
+              Tensor dr, Tensor dlw, Tensor dk, Tensor dv, Tensor da, Tensor db, Tensor ds0) {
+    check_inputs(r, lw, k, v, a, b, states);
+    const int B = r.size(0), T = r.size(1), H = r.size(2);
+    const int64_t n = r.numel(), ns = int64_t(B) * H * wkv7c::N * wkv7c::N;
+    for (auto [x, name] : {std::pair{dy, "dy"}, {dr, "dr"}, {dk, "dk"}, {dv, "dv"}, {da, "da"}, {db, "db"}})
+        check(x, name, at::kBFloat16, n);
+    check(dlw, "dlw", at::kFloat, n);
+    check(ds_final, "ds_final", at::kFloat, ns);
+    check(ds0, "ds0", at::kFloat, ns);
+    if (B == 0 || H == 0) return;
+    const wkv7c::Grads out{mbf(dr), mbf(dk), mbf(dv), mbf(da), mbf(db), dlw.data_ptr<float>()};
+    wkv7c::launch_backward(c10::cuda::getCurrentCUDAStream(), B, T, H, inputs(r, lw, k, v, a, b), cbf(dy),
+                           cbf(states), ds_final.data_ptr<float>(), out, ds0.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.attr("head_size") = wkv7c::N;
+    m.attr("chunk_len") = wkv7c::L;
+    m.attr("log_decay_min") = wkv7c::LW_MIN;
+    m.def("forward", &forward, "chunked WKV-7 forward: writes y, the final state and every chunk's start state (bf16)");
+    m.def("backward", &backward, "chunked WKV-7 backward: writes dr, dlw, dk, dv, da, db, ds0");
+}
+#endif  // WKV_KERNELS_ONLY

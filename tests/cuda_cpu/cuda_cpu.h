@@ -1,0 +1,113 @@
+// Runs CUDA kernel sources on the CPU, for tests on machines without a GPU.
+//
+// A kernel file compiled as C++ with this header forced in (g++ -include cuda_cpu.h -I<this folder>)
+// runs each thread block with one std::thread per CUDA thread: __syncthreads() and __syncwarp() are
+// barriers, dynamic shared memory is one buffer per block, blocks run one after another. The
+// tensor-core API the kernels use (nvcuda::wmma, bf16 operands, float accumulators) is computed
+// exactly from the tiles it names, with the alignment and leading-dimension rules of the real one
+// checked. What it cannot show: timing, register pressure, or a race that a barrier hides here;
+// it shows the arithmetic, the indexing and the order of the barriers.
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define WKV_CPU_EMULATION 1
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    dim3() = default;
+    dim3(unsigned x_, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using cudaStream_t = void*;
+
+namespace cuda_cpu {
+
+[[noreturn]] inline void fail(const char* what) {
+    std::fprintf(stderr, "cuda_cpu: %s\n", what);
+    std::abort();
+}
+
+struct Block {
+    int threads = 0;
+    std::unique_ptr<std::barrier<>> all;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::vector<unsigned char> smem;
+    unsigned char* smem_base = nullptr;  // smem.data() rounded up to 128 bytes, as the hardware aligns it
+    std::vector<int> votes;
+};
+
+inline thread_local Block* block = nullptr;
+
+}  // namespace cuda_cpu
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+inline void __syncthreads() { cuda_cpu::block->all->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cuda_cpu::block->warps[threadIdx.x / 32]->arrive_and_wait(); }
+inline int __syncthreads_or(int pred) {
+    auto* blk = cuda_cpu::block;
+    blk->votes[threadIdx.x] = pred != 0;
+    __syncthreads();
+    int any = 0;
+    for (int v : blk->votes) any |= v;
+    __syncthreads();
+    return any;
+}
+inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+
+// Dynamic shared memory of the running block (the kernels name it through WKV_DYNAMIC_SMEM).
+#define WKV_DYNAMIC_SMEM(name) unsigned char* name = cuda_cpu::block->smem_base
+
+namespace cuda_cpu {
+
+// kernel<<<grid, block, smem, stream>>>(args...) becomes launch(grid, block, smem, kernel, args...).
+template <typename Kernel, typename... Args>
+void launch(dim3 grid, dim3 threads, size_t smem_bytes, Kernel kernel, Args... args) {
+    if (threads.y != 1 || threads.z != 1 || threads.x % 32 != 0 || threads.x > 1024)
+        fail("blocks must be one-dimensional whole warps of at most 1024 threads");
+    if (smem_bytes > 227 * 1024) fail("more dynamic shared memory than a Hopper multiprocessor has (227 KB)");
+    for (unsigned bz = 0; bz < grid.z; bz++)
+        for (unsigned by = 0; by < grid.y; by++)
+            for (unsigned bx = 0; bx < grid.x; bx++) {
+                Block blk;
+                blk.threads = int(threads.x);
+                blk.all = std::make_unique<std::barrier<>>(threads.x);
+                for (unsigned w = 0; w < threads.x / 32; w++) blk.warps.push_back(std::make_unique<std::barrier<>>(32));
+                // Garbage, not zeros, so a kernel that reads shared memory it never wrote shows it.
+                blk.smem.assign(smem_bytes + 128, 0xFF);
+                blk.smem_base = blk.smem.data() + (128 - reinterpret_cast<uintptr_t>(blk.smem.data()) % 128) % 128;
+                blk.votes.assign(threads.x, 0);
+                std::vector<std::thread> pool;
+                pool.reserve(threads.x);
+                for (unsigned t = 0; t < threads.x; t++)
+                    pool.emplace_back([&, t] {
+                        block = &blk;
+                        threadIdx = dim3(t), blockIdx = dim3(bx, by, bz), blockDim = threads, gridDim = grid;
+                        kernel(args...);
+                    });
+                for (auto& th : pool) th.join();
+            }
+}
+
+}  // namespace cuda_cpu
+
+#define WKV_LAUNCH(kernel, grid, threads, smem, stream, ...) cuda_cpu::launch(grid, threads, smem, kernel, __VA_ARGS__)
+
+using std::max;
+using std::min;

@@ -1,0 +1,89 @@
+"""CUDA kernels run on the CPU, for tests on machines without a GPU.
+
+`tests/cuda_cpu/cuda_cpu.h` turns a kernel source into C++ that runs every CUDA thread of a block as a
+std::thread (barriers for __syncthreads, the wmma tiles computed exactly); a small driver per kernel
+file gives its launches a C interface. `build` compiles one with g++ (a few seconds, cached by the
+digest of every source involved) and `Wkv7ChunkedOnCpu` calls the chunked WKV-7 kernel's forward and
+backward on CPU tensors with the CUDA op's contract.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+REPO = Path(__file__).resolve().parents[1]
+EMULATION = REPO / "tests" / "cuda_cpu"
+
+
+def compiler_problem() -> str | None:
+    """Why the emulation cannot be built here, or None."""
+    return None if shutil.which("g++") else "g++ is not installed (apt install g++)"
+
+
+def build(driver: str, kernel: str, head_size: int) -> ctypes.CDLL:
+    """Compile tests/cuda_cpu/<driver> (which includes cuda/<kernel>) for one head size; cached."""
+    sources = [EMULATION / driver, REPO / "cuda" / kernel, *sorted(EMULATION.glob("*.h"))]
+    flags = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+             "-DWKV_KERNELS_ONLY", f"-DHEAD_SIZE={head_size}", f"-I{EMULATION}", "-include", "cuda_cpu.h"]  # fmt: skip
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for source in sources:
+        digest.update(source.read_bytes())
+    cache = Path(tempfile.gettempdir()) / f"rwkv_train_cuda_cpu_{os.getuid()}"
+    cache.mkdir(exist_ok=True)
+    target = cache / f"{Path(driver).stem}_h{head_size}_{digest.hexdigest()[:12]}.so"
+    if not target.exists():
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        result = subprocess.run(["g++", *flags, str(EMULATION / driver), "-o", str(partial)], capture_output=True, text=True)
+        if result.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"building the CPU emulation of cuda/{kernel} failed:\n{result.stderr[-4000:]}")
+        partial.replace(target)  # atomic: a parallel build never sees half a library
+    return ctypes.CDLL(str(target))
+
+
+def _ptr(x: Tensor) -> ctypes.c_void_p:
+    assert x.device.type == "cpu" and x.is_contiguous()
+    return ctypes.c_void_p(x.data_ptr())
+
+
+def _nan(shape, dtype) -> Tensor:
+    """Outputs start as NaN, so an element the kernel never writes shows up in the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+class Wkv7ChunkedOnCpu:
+    """cuda/wkv7_chunked.cu on the CPU: forward and backward with the CUDA op's contract."""
+
+    def __init__(self, head_size: int):
+        self.lib = build("wkv7_chunked.cpp", "wkv7_chunked.cu", head_size)
+        self.lib.log_decay_min.restype = ctypes.c_float
+        self.head_size = self.lib.head_size()
+        self.chunk_len = self.lib.chunk_len()
+        self.log_decay_min = self.lib.log_decay_min()
+
+    def forward(self, r, lw, k, v, a, b, s0) -> tuple[Tensor, Tensor, Tensor]:
+        """bf16 r, k, v, a, b and float32 lw [B, T, H, N], float32 s0 -> (y bf16, final state, chunk states bf16)."""
+        B, T, H, N = r.shape
+        chunks = -(-T // self.chunk_len)
+        y = _nan(r.shape, torch.bfloat16)
+        s_final = _nan(s0.shape, torch.float32)
+        states = _nan((B, H, chunks, N, N), torch.bfloat16)
+        self.lib.forward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, s0, y, s_final, states)))
+        return y, s_final, states
+
+    def backward(self, r, lw, k, v, a, b, states, dy, ds_final) -> tuple[Tensor, ...]:
+        """-> (dr, dlw, dk, dv, da, db, ds0): bf16 except dlw and ds0 (float32)."""
+        B, T, H, N = r.shape
+        grads = [_nan(r.shape, torch.float32 if name == "dlw" else torch.bfloat16) for name in ("dr", "dlw", "dk", "dv", "da", "db")]
+        ds0 = _nan(ds_final.shape, torch.float32)
+        self.lib.backward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, states, dy, ds_final, *grads, ds0)))
+        return (*grads, ds0)
