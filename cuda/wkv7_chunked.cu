@@ -26,10 +26,12 @@
 //     dM    = [g; dy] [X; V]^T  (masked as M)       d left = dM right      d right = dM^T left
 //     d hat = [g; dy] S         d ends = [X; V] dS   Z_j = sum_i S[i,j] dS[i,j]
 //     dS   <- dS diag(e^(c_L)) + [g; dy]^T hat
-// and the chain through the exponents: with dc_ex[t] = a da, dc_t = r dr - b db - k dk,
-// dc_ref = sum_t (-a_rel g_arel - r_rel g_rrel + b_rel g_brel + k_rel g_krel),
-// dc_L = sum_t (b_end g_bend + k_end g_kend) + Z e^(c_L) + dc_ref / 2,
+// and the chain through the exponents, each factor x e^(phi) adding g_x x to phi's gradient:
+// dc_ex[t] = g_arel a_rel + g_ahat a_hat, dc_t = g_rrel r_rel + g_rhat r_hat - (g_brel b_rel + g_krel k_rel
+// + g_bend b_end + g_kend k_end), dc_L = sum_t (g_bend b_end + g_kend k_end) + Z e^(c_L),
 //     dlw_s = sum_{t>=s} dc_t + sum_{t>s} dc_ex[t] + dc_L.
+// c_ref gets no gradient: sum(g_left left) = sum(dM * M) = sum(g_right right), so its terms cancel (the
+// split point is free; the result does not depend on it).
 #ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
@@ -97,9 +99,9 @@ struct ForwardSmem {
 };
 
 struct BackwardSmem {
-    size_t Sh, dS, dSh, left, right, hat, ends, xv, dr, M, dMh, f0, f1, f2, f3, lw, Z, decay, bytes;
+    size_t Sh, dS, dSh, left, right, hat, ends, xv, dr, M, dMh, f0, f1, f2, f3, cum, Z, decay, bytes;
     __host__ __device__ constexpr BackwardSmem()
-        : Sh(), dS(), dSh(), left(), right(), hat(), ends(), xv(), dr(), M(), dMh(), f0(), f1(), f2(), f3(), lw(), Z(),
+        : Sh(), dS(), dSh(), left(), right(), hat(), ends(), xv(), dr(), M(), dMh(), f0(), f1(), f2(), f3(), cum(), Z(),
           decay(), bytes() {
         Carve c;
         Sh = c.take(STATE_H), dS = c.take(STATE_F), dSh = c.take(STATE_H);
@@ -107,7 +109,7 @@ struct BackwardSmem {
         dr = c.take(TILE_H);
         M = c.take(SQUARE_F), dMh = c.take(SQUARE_H);
         f0 = c.take(TILE_F), f1 = c.take(TILE_F), f2 = c.take(TILE_F), f3 = c.take(TILE_F);
-        lw = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4);
+        cum = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4);
         bytes = c.end;
     }
 };
@@ -161,17 +163,18 @@ struct Inputs {
     const float* lw;
 };
 
-// Builds one chunk's factor tiles (left, right, hat, ends; V into rows L.. of xv) and the chunk's
-// decay e^(c_L), one thread per key channel. Steps past the end are zeros with lw = 0.
+// Builds one chunk's factor tiles (left, right, hat, ends; V into rows L.. of xv), the chunk's decay
+// e^(c_L) and, if cum_out is given, c_t [L][N]; one thread per key channel. Steps past the end are
+// zeros with lw = 0.
 __device__ __forceinline__ void chunk_factors(const Inputs& in, Layout4 g, int b, int h, int t0, int steps, bf16* left,
-                                              bf16* right, bf16* hat, bf16* ends, bf16* xv, float* decay, float* lw_out) {
+                                              bf16* right, bf16* hat, bf16* ends, bf16* xv, float* decay, float* cum_out) {
     for (int n = threadIdx.x; n < N; n += THREADS) {
         float lw[L], c_L = 0.f;
 #pragma unroll
         for (int t = 0; t < L; t++) {
             lw[t] = t < steps ? fmaxf(in.lw[g.at(b, t0 + t, h, n)], LW_MIN) : 0.f;
             c_L += lw[t];
-            if (lw_out) lw_out[t * N + n] = lw[t];
+            if (cum_out) cum_out[t * N + n] = c_L;
         }
         const float c_ref = 0.5f * c_L;
         decay[n] = __expf(c_L);
@@ -289,7 +292,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
     float* E = reinterpret_cast<float*>(smem + B_.f1);       // ends dS^T, then d right
     float* d_ends = reinterpret_cast<float*>(smem + B_.f2);  // [X; V] dS
     float* d_hat = reinterpret_cast<float*>(smem + B_.f3);   // [g; dy] S
-    float *lw_c = reinterpret_cast<float*>(smem + B_.lw), *Z = reinterpret_cast<float*>(smem + B_.Z);
+    float *cum = reinterpret_cast<float*>(smem + B_.cum), *Z = reinterpret_cast<float*>(smem + B_.Z);
     float* decay = reinterpret_cast<float*>(smem + B_.decay);
 
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
@@ -305,7 +308,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
         const int t0 = c * L, steps = min(L, T - t0);
         const bf16* saved = states + (head * chunks + c) * N * N;
         for (int e = tid; e < N * N; e += THREADS) Sh[e / N * LDH + e % N] = saved[e];
-        chunk_factors(in, g, b, h, t0, steps, left, right, hat, ends, xv, decay, lw_c);
+        chunk_factors(in, g, b, h, t0, steps, left, right, hat, ends, xv, decay, cum);
         for (int e = tid; e < L * N; e += THREADS) {
             const int t = e / N, n = e % N;
             gdy[(L + t) * LDH + n] = t < steps ? dy[g.at(b, t0 + t, h, n)] : to_bf16(0.f);
@@ -315,11 +318,21 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, N, N, false);        // hat_a S^T
         matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, N, N, false);     // ends dS^T
         __syncthreads();
-        for (int i = tid; i < N; i += THREADS) {
-            float v[L], x[L], d[L], gg[L];
+        // Two threads per value channel: one solves for x, the other for g and dv (they are independent).
+        for (int u = tid; u < 2 * N; u += THREADS) {
+            const int i = u % N;
+            if (u < N) {
+                float v[L], x[L];
 #pragma unroll
-            for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + i]), d[s] = f32(gdy[(L + s) * LDH + i]);
-            solve_x(M, P, i, v, x);
+                for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + i]);
+                solve_x(M, P, i, v, x);
+#pragma unroll
+                for (int t = 0; t < L; t++) xv[t * LDH + i] = to_bf16(x[t]);
+                continue;
+            }
+            float d[L], gg[L];
+#pragma unroll
+            for (int s = 0; s < L; s++) d[s] = f32(gdy[(L + s) * LDH + i]);
 #pragma unroll
             for (int t = L - 1; t >= 0; t--) {
                 float acc = E[t * LDH + i];
@@ -337,7 +350,6 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
 #pragma unroll
                 for (int s = t; s < L; s++) acc += M[(L + s) * LDM + L + t] * d[s];
                 if (t < steps) out.dv[g.at(b, t0 + t, h, i)] = to_bf16(acc);
-                xv[t * LDH + i] = to_bf16(x[t]);
                 gdy[t * LDH + i] = to_bf16(gg[t]);
             }
         }
@@ -362,45 +374,46 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
         matmul<col, row>(d_right, LDH, dMh, LDM, left, LDH, L2, N, L2, false);  // dM^T left
         matmul<col, row>(dS, LDH, gdy, LDH, hat, LDH, N, N, L2, true);          // dS += [g; dy]^T hat
         __syncthreads();
-        for (int n = tid; n < N; n += THREADS) {
-            float lw[L], c_L = 0.f;
-#pragma unroll
-            for (int t = 0; t < L; t++) lw[t] = lw_c[t * N + n], c_L += lw[t];
+        // The input gradients, one (step, channel) per thread; each factor x e^(phi) adds g x to phi's
+        // gradient. The factors are taken as the bf16 tiles the products used, so terms that cancel
+        // exactly (a step with nothing before it) cancel here too instead of leaving bf16 rounding.
+        // dc_t, dc_ex[t] and the step's part of dc_L replace the values this thread has read.
+        for (int e = tid; e < L * N; e += THREADS) {
+            const int t = e / N, n = e % N;
+            const float c = cum[t * N + n], c_ex = t > 0 ? cum[(t - 1) * N + n] : 0.f, c_L = cum[(L - 1) * N + n];
             const float c_ref = 0.5f * c_L;
-            float dc_ex[L], dc_in[L], dc_ref = 0.f, dc_L = 0.f, c = 0.f;
-#pragma unroll
-            for (int t = 0; t < L; t++) {
-                const float c_ex = c;
-                c += lw[t];
-                float av = 0.f, rv = 0.f, bv = 0.f, kv = 0.f;
-                const int64_t e = g.at(b, t0 + t, h, n);
-                if (t < steps) av = f32(in.a[e]), rv = f32(in.r[e]), bv = f32(in.b[e]), kv = f32(in.k[e]);
-                const float e_a = __expf(c_ex - c_ref), e_r = __expf(c - c_ref), e_b = __expf(c_ref - c);
-                const float e_end = __expf(c_L - c);
-                const float gl_a = d_left[t * LDH + n], gl_r = d_left[(L + t) * LDH + n];
-                const float gr_b = d_right[t * LDH + n], gr_k = d_right[(L + t) * LDH + n];
-                const float ge_b = d_ends[t * LDH + n], ge_k = d_ends[(L + t) * LDH + n];
-                const float da = gl_a * e_a + d_hat[t * LDH + n] * __expf(c_ex);
-                const float dr = gl_r * e_r + d_hat[(L + t) * LDH + n] * __expf(c);
-                const float db = gr_b * e_b + ge_b * e_end, dk = gr_k * e_b + ge_k * e_end;
-                dc_ex[t] = av * da;
-                dc_in[t] = rv * dr - bv * db - kv * dk;
-                dc_ref += (gr_b * bv + gr_k * kv) * e_b - gl_a * av * e_a - gl_r * rv * e_r;
-                dc_L += (ge_b * bv + ge_k * kv) * e_end;
-                if (t < steps) {
-                    out.da[e] = to_bf16(da), out.dr[e] = to_bf16(dr), out.db[e] = to_bf16(db), out.dk[e] = to_bf16(dk);
-                }
+            const float e_b = __expf(c_ref - c), e_end = __expf(c_L - c);
+            const float gl_a = d_left[t * LDH + n], gl_r = d_left[(L + t) * LDH + n];
+            const float gr_b = d_right[t * LDH + n], gr_k = d_right[(L + t) * LDH + n];
+            const float ge_b = d_ends[t * LDH + n], ge_k = d_ends[(L + t) * LDH + n];
+            const float gh_a = d_hat[t * LDH + n], gh_r = d_hat[(L + t) * LDH + n];
+            if (t < steps) {
+                const int64_t at = g.at(b, t0 + t, h, n);
+                out.da[at] = to_bf16(gl_a * __expf(c_ex - c_ref) + gh_a * __expf(c_ex));
+                out.dr[at] = to_bf16(gl_r * __expf(c - c_ref) + gh_r * __expf(c));
+                out.db[at] = to_bf16(gr_b * e_b + ge_b * e_end);
+                out.dk[at] = to_bf16(gr_k * e_b + ge_k * e_end);
             }
-            dc_L += Z[n] * decay[n] + 0.5f * dc_ref;
-            float in_sum = 0.f, ex_sum = 0.f;
-#pragma unroll
+            const float t_la = gl_a * f32(left[t * LDH + n]), t_lr = gl_r * f32(left[(L + t) * LDH + n]);
+            const float t_rb = gr_b * f32(right[t * LDH + n]), t_rk = gr_k * f32(right[(L + t) * LDH + n]);
+            const float t_end = ge_b * f32(ends[t * LDH + n]) + ge_k * f32(ends[(L + t) * LDH + n]);
+            const float t_ha = gh_a * f32(hat[t * LDH + n]), t_hr = gh_r * f32(hat[(L + t) * LDH + n]);
+            d_left[t * LDH + n] = t_lr + t_hr - t_rb - t_rk - t_end;  // dc_t
+            d_left[(L + t) * LDH + n] = t_la + t_ha;                   // dc_ex[t]
+            d_right[t * LDH + n] = t_end;                              // into dc_L
+        }
+        __syncthreads();
+        for (int n = tid; n < N; n += THREADS) {  // dlw_s = sum_{t>=s} dc_t + sum_{t>s} dc_ex[t] + dc_L
+            float dc_L = Z[n] * decay[n];
+            for (int t = 0; t < L; t++) dc_L += d_right[t * LDH + n];
+            float sum = dc_L;
             for (int t = L - 1; t >= 0; t--) {
-                in_sum += dc_in[t];
+                sum += d_left[t * LDH + n];
                 if (t < steps) {
-                    const int64_t e = g.at(b, t0 + t, h, n);
-                    out.dlw[e] = in.lw[e] < LW_MIN ? 0.f : in_sum + ex_sum + dc_L;
+                    const int64_t at = g.at(b, t0 + t, h, n);
+                    out.dlw[at] = in.lw[at] < LW_MIN ? 0.f : sum;
                 }
-                ex_sum += dc_ex[t];
+                sum += d_left[(L + t) * LDH + n];
             }
         }
         for (int e = tid; e < N * N; e += THREADS) dSh[e / N * LDH + e % N] = to_bf16(dS[e / N * LDH + e % N]);

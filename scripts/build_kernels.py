@@ -33,7 +33,7 @@ def _build(job: tuple[str, int | None]) -> tuple[str, int | None, float, str | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v7"], choices=sorted(kernels.SOURCES))
+    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v7", "v7-chunked"], choices=sorted(kernels.SOURCES))
     parser.add_argument("--head-sizes", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--jobs", type=int, default=4, help="builds at once (each also uses MAX_JOBS compiler jobs)")
     args = parser.parse_args(argv)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs: list[tuple[str, int | None]] = []
     seen: set[tuple[str, int | None]] = set()  # (source, head size): v5 and v6 share one build
     for generation in args.generations:
-        for size in [None] if generation == "v4" else args.head_sizes:
+        for size in (s for s in (None, *args.head_sizes) if s in kernels.head_sizes(generation)):  # v4: None
             if (kernels.SOURCES[generation], size) not in seen:
                 seen.add((kernels.SOURCES[generation], size))
                 jobs.append((generation, size))

@@ -96,8 +96,7 @@ def planned_builds() -> list[Build]:
     """Every (source, head size) the loader can build. v5 and v6 share a source and, flags alike, one build."""
     builds: dict[tuple[str, tuple[str, ...]], Build] = {}
     for generation, source in kernels.SOURCES.items():
-        head_sizes: tuple[int | None, ...] = (None,) if generation == "v4" else kernels.HEAD_SIZES
-        for head_size in head_sizes:
+        for head_size in kernels.head_sizes(generation):
             flags = kernels.nvcc_flags(generation, head_size)
             key = (source, tuple(flags))
             if key in builds:

@@ -62,8 +62,7 @@ def test_short_name_drops_return_type_and_parameters():
 
 def test_every_generation_and_head_size_is_planned():
     planned = {(b.source, b.head_size) for b in load_script().planned_builds()}
-    expected = {(src, None if g == "v4" else h) for g, src in kernels.SOURCES.items()
-                for h in ((None,) if g == "v4" else kernels.HEAD_SIZES)}
+    expected = {(src, h) for g, src in kernels.SOURCES.items() for h in kernels.head_sizes(g)}
     assert planned == expected
 
 
@@ -82,7 +81,7 @@ def test_every_kernel_compiles_for_sm90():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     rows = {tuple(line.split()[:2]) for line in proc.stdout.splitlines() if line.split()}
     for generation, source in kernels.SOURCES.items():
-        for head_size in (None,) if generation == "v4" else kernels.HEAD_SIZES:
+        for head_size in kernels.head_sizes(generation):
             assert (source, "-" if head_size is None else str(head_size)) in rows, (
                 f"no row for {source} head size {head_size}:\n{proc.stdout}"
             )

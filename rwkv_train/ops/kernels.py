@@ -38,6 +38,7 @@ __all__ = [
     "KernelUnavailable",
     "build_dir",
     "cuda_dir",
+    "head_sizes",
     "load",
     "new_output",
     "nvcc_flags",
@@ -48,9 +49,11 @@ __all__ = [
 
 log = logging.getLogger("rwkv_train")
 
-# generation -> source file in cuda/; v5 and v6 share one diagonal-decay kernel.
-SOURCES = {"v4": "wkv4.cu", "v5": "wkv_diag.cu", "v6": "wkv_diag.cu", "v7": "wkv7.cu"}
+# kernel -> source file in cuda/; v5 and v6 share one diagonal-decay kernel. "v7-chunked" is the
+# tensor-core WKV-7 kernel (16-step chunks), beside the sequential "v7".
+SOURCES = {"v4": "wkv4.cu", "v5": "wkv_diag.cu", "v6": "wkv_diag.cu", "v7": "wkv7.cu", "v7-chunked": "wkv7_chunked.cu"}
 HEAD_SIZES = (32, 64, 128)  # head sizes the v5-v7 kernels are compiled for
+_HEAD_SIZES = {"v4": (None,), "v7-chunked": (32, 64)}  # where a kernel differs from HEAD_SIZES
 KERNEL_CHOICES = ("auto", "cuda", "torch")
 
 
@@ -61,6 +64,11 @@ class KernelUnavailable(UserError):
 def cuda_dir() -> Path:
     """The absolute path of the kernel sources (the repository's `cuda/` folder)."""
     return Path(__file__).resolve().parents[2] / "cuda"
+
+
+def head_sizes(generation: str) -> tuple[int | None, ...]:
+    """The head sizes a kernel is built for; (None,) for v4, which has no heads."""
+    return _HEAD_SIZES.get(generation, HEAD_SIZES)
 
 
 def _source_key(generation: str) -> str:
@@ -79,10 +87,10 @@ def nvcc_flags(generation: str, head_size: int | None = None) -> list[str]:
 
 
 def _check_head_size(generation: str, head_size: int | None) -> int:
-    if head_size not in HEAD_SIZES:
+    if head_size not in head_sizes(generation):
         raise KernelUnavailable(
             f"no {generation} CUDA kernel for head size {head_size}: kernels exist for head sizes "
-            f"{', '.join(map(str, HEAD_SIZES))}; set model.kernel=torch to use the PyTorch backend"
+            f"{', '.join(map(str, head_sizes(generation)))}; set model.kernel=torch to use the PyTorch backend"
         )
     return head_size
 
@@ -112,8 +120,8 @@ def unavailable_reason(generation: str, head_size: int | None = None) -> str | N
         return f"unknown generation {generation!r}"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
-    if generation != "v4" and head_size not in HEAD_SIZES:
-        return f"no {generation} kernel for head size {head_size} (kernels: {', '.join(map(str, HEAD_SIZES))})"
+    if generation != "v4" and head_size not in head_sizes(generation):
+        return f"no {generation} kernel for head size {head_size} (kernels: {', '.join(map(str, head_sizes(generation)))})"
     if (generation, head_size) in _failed:
         return _failed[(generation, head_size)]
     if not (cuda_dir() / SOURCES[generation]).is_file():

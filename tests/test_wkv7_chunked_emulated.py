@@ -1,0 +1,107 @@
+"""cuda/wkv7_chunked.cu run on the CPU (tests/cuda_cpu), against the float64 recurrence.
+
+The chunked kernel's arithmetic, indexing, padding and barriers are the same code that nvcc builds;
+only the threads are std::threads and the wmma tiles are computed exactly. Every output and gradient
+is compared with autograd of `wkv7_recurrent` in float64, at the GPU tests' tolerance, with outputs
+poisoned (NaN) before each call. What this cannot check (speed, the real tensor-core fragments,
+register limits) is left to tests/test_kernels_cuda.py on a GPU and `make cuda-check`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rwkv_train.ops.wkv7 import wkv7_recurrent
+from tests import cuda_on_cpu
+
+pytestmark = pytest.mark.skipif(cuda_on_cpu.compiler_problem() is not None, reason=str(cuda_on_cpu.compiler_problem()))
+
+TOL = 1e-2  # as tests/test_kernels_cuda.py: every input and y pass through bf16
+GRADS = ("dr", "dlw", "dk", "dv", "da", "db", "ds0")
+
+
+@pytest.fixture(scope="module", params=[32, 64], ids=lambda n: f"N{n}")
+def kernel(request) -> cuda_on_cpu.Wkv7ChunkedOnCpu:
+    return cuda_on_cpu.Wkv7ChunkedOnCpu(request.param)
+
+
+def model_like_inputs(B: int, T: int, H: int, N: int, seed: int, lw: Tensor | None = None) -> list[Tensor]:
+    """r, lw, k, v, a, b shaped as the model makes them (a = -kk, b = kk * gate, lw in (-0.61, 0))."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn() -> Tensor:
+        return torch.randn(B, T, H, N, generator=g)
+
+    r, k, v = randn(), randn(), randn()
+    kk = F.normalize(randn(), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(randn())
+    if lw is None:
+        lw = -math.exp(-0.5) * torch.sigmoid(randn())
+    bf = [x.to(torch.bfloat16).contiguous() for x in (r, k, v, a, b)]
+    return [bf[0], lw.float().contiguous(), *bf[1:]]
+
+
+def rel_error(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref||; the absolute ||out|| where the reference is exactly zero (as the GPU tests)."""
+    out, ref = out.double(), ref.detach().double()
+    scale, diff = ref.norm().item(), (out - ref).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int, lw_floor: float | None = None):
+    B, T, H, N = inputs[0].shape
+    g = torch.Generator().manual_seed(seed + 1)
+    dy = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16)
+    ds_final = torch.randn(B, H, N, N, generator=g)
+
+    y, s_final, states = kernel.forward(*inputs, s0)
+    grads = kernel.backward(*inputs, states, dy, ds_final)
+
+    ref_inputs = [x.double().requires_grad_() for x in (*inputs, s0)]
+    r, lw, k, v, a, b, s = ref_inputs
+    y_ref, s_ref = wkv7_recurrent(r, lw if lw_floor is None else lw.clamp(min=lw_floor), k, v, a, b, s)
+    torch.autograd.backward([y_ref, s_ref], [dy.double(), ds_final.double()])
+
+    errors = {"y": rel_error(y, y_ref), "state": rel_error(s_final, s_ref)}
+    errors |= {name: rel_error(grad, x.grad) for name, grad, x in zip(GRADS, grads, ref_inputs)}
+    too_far = {name: f"{err:.2e}" for name, err in errors.items() if not err <= TOL}
+    assert not too_far, f"relative error above {TOL} (NaN: an element never written): {too_far}"
+    return states
+
+
+@pytest.mark.parametrize("T", [1, 16, 37, 100])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+def test_chunked_kernel_matches_float64_recurrence(kernel, T, with_state):
+    seed = 1000 * T + with_state
+    inputs = model_like_inputs(2, T, 2, kernel.head_size, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    s0 = 0.5 * torch.randn(2, 2, kernel.head_size, kernel.head_size, generator=g) if with_state else torch.zeros(2, 2, kernel.head_size, kernel.head_size)
+    check_against_reference(kernel, inputs, s0.contiguous(), seed)
+
+
+def test_saved_chunk_states_are_the_states_at_chunk_starts(kernel):
+    """The backward reads these instead of recomputing the forward: state c is S after 16 c steps."""
+    T, N, L = 50, kernel.head_size, kernel.chunk_len
+    inputs = model_like_inputs(1, T, 2, N, seed=7)
+    s0 = 0.5 * torch.randn(1, 2, N, N, generator=torch.Generator().manual_seed(8))
+    _, _, states = kernel.forward(*inputs, s0)
+    assert states.shape == (1, 2, math.ceil(T / L), N, N)
+    for c in range(states.shape[2]):
+        _, s_ref = wkv7_recurrent(*(x[:, : c * L].double() for x in inputs), s0.double())
+        assert rel_error(states[:, :, c], s_ref) < 5e-3, f"chunk {c}"
+
+
+def test_decays_below_the_floor_are_taken_at_the_floor(kernel):
+    """lw < LW_MIN acts as LW_MIN, with zero gradient there (what clamping does); stronger ones fit too."""
+    B, T, H, N = 1, 40, 2, kernel.head_size
+    g = torch.Generator().manual_seed(11)
+    lw = -torch.exp(2.0 * torch.randn(B, T, H, N, generator=g)).clamp(max=30.0)  # from about -1e-3 down to -30
+    assert (lw < kernel.log_decay_min).float().mean() > 0.05
+    inputs = model_like_inputs(B, T, H, N, seed=12, lw=lw)
+    s0 = 0.5 * torch.randn(B, H, N, N, generator=g)
+    check_against_reference(kernel, inputs, s0, seed=13, lw_floor=kernel.log_decay_min)
