@@ -49,6 +49,9 @@ class ModelConfig:
     kernel: Literal["auto", "cuda", "torch"] = "auto"
     """WKV backend: `cuda` (the bf16 kernels in cuda/, built on first use), `torch` (the pure-PyTorch
     reference) or `auto` (cuda on a CUDA device where the kernel builds, torch otherwise)."""
+    wkv7_chunked: bool = False
+    """RWKV-7 only: with a CUDA kernel, run the chunked tensor-core one (cuda/wkv7_chunked.cu; head sizes
+    32 and 64) instead of the sequential one (cuda/wkv7.cu)."""
 
     @property
     def n_head(self) -> int:

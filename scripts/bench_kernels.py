@@ -6,7 +6,9 @@
     python scripts/bench_kernels.py --plan         # what would be built and timed (no GPU needed)
 
 One row per (generation, shape), head size 64; median milliseconds of one forward + backward:
-  ours cuda    rwkv_train.ops.wkv{4,5,6,7}_cuda: this project's CUDA kernels.
+  ours cuda    rwkv_train.ops.wkv{4,5,6,7}_cuda: this project's CUDA kernels; for v7 both the
+               sequential wkv7_cuda and the chunked tensor-core wkv7_chunked_cuda, the cell names the
+               faster.
   ours torch   the pure-PyTorch backends (backend="torch"), float32 compute, TF32 matmuls as the
                trainer sets them; "OOM" where they do not fit.
   RWKV-LM      BlinkDL/RWKV-LM's training kernels, built from third_party/RWKV-LM with its trainers'
@@ -271,6 +273,8 @@ class Plan:
 
 def make_plan(generations: list[str], shapes: list[Shape], columns: list[str], ref: Path) -> Plan:
     """Rows in order, each row's variants in column order (the first one that runs is the anchor)."""
+    from rwkv_train.ops import kernels
+
     rows = [Row(g, s) for g in generations for s in shapes]
     jobs: list[Job] = []
     builds: dict[str, BuildSpec] = {}
@@ -285,6 +289,10 @@ def make_plan(generations: list[str], shapes: list[Shape], columns: list[str], r
                 spec = ours_build(g, s.N)
                 builds[spec.key] = spec
                 jobs.append(Job(row, Variant(f"{g}:ours-cuda", column, OURS_LABELS[column][g], spec.key)))
+                if g == "v7" and s.N in kernels.head_sizes("v7-chunked"):  # both v7 kernels; the cell names the faster
+                    spec = ours_build("v7-chunked", s.N)
+                    builds[spec.key] = spec
+                    jobs.append(Job(row, Variant("v7:ours-cuda-chunked", column, "wkv7_chunked_cuda", spec.key)))
             elif column == "fla":
                 jobs.append(Job(row, Variant(f"{g}:fla", column, FLA_LABELS[g])))
             else:
@@ -502,6 +510,10 @@ def _diag_ours(x: dict[str, Tensor], generation: str, backend: str) -> Prepared:
 
 def _v7_ours(x: dict[str, Tensor], backend: str) -> Prepared:
     r, lw, k, v, a, b = _leaves(x, "r", "lw", "k", "v", "a", "b")
+    if backend == "cuda-chunked":
+        from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
+
+        return (lambda: wkv7_chunked_cuda(r, lw, k, v, a, b)[0]), [r, lw, k, v, a, b]
     if backend == "cuda":
         from rwkv_train.ops.wkv7_cuda import wkv7_cuda
 
@@ -616,6 +628,7 @@ PREPARE: dict[str, Callable[[dict[str, Tensor], Any], Prepared]] = {
     "v6:rwkvlm": _v6_rwkvlm,
     "v6:fla": lambda x, _: _diag_fla(x, "v6"),
     "v7:ours-cuda": lambda x, _: _v7_ours(x, "cuda"),
+    "v7:ours-cuda-chunked": lambda x, _: _v7_ours(x, "cuda-chunked"),
     "v7:ours-torch": lambda x, _: _v7_ours(x, "torch"),
     "v7:rwkvlm-clampw": _v7_rwkvlm_clampw,
     "v7:rwkvlm-clampw-v3": _v7_rwkvlm_clampw,

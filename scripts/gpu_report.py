@@ -1,7 +1,7 @@
 """Every GPU check and benchmark of the CUDA kernels in one run, summed up in one table.
 
     python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
-    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, kernels, train)
+    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, kernels, train, train-chunked)
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
 
 Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
@@ -10,6 +10,7 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   sanitizer  compute-sanitizer memcheck over scripts/sanitize_kernels.py
   kernels    scripts/bench_kernels.py (forward + backward times against RWKV-LM and fla)
   train      scripts/bench_train.py (tokens/s, memory, MFU of the RWKV-7 presets)
+  train-chunked  the same with the chunked WKV-7 kernel (--kernel cuda-chunked)
 The summary (step, result, the line that says how it went, seconds) is printed and written to
 --out/gpu_report.md with the benchmarks' tables after it. Exits 1 if any step failed.
 """
@@ -33,7 +34,7 @@ except ImportError:  # run from a checkout without installing the package
 
 from rwkv_train.ops import kernels
 
-STEPS = ("build", "tests", "sanitizer", "kernels", "train")
+STEPS = ("build", "tests", "sanitizer", "kernels", "train", "train-chunked")
 
 
 @dataclass
@@ -65,6 +66,8 @@ def plan(out: Path, jobs: int) -> list[Step]:
              out / "kernels" / "bench_kernels.md"),
         Step("train", [py, "scripts/bench_train.py", "--out", str(out / "train")], 1800, r"written:|error",
              out / "train" / "bench_train.md"),
+        Step("train-chunked", [py, "scripts/bench_train.py", "--kernel", "cuda-chunked", "--out", str(out / "train-chunked")],
+             1800, r"written:|error", out / "train-chunked" / "bench_train.md"),
     ]
 
 
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [s for s in plan(args.out, args.jobs) if s.name not in args.skip]
     if args.plan:
         for s in steps:
-            print(f"{s.name:<10} (limit {s.timeout_s} s)  {' '.join(s.command)}")
+            print(f"{s.name:<13} (limit {s.timeout_s} s)  {' '.join(s.command)}")
         return 0
     import torch
 

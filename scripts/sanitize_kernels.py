@@ -26,7 +26,7 @@ except ImportError:  # run from a checkout without installing the package
 
 from rwkv_train.ops import kernels
 
-GENERATIONS = ("v4", "v5", "v6", "v7")
+GENERATIONS = ("v4", "v5", "v6", "v7", "v7-chunked")
 B, T, H, N = 1, 33, 1, 64
 V4_STEPS = 200  # 13 chunks of 16: the v4 kernel runs them as 3 groups, the last partial
 
@@ -66,7 +66,8 @@ def run_diag(generation: str) -> list[torch.Tensor]:
     return _backward([y, final], [r, lw, k, v, u, state])
 
 
-def run_v7() -> list[torch.Tensor]:
+def run_v7(chunked: bool = False) -> list[torch.Tensor]:
+    from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
     from rwkv_train.ops.wkv7_cuda import wkv7_cuda
 
     r, k, v = (_leaf(_randn(B, T, H, N), torch.bfloat16) for _ in range(3))
@@ -74,7 +75,7 @@ def run_v7() -> list[torch.Tensor]:
     kk = torch.nn.functional.normalize(_randn(B, T, H, N), dim=-1)
     a, b = _leaf(-kk, torch.bfloat16), _leaf(kk * torch.sigmoid(_randn(B, T, H, N)), torch.bfloat16)
     state = _leaf(_randn(B, H, N, N), torch.float32)
-    y, final = wkv7_cuda(r, lw, k, v, a, b, state)
+    y, final = (wkv7_chunked_cuda if chunked else wkv7_cuda)(r, lw, k, v, a, b, state)
     return _backward([y, final], [r, lw, k, v, a, b, state])
 
 
@@ -85,7 +86,8 @@ def _backward(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[t
     return [o.detach() for o in outputs] + list(grads)
 
 
-RUNNERS = {"v4": run_v4, "v5": lambda: run_diag("v5"), "v6": lambda: run_diag("v6"), "v7": run_v7}
+RUNNERS = {"v4": run_v4, "v5": lambda: run_diag("v5"), "v6": lambda: run_diag("v6"), "v7": run_v7,
+           "v7-chunked": lambda: run_v7(chunked=True)}
 
 
 def main(argv: list[str] | None = None) -> int:

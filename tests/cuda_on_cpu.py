@@ -87,3 +87,20 @@ class Wkv7ChunkedOnCpu:
         ds0 = _nan(ds_final.shape, torch.float32)
         self.lib.backward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, states, dy, ds_final, *grads, ds0)))
         return (*grads, ds0)
+
+
+class Wkv7ChunkedModule:
+    """The compiled extension's interface (`forward` and `backward` writing into the outputs they are
+    given), on the CPU emulation: what `kernels.load("v7-chunked", N)` returns on a GPU."""
+
+    def __init__(self, head_size: int):
+        self.kernel = Wkv7ChunkedOnCpu(head_size)
+        self.head_size, self.chunk_len, self.log_decay_min = head_size, self.kernel.chunk_len, self.kernel.log_decay_min
+
+    def forward(self, r, lw, k, v, a, b, s0, y, s_final, states) -> None:
+        B, T, H, _ = r.shape
+        self.kernel.lib.forward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, s0, y, s_final, states)))
+
+    def backward(self, r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0) -> None:
+        B, T, H, _ = r.shape
+        self.kernel.lib.backward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0)))

@@ -37,6 +37,7 @@ from rwkv_train.ops.wkv4_cuda import wkv4_cuda
 from rwkv_train.ops.wkv7 import wkv7_recurrent
 from rwkv_train.ops.wkv7_cuda import wkv7_cuda
 from rwkv_train.ops.wkv_diag import wkv_diag_recurrent
+from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
 from rwkv_train.ops.wkv_diag_cuda import wkv5_cuda, wkv6_cuda
 from tests.conftest import REPO
 
@@ -50,7 +51,8 @@ V4_CHANNELS = 100  # v4 has no heads; C % 8 != 0 takes the kernel's element-by-e
 # C % 8 == 0 moves whole 16-byte pieces; 136 = 128 + 8 also leaves the second 128-channel tile partial
 V4_VECTOR_CHANNELS = 136
 TOL = 1e-2  # relative error for values that pass through bf16 (every kernel's inputs and y are bf16)
-CONFIGS = [("v4", None), ("v5", 64), ("v5", 128), ("v6", 64), ("v6", 128), ("v7", 64), ("v7", 128)]
+CONFIGS = [("v4", None), ("v5", 64), ("v5", 128), ("v6", 64), ("v6", 128), ("v7", 64), ("v7", 128),
+           ("v7-chunked", 32), ("v7-chunked", 64)]
 # (T, with initial state): short and odd lengths cover partial chunks inside the kernels; 1000 the long run.
 CASES = [(1, False), (1, True), (7, True), (16, False), (33, True), (200, False), (200, True), (1000, True)]
 ERRORS_CSV = REPO / "out" / "kernel_errors.csv"
@@ -119,15 +121,17 @@ def make_problem(generation: str, head_size: int | None, T: int, seed: int, chan
     N = head_size
     r, k, v = _randn(g, B, T, H, N), _randn(g, B, T, H, N), _randn(g, B, T, H, N)
     state = _randn(g, B, H, N, N)
-    if generation == "v7":
+    if generation in ("v7", "v7-chunked"):
         lw = -math.exp(-0.5) * torch.sigmoid(_randn(g, B, T, H, N))  # in (-0.61, 0), as the model makes it
         kk = F.normalize(_randn(g, B, T, H, N), dim=-1)  # unit norm per head
         a, b = -kk, kk * torch.sigmoid(_randn(g, B, T, H, N))  # b = kk * in-context learning rate
         inputs = [_to(x, bf) for x in (r, k, v, a, b)]
         inputs = [inputs[0], _to(lw, f32), *inputs[1:], _to(state, f32)]
 
+        op = wkv7_chunked_cuda if generation == "v7-chunked" else wkv7_cuda
+
         def kernel(r, lw, k, v, a, b, s):
-            return list(wkv7_cuda(r, lw, k, v, a, b, s))
+            return list(op(r, lw, k, v, a, b, s))
 
         def reference(r, lw, k, v, a, b, s):
             return list(wkv7_recurrent(r, lw, k, v, a, b, s))
@@ -253,7 +257,7 @@ def compare_with_reference(generation, head_size, T, with_state, error_log, chan
     assert not problems, f"{generation} head {head_size} T={T} state={with_state}:\n  " + "\n  ".join(problems)
 
 
-@pytest.mark.parametrize("generation,head_size", [("v4", None), ("v5", 64), ("v6", 64), ("v7", 64)])
+@pytest.mark.parametrize("generation,head_size", [("v4", None), ("v5", 64), ("v6", 64), ("v7", 64), ("v7-chunked", 64)])
 def test_kernel_is_deterministic(generation, head_size):
     """The same inputs twice give bitwise the same outputs and gradients (no atomics-order noise)."""
     require_kernel(generation, head_size)
@@ -269,13 +273,15 @@ def test_kernel_is_deterministic(generation, head_size):
 # --- integration: torch.compile and the model ---------------------------------------------------------
 
 
-def test_wkv7_cuda_inside_torch_compile_matches_eager():
+@pytest.mark.parametrize("generation", ["v7", "v7-chunked"])
+def test_wkv7_cuda_inside_torch_compile_matches_eager(generation):
     """The op is a real custom op: fullgraph compilation keeps it whole, and forward and backward agree with eager."""
-    require_kernel("v7", 64)
-    problem = make_problem("v7", 64, 48, seed_of("compile"))
+    require_kernel(generation, 64)
+    problem = make_problem(generation, 64, 48, seed_of("compile"))
+    op = wkv7_chunked_cuda if generation == "v7-chunked" else wkv7_cuda
 
     def step(r, lw, k, v, a, b, s):
-        y, s_out = wkv7_cuda(r, lw, k, v, a, b, s)
+        y, s_out = op(r, lw, k, v, a, b, s)
         return y.float() * 0.5 + 1.0, s_out * 2.0  # some surrounding ops for inductor to fuse
 
     torch._dynamo.reset()
@@ -296,9 +302,10 @@ def _trained_looking(model: torch.nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g, device="cuda", dtype=p.dtype) * 0.1)
 
 
-def test_model_trains_a_step_with_the_cuda_kernel():
+@pytest.mark.parametrize("chunked", [False, True], ids=["sequential", "chunked"])
+def test_model_trains_a_step_with_the_cuda_kernel(chunked):
     """A tiny v7 model: model.kernel=cuda gives a finite loss, and the loss and gradients of model.kernel=torch."""
-    require_kernel("v7", 64)
+    require_kernel("v7-chunked" if chunked else "v7", 64)
     dims = dict(version="v7", n_layer=2, n_embd=128, head_size=64, vocab_size=256)
     start = build_model(ModelConfig(**dims, kernel="torch"), device="cuda")
     _trained_looking(start, seed=3)
@@ -308,7 +315,7 @@ def test_model_trains_a_step_with_the_cuda_kernel():
 
     results = {}
     for kernel in ("torch", "cuda"):
-        model = build_model(ModelConfig(**dims, kernel=kernel), device="cuda", init=False)
+        model = build_model(ModelConfig(**dims, kernel=kernel, wkv7_chunked=chunked), device="cuda", init=False)
         model.load_state_dict(weights)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         with kernels.poisoned_outputs():

@@ -154,10 +154,12 @@ class RWKVModel(nn.Module):
         self.grad_cp = False  # gradient checkpointing per block, set by the trainer
         self.set_kernel("auto")
 
-    def set_kernel(self, kernel: str) -> None:
-        """Choose the WKV backend of every block: "auto", "cuda" or "torch" (see ModelConfig.kernel)."""
+    def set_kernel(self, kernel: str, wkv7_chunked: bool = False) -> None:
+        """Choose the WKV backend of every block: "auto", "cuda" or "torch" (see ModelConfig.kernel), and
+        for RWKV-7 which CUDA kernel (ModelConfig.wkv7_chunked)."""
         for block in self.blocks:
             block.att.kernel = kernel
+            block.att.wkv7_chunked = wkv7_chunked
 
     @torch.no_grad()
     def reset_parameters(self, emb_range: float | None = None) -> None:

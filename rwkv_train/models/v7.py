@@ -190,7 +190,8 @@ class TimeMix(nn.Module):
         k = k * (1 + (a - 1) * self.k_a)
         shape = (B, T, H, N)
         y, wkv_state = wkv7(
-            r.view(shape), lw.view(shape), k.view(shape), v.view(shape), -kk, kk * a.view(shape), wkv_state, self.kernel
+            r.view(shape), lw.view(shape), k.view(shape), v.view(shape), -kk, kk * a.view(shape), wkv_state, self.kernel,
+            chunked=self.wkv7_chunked,
         )
         y = self.ln_x(y.reshape(B * T, C).to(x.dtype)).view(B, T, C)
         bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(dim=-1, keepdim=True) * v.view(shape)

@@ -242,18 +242,26 @@ def wkv7(
     b: Tensor,
     state: Tensor | None = None,
     backend: str = "torch",
+    chunked: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The WKV-7 interface the model calls. Inputs [B, T, H, N], state [B, H, N, N] or None.
 
-    backend "torch" runs `wkv7_chunked` (pure PyTorch, the CPU path); "cuda" the bf16 kernel
-    (`rwkv_train.ops.wkv7_cuda`); "auto" the kernel for CUDA inputs where it builds, else "torch".
-    Returns (y in r's dtype, final state).
+    backend "torch" runs `wkv7_chunked` (pure PyTorch, the CPU path); "cuda" a bf16 kernel; "auto" the
+    kernel for CUDA inputs where it builds, else "torch". The kernel is the sequential one
+    (`rwkv_train.ops.wkv7_cuda`), or with `chunked` the tensor-core one (`rwkv_train.ops.wkv7_chunked_cuda`:
+    head sizes 32 and 64, per-step lw >= -5). Returns (y in r's dtype, final state).
     """
-    if backend in ("cuda", "auto") and kernels.use_cuda(backend, "v7", r, r.shape[-1]):
-        from rwkv_train.ops.wkv7_cuda import wkv7_cuda
+    if backend in ("cuda", "auto"):
+        if chunked and kernels.use_cuda(backend, "v7-chunked", r, r.shape[-1]):
+            from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
 
-        y, s_final = wkv7_cuda(r, lw, k, v, a, b, state)
-        return y.to(r.dtype), s_final
+            y, s_final = wkv7_chunked_cuda(r, lw, k, v, a, b, state)
+            return y.to(r.dtype), s_final
+        if kernels.use_cuda(backend, "v7", r, r.shape[-1]):
+            from rwkv_train.ops.wkv7_cuda import wkv7_cuda
+
+            y, s_final = wkv7_cuda(r, lw, k, v, a, b, state)
+            return y.to(r.dtype), s_final
     if backend in ("torch", "cuda", "auto"):
         # The recurrence runs in float32 or better whatever autocast region the model is in (bf16 state
         # updates would drift, and CPU autocast would hand bf16 to the triangular solve).

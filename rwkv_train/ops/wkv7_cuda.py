@@ -79,14 +79,20 @@ def _backward(ctx, dy: Tensor | None, ds_final: Tensor | None, _dsa: Tensor | No
 wkv7_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def kernel_inputs(
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None
+) -> tuple[Tensor, ...]:
+    """(r, lw, k, v, a, b, state) as both WKV-7 kernels read them: contiguous bf16, float32 lw and state (zeros for None)."""
+    B, _, H, N = r.shape
+    if state is None:
+        state = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device)
+    r, k, v, a, b = (x.to(torch.bfloat16).contiguous() for x in (r, k, v, a, b))
+    return r, lw.to(torch.float32).contiguous(), k, v, a, b, state.to(torch.float32).contiguous()
+
+
 def wkv7_cuda(
     r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """WKV-7 on the CUDA kernel. Inputs [B, T, H, N], state [B, H, N, N] or None; returns (y bf16, final state)."""
-    B, _, H, N = r.shape
-    bf = [x.to(torch.bfloat16).contiguous() for x in (r, k, v, a, b)]
-    lw = lw.to(torch.float32).contiguous()
-    if state is None:
-        state = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device)
-    y, s_final, _ = wkv7_forward(bf[0], lw, bf[1], bf[2], bf[3], bf[4], state.to(torch.float32).contiguous())
+    y, s_final, _ = wkv7_forward(*kernel_inputs(r, lw, k, v, a, b, state))
     return y, s_final

@@ -1,0 +1,96 @@
+"""The chunked RWKV-7 CUDA kernel (`cuda/wkv7_chunked.cu`) as torch custom ops, with autograd.
+
+`wkv7_chunked_cuda(r, lw, k, v, a, b, state)` has the contract of `rwkv_train.ops.wkv7_cuda.wkv7_cuda`
+(the sequential kernel): inputs [B, T, H, N], state [B, H, N, N] float32 in [value, key] layout (None:
+zeros); y comes back in bf16 and the final state in float32; every input and the initial state get a
+gradient, and the final state's gradient is taken. It works 16 steps at a time with the products on
+tensor cores (bf16 operands, float32 accumulation) and the recurrences in float32; head sizes 32 and
+64. Per-step log-decays below LOG_DECAY_MIN = -5 (a decay under e^-5 = 0.0067 per step) are taken
+as -5, with zero gradient there; RWKV-7 makes lw in (-0.61, 0), so the model is never clamped.
+
+The forward also returns the state at the start of every chunk in bf16 ([B, H, ceil(T/16), N, N]:
+T N^2 / 8 bytes per head, at N = 64 twice the float32 `sa` the sequential kernel keeps), which the
+backward reads instead of recomputing the forward. The extension is built (or loaded from the cache) at the first call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rwkv_train.ops import kernels
+from rwkv_train.ops.wkv7_cuda import kernel_inputs
+
+__all__ = ["CHUNK_LEN", "LOG_DECAY_MIN", "wkv7_chunked_cuda"]
+
+CHUNK_LEN = 16  # L in cuda/wkv7_chunked.cu (the kernel checks the saved states' shape)
+LOG_DECAY_MIN = -5.0  # LW_MIN there
+
+
+def _n_chunks(T: int) -> int:  # T may be a symbolic size under torch.compile
+    return (T + CHUNK_LEN - 1) // CHUNK_LEN
+
+
+@torch.library.custom_op("rwkv_train::wkv7_chunked_forward", mutates_args=())
+def wkv7_chunked_forward(
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y bf16, final state float32, chunk start states bf16: kept for the backward)."""
+    B, T, H, N = r.shape
+    module = kernels.load("v7-chunked", N)
+    y = kernels.new_output(r.shape, torch.bfloat16, r.device)
+    s_final = kernels.new_output(s0.shape, torch.float32, r.device)
+    states = kernels.new_output((B, H, _n_chunks(T), N, N), torch.bfloat16, r.device)
+    module.forward(r, lw, k, v, a, b, s0, y, s_final, states)
+    return y, s_final, states
+
+
+@wkv7_chunked_forward.register_fake
+def _(r, lw, k, v, a, b, s0):
+    B, T, H, N = r.shape
+    return torch.empty_like(r), torch.empty_like(s0), r.new_empty((B, H, _n_chunks(T), N, N))
+
+
+@torch.library.custom_op("rwkv_train::wkv7_chunked_backward", mutates_args=())
+def wkv7_chunked_backward(
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, states: Tensor, dy: Tensor, ds_final: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns the gradients of (r, lw, k, v, a, b, s0)."""
+    module = kernels.load("v7-chunked", r.shape[-1])
+    dr, dk, dv, da, db = (kernels.new_output(r.shape, torch.bfloat16, r.device) for _ in range(5))
+    dlw = kernels.new_output(r.shape, torch.float32, r.device)
+    ds0 = kernels.new_output(ds_final.shape, torch.float32, r.device)
+    module.backward(r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0)
+    return dr, dlw, dk, dv, da, db, ds0
+
+
+@wkv7_chunked_backward.register_fake
+def _(r, lw, k, v, a, b, states, dy, ds_final):
+    return (
+        torch.empty_like(r), torch.empty_like(lw), torch.empty_like(r), torch.empty_like(r),
+        torch.empty_like(r), torch.empty_like(r), torch.empty_like(ds_final),
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    r, lw, k, v, a, b, _ = inputs
+    ctx.save_for_backward(r, lw, k, v, a, b, output[2])
+
+
+def _backward(ctx, dy: Tensor | None, ds_final: Tensor | None, _dstates: Tensor | None):
+    r, lw, k, v, a, b, states = ctx.saved_tensors
+    B, _, H, N = r.shape
+    dy = torch.zeros_like(r) if dy is None else dy.to(torch.bfloat16).contiguous()
+    ds_final = r.new_zeros((B, H, N, N), dtype=torch.float32) if ds_final is None else ds_final.float().contiguous()
+    return wkv7_chunked_backward(r, lw, k, v, a, b, states, dy, ds_final)
+
+
+wkv7_chunked_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def wkv7_chunked_cuda(
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """WKV-7 on the chunked kernel. Inputs [B, T, H, N], state [B, H, N, N] or None; returns (y bf16, final state)."""
+    y, s_final, _ = wkv7_chunked_forward(*kernel_inputs(r, lw, k, v, a, b, state))
+    return y, s_final

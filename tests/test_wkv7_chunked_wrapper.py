@@ -1,0 +1,118 @@
+"""The chunked WKV-7 op's Python side, on the CPU: custom ops, autograd, model plumbing.
+
+`kernels.load("v7-chunked", N)` is pointed at the CPU emulation of cuda/wkv7_chunked.cu (the real
+kernel code, tests/cuda_on_cpu.py), so the op wrapper (`rwkv_train.ops.wkv7_chunked_cuda`), its
+saved chunk states and gradients, and a whole RWKV-7 model with `wkv7_chunked: true` are checked
+against float64 references without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from rwkv_train.config import ModelConfig
+from rwkv_train.models import build_model
+from rwkv_train.ops import kernels
+from rwkv_train.ops.wkv7 import wkv7_recurrent
+from rwkv_train.ops.wkv7_chunked_cuda import CHUNK_LEN, LOG_DECAY_MIN, wkv7_chunked_cuda
+from tests import cuda_on_cpu
+from tests.test_wkv7_chunked_emulated import TOL, model_like_inputs, rel_error
+
+pytestmark = pytest.mark.skipif(cuda_on_cpu.compiler_problem() is not None, reason=str(cuda_on_cpu.compiler_problem()))
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """kernels.load("v7-chunked", N) returns the CPU emulation; records which kernels were asked for."""
+    modules: dict[int, cuda_on_cpu.Wkv7ChunkedModule] = {}
+    asked: list[tuple[str, int | None]] = []
+
+    def load(generation: str, head_size: int | None = None):
+        asked.append((generation, head_size))
+        assert generation == "v7-chunked", f"only the chunked kernel is emulated here, not {generation}"
+        if head_size not in modules:
+            modules[head_size] = cuda_on_cpu.Wkv7ChunkedModule(head_size)
+        return modules[head_size]
+
+    monkeypatch.setattr(kernels, "load", load)
+    return asked
+
+
+def test_python_constants_match_the_kernel(emulated):
+    module = kernels.load("v7-chunked", 64)
+    assert (module.chunk_len, module.log_decay_min) == (CHUNK_LEN, LOG_DECAY_MIN)
+
+
+@pytest.mark.parametrize("uses", ["y and state", "y only", "state only"])
+def test_op_gradients_match_float64_autograd(emulated, uses):
+    """Through the custom ops and their autograd: a loss of y, of the final state, or of both."""
+    B, T, H, N = 2, 37, 2, 32
+    inputs = model_like_inputs(B, T, H, N, seed=21)
+    s0 = 0.5 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(22))
+    g = torch.Generator().manual_seed(23)
+    wy, ws = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+
+    def loss(y, s):
+        return (y.double() * wy).sum() * (uses != "state only") + (s.double() * ws).sum() * (uses != "y only")
+
+    leaves = [x.float().clone().requires_grad_() for x in (*inputs, s0)]  # the wrapper casts to the kernel's dtypes
+    with kernels.poisoned_outputs():
+        y, s = wkv7_chunked_cuda(*leaves)
+        loss(y, s).backward()
+    ref = [x.detach().double().requires_grad_() for x in (*inputs, s0)]
+    y_ref, s_ref = wkv7_recurrent(*ref)
+    loss(y_ref, s_ref).backward()
+
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert rel_error(y, y_ref) < TOL and rel_error(s, s_ref) < TOL
+    for name, got, want in zip(["r", "lw", "k", "v", "a", "b", "state"], leaves, ref):
+        err = rel_error(got.grad, want.grad)
+        assert err < TOL, f"d{name}: relative error {err:.2e}"
+    assert set(emulated) == {("v7-chunked", N)}
+
+
+def test_state_carried_across_calls_equals_one_call(emulated):
+    """Chunked BPTT: two calls with the state handed over give one call's outputs (T split mid-chunk)."""
+    inputs = model_like_inputs(1, 45, 2, 32, seed=31)
+    y_all, s_all = wkv7_chunked_cuda(*inputs)
+    y1, s1 = wkv7_chunked_cuda(*(x[:, :21].contiguous() for x in inputs))
+    y2, s2 = wkv7_chunked_cuda(*(x[:, 21:].contiguous() for x in inputs), state=s1)
+    assert rel_error(torch.cat([y1, y2], 1), y_all) < 1e-2
+    assert rel_error(s2, s_all) < 1e-2
+
+
+def test_model_with_the_chunked_kernel_matches_the_torch_backend(emulated, monkeypatch):
+    """A 2-layer RWKV-7 with `wkv7_chunked: true` and kernel cuda, run on the emulation: loss and every
+    parameter gradient against the same model on the PyTorch backend (float64)."""
+    real_use_cuda = kernels.use_cuda
+    monkeypatch.setattr(kernels, "use_cuda", lambda kernel, gen, x, n=None: gen == "v7-chunked" or real_use_cuda(kernel, gen, x, n))
+    cfg = ModelConfig(version="v7", n_layer=2, n_embd=64, head_size=32, vocab_size=61, kernel="cuda", wkv7_chunked=True)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # reach the zero-initialised paths
+    reference = build_model(dataclasses.replace(cfg, kernel="torch", wkv7_chunked=False))
+    reference.load_state_dict(model.state_dict())
+    reference.double()
+
+    idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for m in (model, reference):
+        logits, _ = m(idx)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 61).double(), idx.roll(-1, 1).reshape(-1))
+        loss.backward()
+        losses.append(loss.item())
+    assert emulated and all(call == ("v7-chunked", 32) for call in emulated)
+    assert math.isclose(losses[0], losses[1], rel_tol=2e-3), losses
+    worst = max(
+        (rel_error(p.grad, q.grad), name)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters())
+        if q.grad is not None and q.grad.norm() > 0
+    )
+    assert worst[0] < 2e-2, f"largest relative gradient error {worst[0]:.2e} in {worst[1]}"
+
