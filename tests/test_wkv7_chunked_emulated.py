@@ -74,8 +74,11 @@ def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int,
     return states
 
 
-@pytest.mark.parametrize("T", [1, 16, 37, 100])
-@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state"])
+# (T, with initial state): one step, one whole chunk, partial chunks, and a long run.
+CASES = [(1, False), (1, True), (16, False), (37, True), (100, False), (100, True), (1000, True)]
+
+
+@pytest.mark.parametrize("T,with_state", CASES, ids=[f"T{t}-{'state' if s else 'zero'}" for t, s in CASES])
 def test_chunked_kernel_matches_float64_recurrence(kernel, T, with_state):
     seed = 1000 * T + with_state
     inputs = model_like_inputs(2, T, 2, kernel.head_size, seed)
