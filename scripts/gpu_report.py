@@ -1,13 +1,14 @@
 """Every GPU check and benchmark of the CUDA kernels in one run, summed up in one table.
 
     python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
-    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, kernels, train, train-chunked)
+    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, profile, kernels, train, train-chunked)
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
 
 Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
   build      scripts/build_kernels.py: every kernel built once, in parallel
   tests      pytest tests/test_kernels_cuda.py: every kernel against the float64 reference
   sanitizer  compute-sanitizer memcheck over scripts/sanitize_kernels.py
+  profile    scripts/profile_kernels.py: per-kernel time of both v7 kernels
   kernels    scripts/bench_kernels.py (forward + backward times against RWKV-LM and fla)
   train      scripts/bench_train.py (tokens/s, memory, MFU of the RWKV-7 presets)
   train-chunked  the same with the chunked WKV-7 kernel (--kernel cuda-chunked)
@@ -34,7 +35,7 @@ except ImportError:  # run from a checkout without installing the package
 
 from rwkv_train.ops import kernels
 
-STEPS = ("build", "tests", "sanitizer", "kernels", "train", "train-chunked")
+STEPS = ("build", "tests", "sanitizer", "profile", "kernels", "train", "train-chunked")
 
 
 @dataclass
@@ -62,6 +63,7 @@ def plan(out: Path, jobs: int) -> list[Step]:
              r"\d+ (passed|failed|error)"),
         Step("sanitizer", [kernels.cuda_tool("compute-sanitizer") or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", py,
                            "scripts/sanitize_kernels.py"], 900, r"ERROR SUMMARY"),
+        Step("profile", [py, "scripts/profile_kernels.py", "--generations", "v7", "v7-chunked"], 600, r"^v7-chunked "),
         Step("kernels", [py, "scripts/bench_kernels.py", "--out", str(out / "kernels")], 1800, r"done after",
              out / "kernels" / "bench_kernels.md"),
         Step("train", [py, "scripts/bench_train.py", "--out", str(out / "train")], 1800, r"written:|error",

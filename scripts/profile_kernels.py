@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one forward + backward of each WKV CUDA op (where the time goes).
 
-    python scripts/profile_kernels.py                  # v4, v6, v7 at B=8, T=4096, C=4096, head 64
+    python scripts/profile_kernels.py                  # v4, v6, v7, v7-chunked at B=8, T=4096, C=4096, head 64
     python scripts/profile_kernels.py --shape 1 32768 4096 --generations v7
 
 Runs the op a few times under torch.profiler and prints one table: generation, kernel, calls,
@@ -37,17 +37,20 @@ def _inputs(generation: str, B: int, T: int, C: int, N: int) -> tuple[list[torch
         lw = (-torch.exp((torch.randn(B, T, H, N, device=dev, generator=g) - 1).clamp(-8, 2))).requires_grad_()
         xs = [randn(B, T, H, N, scale=0.5), lw, randn(B, T, H, N, scale=0.5), randn(B, T, H, N), randn(H, N, scale=0.5)]
         return xs, lambda r, lw, k, v, u: wkv6_cuda(r.bfloat16(), lw, k.bfloat16(), v.bfloat16(), u)[0]
+    from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
     from rwkv_train.ops.wkv7_cuda import wkv7_cuda
 
+    op = wkv7_chunked_cuda if generation == "v7-chunked" else wkv7_cuda
     lw = (-0.6065 * torch.sigmoid(torch.randn(B, T, H, N, device=dev, generator=g))).requires_grad_()
     kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device=dev, generator=g), dim=-1)
     xs = [randn(B, T, H, N, scale=0.5), lw, randn(B, T, H, N, scale=0.5), randn(B, T, H, N), kk.requires_grad_()]
-    return xs, lambda r, lw, k, v, kk: wkv7_cuda(r.bfloat16(), lw, k.bfloat16(), v.bfloat16(), -kk.bfloat16(), (kk * 0.5).bfloat16())[0]
+    return xs, lambda r, lw, k, v, kk: op(r.bfloat16(), lw, k.bfloat16(), v.bfloat16(), -kk.bfloat16(), (kk * 0.5).bfloat16())[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v7"], choices=["v4", "v5", "v6", "v7"])
+    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v7", "v7-chunked"],
+                        choices=["v4", "v5", "v6", "v7", "v7-chunked"])
     parser.add_argument("--shape", nargs=3, type=int, default=[8, 4096, 4096], metavar=("B", "T", "C"))
     parser.add_argument("--head-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     B, T, C = args.shape
-    print(f"{'gen':<4} {'kernel':<34} {'calls':>5} {'ms/call':>9}")
+    print(f"{'gen':<10} {'kernel':<34} {'calls':>5} {'ms/call':>9}")
     for generation in args.generations:
         xs, op = _inputs(generation, B, T, C, args.head_size)
         for _ in range(2):  # warm-up (and the build, on first use)
@@ -70,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         rows = [e for e in prof.key_averages() if e.device_time_total > 0 and "kernel" in e.key]
         for e in sorted(rows, key=lambda e: -e.device_time_total):
-            name = e.key.split("(")[0].replace("wkv::", "").replace("(anonymous namespace)::", "")[:34]
-            print(f"{generation:<4} {name:<34} {e.count:>5} {e.device_time_total / e.count / 1000:>9.3f}")
+            name = e.key.split("(")[0].replace("wkv::", "").replace("wkv7c::", "").replace("(anonymous namespace)::", "")[:34]
+            print(f"{generation:<10} {name:<34} {e.count:>5} {e.device_time_total / e.count / 1000:>9.3f}")
     return 0
 
 
