@@ -88,12 +88,13 @@ constexpr size_t TILE_H = size_t(L2) * LDH * 2, TILE_F = size_t(L2) * LDH * 4;
 constexpr size_t SQUARE_F = size_t(L2) * LDM * 4, SQUARE_H = size_t(L2) * LDM * 2;
 
 struct ForwardSmem {
-    size_t S, Sh, left, right, hat, ends, xv, M, P, decay, bytes;
-    __host__ __device__ constexpr ForwardSmem() : S(), Sh(), left(), right(), hat(), ends(), xv(), M(), P(), decay(), bytes() {
+    size_t S, Sh, left, right, hat, ends, xv, M, P, cum, decay, bytes;
+    __host__ __device__ constexpr ForwardSmem()
+        : S(), Sh(), left(), right(), hat(), ends(), xv(), M(), P(), cum(), decay(), bytes() {
         Carve c;
         S = c.take(STATE_F), Sh = c.take(STATE_H);
         left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H), xv = c.take(TILE_H);
-        M = c.take(SQUARE_F), P = c.take(TILE_F), decay = c.take(N * 4);
+        M = c.take(SQUARE_F), P = c.take(TILE_F), cum = c.take(size_t(L) * N * 4), decay = c.take(N * 4);
         bytes = c.end;
     }
 };
@@ -164,41 +165,39 @@ struct Inputs {
 };
 
 // Builds one chunk's factor tiles (left, right, hat, ends; V into rows L.. of xv), the chunk's decay
-// e^(c_L) and, if cum_out is given, c_t [L][N]; one thread per key channel. Steps past the end are
-// zeros with lw = 0.
+// e^(c_L) and c_t in cum [L][N]: first the cumulative log-decays, one thread per key channel, then the
+// tiles with every thread, one (step, channel) at a time. Steps past the end are zeros with lw = 0.
+// Every thread of the block must call it (it synchronises the block once).
 __device__ __forceinline__ void chunk_factors(const Inputs& in, Layout4 g, int b, int h, int t0, int steps, bf16* left,
-                                              bf16* right, bf16* hat, bf16* ends, bf16* xv, float* decay, float* cum_out) {
+                                              bf16* right, bf16* hat, bf16* ends, bf16* xv, float* decay, float* cum) {
     for (int n = threadIdx.x; n < N; n += THREADS) {
-        float lw[L], c_L = 0.f;
+        float lw[L], c = 0.f;
 #pragma unroll
-        for (int t = 0; t < L; t++) {
-            lw[t] = t < steps ? fmaxf(in.lw[g.at(b, t0 + t, h, n)], LW_MIN) : 0.f;
-            c_L += lw[t];
-            if (cum_out) cum_out[t * N + n] = c_L;
-        }
+        for (int t = 0; t < L; t++) lw[t] = t < steps ? fmaxf(in.lw[g.at(b, t0 + t, h, n)], LW_MIN) : 0.f;
+#pragma unroll
+        for (int t = 0; t < L; t++) c += lw[t], cum[t * N + n] = c;
+        decay[n] = __expf(c);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < L * N; e += THREADS) {
+        const int t = e / N, n = e % N;
+        const float c = cum[t * N + n], c_ex = t > 0 ? cum[(t - 1) * N + n] : 0.f, c_L = cum[(L - 1) * N + n];
         const float c_ref = 0.5f * c_L;
-        decay[n] = __expf(c_L);
-        float c = 0.f;
-#pragma unroll
-        for (int t = 0; t < L; t++) {
-            const float c_ex = c;
-            c += lw[t];
-            float av = 0.f, rv = 0.f, bv = 0.f, kv = 0.f, vv = 0.f;
-            if (t < steps) {
-                const int64_t e = g.at(b, t0 + t, h, n);
-                av = f32(in.a[e]), rv = f32(in.r[e]), bv = f32(in.b[e]), kv = f32(in.k[e]), vv = f32(in.v[e]);
-            }
-            const float to_ref = __expf(c_ref - c), to_end = __expf(c_L - c);
-            left[t * LDH + n] = to_bf16(av * __expf(c_ex - c_ref));
-            left[(L + t) * LDH + n] = to_bf16(rv * __expf(c - c_ref));
-            right[t * LDH + n] = to_bf16(bv * to_ref);
-            right[(L + t) * LDH + n] = to_bf16(kv * to_ref);
-            hat[t * LDH + n] = to_bf16(av * __expf(c_ex));
-            hat[(L + t) * LDH + n] = to_bf16(rv * __expf(c));
-            ends[t * LDH + n] = to_bf16(bv * to_end);
-            ends[(L + t) * LDH + n] = to_bf16(kv * to_end);
-            xv[(L + t) * LDH + n] = to_bf16(vv);
+        float av = 0.f, rv = 0.f, bv = 0.f, kv = 0.f, vv = 0.f;
+        if (t < steps) {
+            const int64_t at = g.at(b, t0 + t, h, n);
+            av = f32(in.a[at]), rv = f32(in.r[at]), bv = f32(in.b[at]), kv = f32(in.k[at]), vv = f32(in.v[at]);
         }
+        const float to_ref = __expf(c_ref - c), to_end = __expf(c_L - c);
+        left[t * LDH + n] = to_bf16(av * __expf(c_ex - c_ref));
+        left[(L + t) * LDH + n] = to_bf16(rv * __expf(c - c_ref));
+        right[t * LDH + n] = to_bf16(bv * to_ref);
+        right[(L + t) * LDH + n] = to_bf16(kv * to_ref);
+        hat[t * LDH + n] = to_bf16(av * __expf(c_ex));
+        hat[(L + t) * LDH + n] = to_bf16(rv * __expf(c));
+        ends[t * LDH + n] = to_bf16(bv * to_end);
+        ends[(L + t) * LDH + n] = to_bf16(kv * to_end);
+        xv[(L + t) * LDH + n] = to_bf16(vv);
     }
 }
 
@@ -224,7 +223,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs i
     bf16 *hat = reinterpret_cast<bf16*>(smem + F.hat), *ends = reinterpret_cast<bf16*>(smem + F.ends);
     bf16* xv = reinterpret_cast<bf16*>(smem + F.xv);
     float *M = reinterpret_cast<float*>(smem + F.M), *P = reinterpret_cast<float*>(smem + F.P);
-    float* decay = reinterpret_cast<float*>(smem + F.decay);
+    float *cum = reinterpret_cast<float*>(smem + F.cum), *decay = reinterpret_cast<float*>(smem + F.decay);
 
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const Layout4 g{T, H};
@@ -240,7 +239,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs i
         const int t0 = c * L, steps = min(L, T - t0);
         bf16* saved = states + (head * chunks + c) * N * N;
         for (int e = tid; e < N * N; e += THREADS) saved[e] = Sh[e / N * LDH + e % N];
-        chunk_factors(in, g, b, h, t0, steps, left, right, hat, ends, xv, decay, nullptr);
+        chunk_factors(in, g, b, h, t0, steps, left, right, hat, ends, xv, decay, cum);
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L2, N, N, false);       // hat S^T
