@@ -244,22 +244,38 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs i
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L2, N, N, false);       // hat S^T
         __syncthreads();
-        for (int i = tid; i < N; i += THREADS) {
-            float v[L], x[L];
+        // Two threads per value channel: one solves for x (into xv, and in float32 over P's a rows,
+        // which only it reads), the other adds y's v part to P's r rows (independent of x).
+        for (int u = tid; u < 2 * N; u += THREADS) {
+            const int i = u % N;
+            float v[L];
 #pragma unroll
             for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + i]);
-            solve_x(M, P, i, v, x);
+            if (u < N) {
+                float x[L];
+                solve_x(M, P, i, v, x);
+#pragma unroll
+                for (int t = 0; t < L; t++) xv[t * LDH + i] = to_bf16(x[t]), P[t * LDH + i] = x[t];
+                continue;
+            }
 #pragma unroll
             for (int t = 0; t < L; t++) {
                 float acc = P[(L + t) * LDH + i];
 #pragma unroll
-                for (int s = 0; s <= t; s++) acc += M[(L + t) * LDM + s] * x[s] + M[(L + t) * LDM + L + s] * v[s];
-                if (t < steps) y[g.at(b, t0 + t, h, i)] = to_bf16(acc);
-                xv[t * LDH + i] = to_bf16(x[t]);
+                for (int s = 0; s <= t; s++) acc += M[(L + t) * LDM + L + s] * v[s];
+                P[(L + t) * LDH + i] = acc;
             }
         }
         for (int e = tid; e < N * N; e += THREADS) S[e / N * LDH + e % N] *= decay[e % N];
         __syncthreads();
+        for (int e = tid; e < L * N; e += THREADS) {  // y_t = (P_r + M_rk V)[t] + sum_{s<=t} M_rb[t,s] x_s
+            const int t = e / N, i = e % N;
+            float acc = P[(L + t) * LDH + i];
+#pragma unroll
+            for (int s = 0; s < L; s++)
+                if (s <= t) acc += M[(L + t) * LDM + s] * P[s * LDH + i];
+            if (t < steps) y[g.at(b, t0 + t, h, i)] = to_bf16(acc);
+        }
         matmul<col, row>(S, LDH, xv, LDH, ends, LDH, N, N, L2, true);  // S += [X; V]^T ends
         __syncthreads();
         for (int e = tid; e < N * N; e += THREADS) Sh[e / N * LDH + e % N] = to_bf16(S[e / N * LDH + e % N]);
