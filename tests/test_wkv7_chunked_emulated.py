@@ -25,6 +25,18 @@ TOL = 1e-2  # as tests/test_kernels_cuda.py: every input and y pass through bf16
 GRADS = ("dr", "dlw", "dk", "dv", "da", "db", "ds0")
 
 
+_WORST: dict[str, float] = {}  # quantity -> largest relative error over this module's comparisons
+
+
+@pytest.fixture(scope="module", autouse=True)
+def error_summary():
+    """Prints the largest error per quantity after the module (shown with pytest -s)."""
+    yield
+    if _WORST:
+        print("\nchunked WKV-7 kernel (CPU emulation) vs float64, largest relative error: "
+              + ", ".join(f"{name} {err:.1e}" for name, err in _WORST.items()))
+
+
 @pytest.fixture(scope="module", params=[32, 64], ids=lambda n: f"N{n}")
 def kernel(request) -> cuda_on_cpu.Wkv7ChunkedOnCpu:
     return cuda_on_cpu.Wkv7ChunkedOnCpu(request.param)
@@ -69,6 +81,8 @@ def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int,
 
     errors = {"y": rel_error(y, y_ref), "state": rel_error(s_final, s_ref)}
     errors |= {name: rel_error(grad, x.grad) for name, grad, x in zip(GRADS, grads, ref_inputs)}
+    for name, err in errors.items():
+        _WORST[name] = max(_WORST.get(name, 0.0), err)
     too_far = {name: f"{err:.2e}" for name, err in errors.items() if not err <= TOL}
     assert not too_far, f"relative error above {TOL} (NaN: an element never written): {too_far}"
     return states
