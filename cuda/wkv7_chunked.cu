@@ -15,8 +15,9 @@
 //     y_t   = P_r[t] + sum_{s<=t} (M_rb[t,s] x_s + M_rk[t,s] v_s)
 //     S'    = S diag(e^(c_L)) + [X; V]^T ends
 //
-// M, P and the state update run on tensor cores; the two triangular recurrences (x, y) run in
-// float32 on one thread per value channel. The split around c_ref keeps every factor within
+// M, P and the state update run on tensor cores; the triangular recurrence for x runs in float32 on
+// one thread per value channel, beside a second thread adding y's v part; then y's x part is one
+// (step, channel) per thread. The split around c_ref keeps every factor within
 // e^(|c_L| / 2); per-step log-decays below LW_MIN are taken as LW_MIN (see wkv7_chunked_cuda.py).
 //
 // Backward per chunk, last chunk first, with dS the gradient of the chunk's end state:
