@@ -165,6 +165,24 @@ struct Inputs {
     const float* lw;
 };
 
+// The N x N float32 state (or its gradient) in shared memory, row-major with leading dimension LDH,
+// with a bf16 copy for the products; each helper deals the elements out to the block's threads.
+__device__ __forceinline__ void load_state(const float* src, float* f, bf16* h) {
+    for (int e = threadIdx.x; e < N * N; e += THREADS) {
+        const float x = src[e];
+        f[e / N * LDH + e % N] = x, h[e / N * LDH + e % N] = to_bf16(x);
+    }
+}
+__device__ __forceinline__ void store_state(const float* f, float* dst) {
+    for (int e = threadIdx.x; e < N * N; e += THREADS) dst[e] = f[e / N * LDH + e % N];
+}
+__device__ __forceinline__ void round_state(const float* f, bf16* h) {
+    for (int e = threadIdx.x; e < N * N; e += THREADS) h[e / N * LDH + e % N] = to_bf16(f[e / N * LDH + e % N]);
+}
+__device__ __forceinline__ void scale_columns(float* f, const float* decay) {
+    for (int e = threadIdx.x; e < N * N; e += THREADS) f[e / N * LDH + e % N] *= decay[e % N];
+}
+
 // Builds one chunk's factor tiles (left, right, hat, ends; V into rows L.. of xv), the chunk's decay
 // e^(c_L) and c_t in cum [L][N]: first the cumulative log-decays, one thread per key channel, then the
 // tiles with every thread, one (step, channel) at a time. Steps past the end are zeros with lw = 0.
@@ -230,11 +248,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs i
     const Layout4 g{T, H};
     const int64_t head = int64_t(b) * H + h;
     const int chunks = (T + L - 1) / L;
-    for (int e = tid; e < N * N; e += THREADS) {
-        const float x = s0[head * N * N + e];
-        S[e / N * LDH + e % N] = x;
-        Sh[e / N * LDH + e % N] = to_bf16(x);
-    }
+    load_state(s0 + head * N * N, S, Sh);
     __syncthreads();
     for (int c = 0; c < chunks; c++) {
         const int t0 = c * L, steps = min(L, T - t0);
@@ -267,7 +281,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs i
                 P[(L + t) * LDH + i] = acc;
             }
         }
-        for (int e = tid; e < N * N; e += THREADS) S[e / N * LDH + e % N] *= decay[e % N];
+        scale_columns(S, decay);
         __syncthreads();
         for (int e = tid; e < L * N; e += THREADS) {  // y_t = (P_r + M_rk V)[t] + sum_{s<=t} M_rb[t,s] x_s
             const int t = e / N, i = e % N;
@@ -279,10 +293,10 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs i
         }
         matmul<col, row>(S, LDH, xv, LDH, ends, LDH, N, N, L2, true);  // S += [X; V]^T ends
         __syncthreads();
-        for (int e = tid; e < N * N; e += THREADS) Sh[e / N * LDH + e % N] = to_bf16(S[e / N * LDH + e % N]);
+        round_state(S, Sh);
         __syncthreads();
     }
-    for (int e = tid; e < N * N; e += THREADS) s_final[head * N * N + e] = S[e / N * LDH + e % N];
+    store_state(S, s_final + head * N * N);
 }
 
 struct Grads {
@@ -315,11 +329,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
     const Layout4 g{T, H};
     const int64_t head = int64_t(b) * H + h;
     const int chunks = (T + L - 1) / L;
-    for (int e = tid; e < N * N; e += THREADS) {
-        const float x = ds_final[head * N * N + e];
-        dS[e / N * LDH + e % N] = x;
-        dSh[e / N * LDH + e % N] = to_bf16(x);
-    }
+    load_state(ds_final + head * N * N, dS, dSh);
     for (int c = chunks - 1; c >= 0; c--) {
         const int t0 = c * L, steps = min(L, T - t0);
         const bf16* saved = states + (head * chunks + c) * N * N;
@@ -383,7 +393,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
             const int t = e / L2, s = e % L2 % L, causal = t < L ? s < t : s <= t - L;
             dMh[t * LDM + e % L2] = to_bf16(causal ? M[t * LDM + e % L2] : 0.f);
         }
-        for (int e = tid; e < N * N; e += THREADS) dS[e / N * LDH + e % N] *= decay[e % N];
+        scale_columns(dS, decay);
         __syncthreads();
         float *d_left = P, *d_right = E;
         matmul<row, row>(d_left, LDH, dMh, LDM, right, LDH, L2, N, L2, false);  // dM right
@@ -432,10 +442,10 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
                 sum += d_left[(L + t) * LDH + n];
             }
         }
-        for (int e = tid; e < N * N; e += THREADS) dSh[e / N * LDH + e % N] = to_bf16(dS[e / N * LDH + e % N]);
+        round_state(dS, dSh);
         __syncthreads();
     }
-    for (int e = tid; e < N * N; e += THREADS) ds0[head * N * N + e] = dS[e / N * LDH + e % N];
+    store_state(dS, ds0 + head * N * N);
 }
 
 // Launches, shared by the torch binding below and the CPU emulation in tests/cuda_cpu.
