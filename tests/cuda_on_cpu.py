@@ -60,8 +60,9 @@ def _nan(shape, dtype) -> Tensor:
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
-class Wkv7ChunkedOnCpu:
-    """cuda/wkv7_chunked.cu on the CPU: forward and backward with the CUDA op's contract."""
+class Wkv7ChunkedModule:
+    """The compiled extension's interface (`forward` and `backward` writing into the outputs they are
+    given), on the CPU emulation: what `kernels.load("v7-chunked", N)` returns on a GPU."""
 
     def __init__(self, head_size: int):
         self.lib = build("wkv7_chunked.cpp", "wkv7_chunked.cu", head_size)
@@ -70,37 +71,29 @@ class Wkv7ChunkedOnCpu:
         self.chunk_len = self.lib.chunk_len()
         self.log_decay_min = self.lib.log_decay_min()
 
+    def forward(self, r, lw, k, v, a, b, s0, y, s_final, states) -> None:
+        B, T, H, _ = r.shape
+        self.lib.forward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, s0, y, s_final, states)))
+
+    def backward(self, r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0) -> None:
+        B, T, H, _ = r.shape
+        self.lib.backward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0)))
+
+
+class Wkv7ChunkedOnCpu(Wkv7ChunkedModule):
+    """cuda/wkv7_chunked.cu on the CPU, allocating its outputs (NaN first): the CUDA op's contract."""
+
     def forward(self, r, lw, k, v, a, b, s0) -> tuple[Tensor, Tensor, Tensor]:
         """bf16 r, k, v, a, b and float32 lw [B, T, H, N], float32 s0 -> (y bf16, final state, chunk states bf16)."""
         B, T, H, N = r.shape
-        chunks = -(-T // self.chunk_len)
-        y = _nan(r.shape, torch.bfloat16)
-        s_final = _nan(s0.shape, torch.float32)
-        states = _nan((B, H, chunks, N, N), torch.bfloat16)
-        self.lib.forward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, s0, y, s_final, states)))
+        y, s_final = _nan(r.shape, torch.bfloat16), _nan(s0.shape, torch.float32)
+        states = _nan((B, H, -(-T // self.chunk_len), N, N), torch.bfloat16)
+        super().forward(r, lw, k, v, a, b, s0, y, s_final, states)
         return y, s_final, states
 
     def backward(self, r, lw, k, v, a, b, states, dy, ds_final) -> tuple[Tensor, ...]:
         """-> (dr, dlw, dk, dv, da, db, ds0): bf16 except dlw and ds0 (float32)."""
-        B, T, H, N = r.shape
         grads = [_nan(r.shape, torch.float32 if name == "dlw" else torch.bfloat16) for name in ("dr", "dlw", "dk", "dv", "da", "db")]
         ds0 = _nan(ds_final.shape, torch.float32)
-        self.lib.backward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, states, dy, ds_final, *grads, ds0)))
+        super().backward(r, lw, k, v, a, b, states, dy, ds_final, *grads, ds0)
         return (*grads, ds0)
-
-
-class Wkv7ChunkedModule:
-    """The compiled extension's interface (`forward` and `backward` writing into the outputs they are
-    given), on the CPU emulation: what `kernels.load("v7-chunked", N)` returns on a GPU."""
-
-    def __init__(self, head_size: int):
-        self.kernel = Wkv7ChunkedOnCpu(head_size)
-        self.head_size, self.chunk_len, self.log_decay_min = head_size, self.kernel.chunk_len, self.kernel.log_decay_min
-
-    def forward(self, r, lw, k, v, a, b, s0, y, s_final, states) -> None:
-        B, T, H, _ = r.shape
-        self.kernel.lib.forward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, s0, y, s_final, states)))
-
-    def backward(self, r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0) -> None:
-        B, T, H, _ = r.shape
-        self.kernel.lib.backward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0)))
