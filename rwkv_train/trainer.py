@@ -98,6 +98,10 @@ def run(cfg: Config, callbacks: list[L.Callback] | None = None) -> Path:
     if cfg.model.load and resume is None:
         load_into(model, load_weights(cfg.model.load), f"model.load={cfg.model.load}")
     model.grad_cp = cfg.train.grad_cp
+    if cfg.train.compile:
+        model.compile_blocks()
+        if is_rank_zero:
+            log.info("train.compile: the blocks compile during the first steps (a minute or more)")
     plan = make_plan(cfg, sum(p.numel() for p in model.parameters()), tuple(train_set.primes))
 
     if is_rank_zero:

@@ -16,8 +16,9 @@ torch AdamW on the float32 weights), the gradient is clipped to optim.grad_clip,
 back every step, as the trainer does. Batches are uniformly random token ids.
 
 --compile loss compiles the whole training loss with torch.compile; --compile blocks compiles the call
-of each block, gradient checkpointing included (one graph for layer 0, one shared by the others; the
-embedding, the head and its fused loss stay eager).
+of each block, gradient checkpointing included, as `train.compile: true` does (one graph for layer 0,
+one shared by the others; the embedding, the head and its fused loss stay eager). Both use
+rwkv_train.compiling's inductor settings.
 
 A step is forward + backward + optimiser step on one micro-batch of micro_batch x ctx_len tokens.
 Without --micro-batch, the largest of 1, 2, 4, 8, 16 that runs a whole step without running out of
@@ -109,6 +110,7 @@ class Bench:
     """One config's model, optimiser and step function on the GPU."""
 
     def __init__(self, cfg, weights: str, compile_mode: str):
+        from rwkv_train.compiling import compile_fn
         from rwkv_train.models import build_model
         from rwkv_train.module import RWKVModule
 
@@ -126,10 +128,8 @@ class Bench:
         self.compute.grad_cp = cfg.train.grad_cp
         self.compute.train()
         if compile_mode == "blocks":
-            # each block's call with its gradient checkpointing, so the recomputation runs compiled code
-            # too; layers 1..n-1 run the same code and share one graph
-            self.compute.run_block = torch.compile(self.compute.run_block)
-        self.loss_fn: Callable = torch.compile(self.compute.loss) if compile_mode == "loss" else self.compute.loss
+            self.compute.compile_blocks()  # what train.compile runs
+        self.loss_fn: Callable = compile_fn(self.compute.loss) if compile_mode == "loss" else self.compute.loss
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def step(self, micro_batch: int) -> float:

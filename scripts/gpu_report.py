@@ -1,7 +1,7 @@
 """Every GPU check and benchmark of the CUDA kernels in one run, summed up in one table.
 
     python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
-    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, profile, kernels, train, train-chunked)
+    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, profile, kernels, train, train-chunked, train-compiled)
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
 
 Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
@@ -12,6 +12,7 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   kernels    scripts/bench_kernels.py (forward + backward times against RWKV-LM and fla)
   train      scripts/bench_train.py (tokens/s, memory, MFU of the RWKV-7 presets)
   train-chunked  the same with the chunked WKV-7 kernel (--kernel cuda-chunked)
+  train-compiled the same with the chunked kernel and compiled blocks (--compile blocks, train.compile)
 The summary (step, result, the line that says how it went, seconds) is printed and written to
 --out/gpu_report.md with the benchmarks' tables after it. Exits 1 if any step failed.
 """
@@ -35,7 +36,7 @@ except ImportError:  # run from a checkout without installing the package
 
 from rwkv_train.ops import kernels
 
-STEPS = ("build", "tests", "sanitizer", "profile", "kernels", "train", "train-chunked")
+STEPS = ("build", "tests", "sanitizer", "profile", "kernels", "train", "train-chunked", "train-compiled")
 
 
 @dataclass
@@ -70,6 +71,9 @@ def plan(out: Path, jobs: int) -> list[Step]:
              out / "train" / "bench_train.md"),
         Step("train-chunked", [py, "scripts/bench_train.py", "--kernel", "cuda-chunked", "--out", str(out / "train-chunked")],
              1800, r"written:|error", out / "train-chunked" / "bench_train.md"),
+        Step("train-compiled", [py, "scripts/bench_train.py", "--kernel", "cuda-chunked", "--compile", "blocks",
+                                "--out", str(out / "train-compiled")],
+             1800, r"written:|error", out / "train-compiled" / "bench_train.md"),
     ]
 
 
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [s for s in plan(args.out, args.jobs) if s.name not in args.skip]
     if args.plan:
         for s in steps:
-            print(f"{s.name:<13} (limit {s.timeout_s} s)  {' '.join(s.command)}")
+            print(f"{s.name:<{max(map(len, STEPS))}} (limit {s.timeout_s} s)  {' '.join(s.command)}")
         return 0
     import torch
 

@@ -25,7 +25,7 @@ def test_plan_lists_every_step_without_a_gpu():
 
 
 def test_skip_leaves_steps_out_and_rejects_unknown_ones():
-    result = run_cli("scripts/gpu_report.py", "--plan", "--skip", "train", "train-chunked", "kernels")
+    result = run_cli("scripts/gpu_report.py", "--plan", "--skip", "train", "train-chunked", "train-compiled", "kernels")
     assert [line.split()[0] for line in result.stdout.strip().splitlines()] == ["build", "tests", "sanitizer", "profile"]
     bad = run_cli("scripts/gpu_report.py", "--skip", "everything")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr

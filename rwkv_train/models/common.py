@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rwkv_train.compiling import compile_fn
+
 
 def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
     """The previous token's input at every position: `prev` (or zeros) at t=0.  x: (B, T, C)."""
@@ -208,6 +210,12 @@ class RWKVModel(nn.Module):
             x, s = self.run_block(block, x, state[i] if state is not None else None)
             new_state.append(s)
         return self.ln_out(x), new_state
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile each block's call, gradient checkpointing included, so the recomputation in
+        backward runs compiled code too. Blocks branch on `is_first`, not on their index, so layer 0
+        gets one graph and layers 1..n-1 share another. The embedding and the head stay eager."""
+        self.run_block = compile_fn(type(self).run_block.__get__(self), backend)
 
     def run_block(self, block: nn.Module, *args):
         """block(*args), recomputed in backward instead of stored when gradient checkpointing is on."""

@@ -220,6 +220,7 @@ class Block(nn.Module):
     def __init__(self, dims: RWKV6Dims, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
+        self.is_first = layer_id == 0  # branched on instead of layer_id: layers 1..n-1 share a compiled graph
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(dims.n_embd)
         self.ln1 = nn.LayerNorm(dims.n_embd)
@@ -228,7 +229,7 @@ class Block(nn.Module):
         self.ffn = ChannelMix(dims, layer_id)
 
     def forward(self, x: Tensor, state: Optional[LayerState]) -> tuple[Tensor, LayerState]:
-        if self.layer_id == 0:
+        if self.is_first:
             x = self.ln0(x)
         att_prev, wkv_prev, ffn_prev = state if state is not None else (None, None, None)
         dx, att_last, wkv_state = self.att(self.ln1(x), att_prev, wkv_prev)

@@ -139,12 +139,15 @@ _MASKS: dict[tuple[int, str], Tensor] = {}
 def _causal_mask(L: int, device: torch.device) -> Tensor:
     """(2L, 2L) bool mask over rows (a; r) and columns (b; k): strict for a rows, inclusive for r rows."""
     key = (L, str(device))
-    if key not in _MASKS:
-        t = torch.arange(L, device=device)
-        strict = t[:, None] > t[None, :]
-        incl = t[:, None] >= t[None, :]
-        _MASKS[key] = torch.cat([torch.cat([strict, strict], 1), torch.cat([incl, incl], 1)], 0)
-    return _MASKS[key]
+    if key in _MASKS and not torch.compiler.is_compiling():  # a compiled graph builds its own constant
+        return _MASKS[key]
+    t = torch.arange(L, device=device)
+    strict = t[:, None] > t[None, :]
+    incl = t[:, None] >= t[None, :]
+    mask = torch.cat([torch.cat([strict, strict], 1), torch.cat([incl, incl], 1)], 0)
+    if not torch.compiler.is_compiling():
+        _MASKS[key] = mask
+    return mask
 
 
 def wkv7_chunked(

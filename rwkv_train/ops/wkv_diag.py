@@ -115,9 +115,12 @@ _STRICT: dict[tuple[int, str], Tensor] = {}
 def _strict_lower(L: int, device: torch.device) -> Tensor:
     """(L, L) bool mask of s < t."""
     key = (L, str(device))
-    if key not in _STRICT:
-        _STRICT[key] = torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
-    return _STRICT[key]
+    if key in _STRICT and not torch.compiler.is_compiling():  # a compiled graph builds its own constant
+        return _STRICT[key]
+    mask = torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
+    if not torch.compiler.is_compiling():
+        _STRICT[key] = mask
+    return mask
 
 
 def _plan(lw: Tensor, chunk_len: int, budget: float) -> tuple[int, bool]:
@@ -273,6 +276,10 @@ def wkv_diag_chunked(
         A = (r * torch.exp(c_ex - mid)) @ (k * torch.exp(mid - c_in)).transpose(-1, -2)  # (X, L_t, L_s)
         # Select, never multiply: the discarded upper entries can overflow.
         A = torch.where(_strict_lower(L, A.device), A, A.new_zeros(()))
+    elif torch.compiler.is_compiling():
+        # Plain ops for the compiler, which fuses the pairwise products into one reduction (and fails
+        # to trace _IntraChunk next to _DiagScan inside a checkpointed block).
+        A = (_pair_decay(c_ex, c_in) * r.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
     else:
         A = _IntraChunk.apply(r, k, c_ex, c_in)  # (X, L_t, L_s), strictly lower
     A = A + torch.diag_embed((r * u * k).sum(-1))  # the current token's bonus on the diagonal
