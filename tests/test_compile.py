@@ -48,16 +48,6 @@ def test_compiled_blocks_match_eager_with_one_graph_for_later_layers(version, gr
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep the official keys
 
 
-def test_compile_blocks_twice_compiles_the_method_once():
-    model = build_model(ModelConfig(n_layer=2, n_embd=64, head_size=32, vocab_size=97, kernel="torch"))
-    model.compile_blocks(backend="eager")
-    first = model.run_block
-    model.compile_blocks(backend="eager")
-    assert model.run_block is not first
-    # the second wraps the class's method again, not the first wrapper
-    assert model.run_block._torchdynamo_orig_callable.__func__ is type(model).run_block
-
-
 def test_compile_fn_rejects_an_unknown_backend():
     with pytest.raises(ValueError, match="unknown compile backend 'tensorrt'.*inductor"):
         compile_fn(lambda x: x, backend="tensorrt")
