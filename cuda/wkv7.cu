@@ -20,9 +20,7 @@
 //   back_decay columns of G, reverse (dk, db, dlw)
 // The decay can be any value in (0, 1]: nothing is divided by it.
 #ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
-#include <torch/extension.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
+#include "wkv_binding.cuh"
 #endif
 
 #include "wkv_common.cuh"
@@ -293,10 +291,7 @@ namespace {
 using torch::Tensor;
 
 void check(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
-    TORCH_CHECK(x.is_cuda(), "wkv7: ", name, " must be a CUDA tensor");
-    TORCH_CHECK(x.scalar_type() == dtype, "wkv7: ", name, " has dtype ", x.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(x.is_contiguous(), "wkv7: ", name, " must be contiguous");
-    TORCH_CHECK(x.numel() == numel, "wkv7: ", name, " has ", x.numel(), " elements, expected ", numel);
+    wkv_binding::check("wkv7", x, name, dtype, numel);
 }
 
 template <typename T>

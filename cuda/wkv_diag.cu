@@ -21,9 +21,7 @@
 //   back_decay   rows of G, reverse                       dk, dlw, du, dS_0
 //   back_value   columns of G, reverse                    dv
 #ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
-#include <torch/extension.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
+#include "wkv_binding.cuh"
 #endif
 
 #include "wkv_common.cuh"
@@ -272,10 +270,7 @@ using torch::Tensor;
 using cbf = const wkv::bf16;
 
 void check(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
-    TORCH_CHECK(x.is_cuda(), "wkv_diag: ", name, " must be a CUDA tensor");
-    TORCH_CHECK(x.scalar_type() == dtype, "wkv_diag: ", name, " has dtype ", x.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(x.is_contiguous(), "wkv_diag: ", name, " must be contiguous");
-    TORCH_CHECK(x.numel() == numel, "wkv_diag: ", name, " has ", x.numel(), " elements, expected ", numel);
+    wkv_binding::check("wkv_diag", x, name, dtype, numel);
 }
 
 template <typename T>

@@ -1,0 +1,22 @@
+// Host side shared by the torch bindings of the matrix-state kernels (wkv_diag.cu, wkv7.cu,
+// wkv7_chunked.cu); left out when WKV_KERNELS_ONLY compiles the kernels alone.
+#pragma once
+
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+
+namespace wkv_binding {
+
+// What would make a kernel read or write out of bounds: a buffer on the wrong device, of the wrong
+// dtype, strided, or of the wrong size. `op` starts the message: "wkv7: r must be contiguous".
+inline void check(const char* op, const torch::Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
+    TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor");
+    TORCH_CHECK(x.scalar_type() == dtype, op, ": ", name, " has dtype ", x.scalar_type(), ", expected ", dtype);
+    TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
+    TORCH_CHECK(x.numel() == numel, op, ": ", name, " has ", x.numel(), " elements, expected ", numel);
+}
+
+}  // namespace wkv_binding
