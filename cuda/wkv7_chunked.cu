@@ -34,9 +34,7 @@
 // c_ref gets no gradient: sum(g_left left) = sum(dM * M) = sum(g_right right), so its terms cancel (the
 // split point is free; the result does not depend on it).
 #ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
-#include <torch/extension.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
+#include "wkv_binding.cuh"
 #endif
 
 #include <cuda_bf16.h>
@@ -51,7 +49,9 @@
 #ifndef WKV_LAUNCH  // the CUDA spellings; tests/cuda_cpu/cuda_cpu.h defines CPU ones
 #define WKV_LAUNCH(kernel, grid, threads, smem, stream, ...) kernel<<<grid, threads, smem, stream>>>(__VA_ARGS__)
 #define WKV_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#define WKV_ALLOW_SMEM(kernel, bytes) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes))
+#define WKV_ALLOW_SMEM(kernel, bytes)                                                         \
+    (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),   \
+     cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared)))
 #else
 #define WKV_ALLOW_SMEM(kernel, bytes) ((void)0)
 #endif
@@ -88,30 +88,38 @@ constexpr size_t STATE_F = size_t(N) * LDH * 4, STATE_H = size_t(N) * LDH * 2;
 constexpr size_t TILE_H = size_t(L2) * LDH * 2, TILE_F = size_t(L2) * LDH * 4;
 constexpr size_t SQUARE_F = size_t(L2) * LDM * 4, SQUARE_H = size_t(L2) * LDM * 2;
 
+__host__ __device__ constexpr size_t larger(size_t a, size_t b) { return a > b ? a : b; }
+
+// The forward keeps under 56 KB at N = 64, so 4 blocks fit on an H100 multiprocessor (228 KB, 1 KB
+// reserved per block): 528 resident blocks, one wave for B * H = 512. For that P = hat S^T is
+// written over left and right once M = left right^T has read them.
 struct ForwardSmem {
-    size_t S, Sh, left, right, hat, ends, xv, M, P, cum, decay, bytes;
+    size_t S, Sh, left, right, hat, ends, xv, M, P, decay, bytes;
     __host__ __device__ constexpr ForwardSmem()
-        : S(), Sh(), left(), right(), hat(), ends(), xv(), M(), P(), cum(), decay(), bytes() {
+        : S(), Sh(), left(), right(), hat(), ends(), xv(), M(), P(), decay(), bytes() {
         Carve c;
         S = c.take(STATE_F), Sh = c.take(STATE_H);
-        left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H), xv = c.take(TILE_H);
-        M = c.take(SQUARE_F), P = c.take(TILE_F), cum = c.take(size_t(L) * N * 4), decay = c.take(N * 4);
+        left = P = c.take(larger(2 * TILE_H, TILE_F)), right = left + TILE_H;
+        hat = c.take(TILE_H), ends = c.take(TILE_H), xv = c.take(TILE_H);
+        M = c.take(SQUARE_F), decay = c.take(N * 4);
         bytes = c.end;
     }
 };
+static_assert(TILE_H % 128 == 0, "right starts 128-byte aligned");
+static_assert(N != 64 || ForwardSmem().bytes + 1024 <= 228 * 1024 / 4, "4 forward blocks per multiprocessor");
 
 struct BackwardSmem {
-    size_t Sh, dS, dSh, left, right, hat, ends, xv, dr, M, dMh, f0, f1, f2, f3, cum, Z, decay, bytes;
+    size_t Sh, dS, dSh, left, right, hat, ends, xv, dr, M, dMh, f0, f1, f2, f3, cum, Z, decay, clamped, bytes;
     __host__ __device__ constexpr BackwardSmem()
         : Sh(), dS(), dSh(), left(), right(), hat(), ends(), xv(), dr(), M(), dMh(), f0(), f1(), f2(), f3(), cum(), Z(),
-          decay(), bytes() {
+          decay(), clamped(), bytes() {
         Carve c;
         Sh = c.take(STATE_H), dS = c.take(STATE_F), dSh = c.take(STATE_H);
         left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H), xv = c.take(TILE_H);
         dr = c.take(TILE_H);
         M = c.take(SQUARE_F), dMh = c.take(SQUARE_H);
         f0 = c.take(TILE_F), f1 = c.take(TILE_F), f2 = c.take(TILE_F), f3 = c.take(TILE_F);
-        cum = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4);
+        cum = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4), clamped = c.take(N * 4);
         bytes = c.end;
     }
 };
@@ -179,44 +187,102 @@ __device__ __forceinline__ void store_state(const float* f, float* dst) {
 __device__ __forceinline__ void round_state(const float* f, bf16* h) {
     for (int e = threadIdx.x; e < N * N; e += THREADS) h[e / N * LDH + e % N] = to_bf16(f[e / N * LDH + e % N]);
 }
+// A chunk-start state saved in global memory ([N][N] bf16) to and from Sh, 16 bytes per access; a
+// thread's loads are all issued before its stores.
+constexpr int VEC = 8;                                 // bf16 per 16-byte access
+constexpr int STATE_VECS = N * N / (THREADS * VEC);    // 16-byte pieces of a state per thread
+static_assert(N * N % (THREADS * VEC) == 0 && LDH % VEC == 0, "whole 16-byte pieces, aligned in Sh");
+struct SavedState {
+    uint4 piece[STATE_VECS];
+};
+__device__ __forceinline__ void load_saved(const bf16* src, SavedState& s) {
+#pragma unroll
+    for (int i = 0; i < STATE_VECS; i++)
+        s.piece[i] = *reinterpret_cast<const uint4*>(src + (threadIdx.x + i * THREADS) * VEC);
+}
+__device__ __forceinline__ void store_saved(const SavedState& s, bf16* Sh) {
+#pragma unroll
+    for (int i = 0; i < STATE_VECS; i++) {
+        const int e = (threadIdx.x + i * THREADS) * VEC;
+        *reinterpret_cast<uint4*>(Sh + e / N * LDH + e % N) = s.piece[i];
+    }
+}
+__device__ __forceinline__ void save_state(const bf16* Sh, bf16* dst) {
+#pragma unroll
+    for (int i = 0; i < STATE_VECS; i++) {
+        const int e = (threadIdx.x + i * THREADS) * VEC;
+        *reinterpret_cast<uint4*>(dst + e) = *reinterpret_cast<const uint4*>(Sh + e / N * LDH + e % N);
+    }
+}
 __device__ __forceinline__ void scale_columns(float* f, const float* decay) {
     for (int e = threadIdx.x; e < N * N; e += THREADS) f[e / N * LDH + e % N] *= decay[e % N];
 }
 
-// Builds one chunk's factor tiles (left, right, hat, ends; V into rows L.. of xv), the chunk's decay
-// e^(c_L) and c_t in cum [L][N]: first the cumulative log-decays, one thread per key channel, then the
-// tiles with every thread, one (step, channel) at a time. Steps past the end are zeros with lw = 0.
-// Every thread of the block must call it (it synchronises the block once).
-__device__ __forceinline__ void chunk_factors(const Inputs& in, Layout4 g, int b, int h, int t0, int steps, bf16* left,
-                                              bf16* right, bf16* hat, bf16* ends, bf16* xv, float* decay, float* cum) {
-    for (int n = threadIdx.x; n < N; n += THREADS) {
-        float lw[L], c = 0.f;
+// A chunk's inputs as one thread uses them: every step's log-decay of its channel n = tid % N, and
+// a, r, b, k, v of the PER consecutive steps t = tid / N * PER + j of that channel. A chunk's loads
+// are its longest wait, so each thread issues all of its loads before it uses any: one memory
+// latency per chunk instead of one per step.
+constexpr int GROUPS = THREADS / N;  // threads per channel
+constexpr int PER = L / GROUPS;      // steps per thread
+static_assert(THREADS % N == 0 && L % GROUPS == 0, "each thread builds whole steps of one channel");
+
+struct ChunkInputs {
+    float lw[L];       // floored at LW_MIN; 0 past the end
+    unsigned clamped;  // bit t: step t's log-decay was below LW_MIN (so its gradient is 0)
+    float a[PER], r[PER], b[PER], k[PER], v[PER];  // 0 past the end
+};
+
+__device__ __forceinline__ void load_chunk(const Inputs& in, Layout4 g, int b, int h, int t0, int steps,
+                                           ChunkInputs& x) {
+    const int n = threadIdx.x % N, first = threadIdx.x / N * PER;
+    float lw[L];
 #pragma unroll
-        for (int t = 0; t < L; t++) lw[t] = t < steps ? fmaxf(in.lw[g.at(b, t0 + t, h, n)], LW_MIN) : 0.f;
+    for (int t = 0; t < L; t++) lw[t] = t < steps ? in.lw[g.at(b, t0 + t, h, n)] : 0.f;
 #pragma unroll
-        for (int t = 0; t < L; t++) c += lw[t], cum[t * N + n] = c;
-        decay[n] = __expf(c);
+    for (int j = 0; j < PER; j++) {
+        const bool live = first + j < steps;
+        const int64_t at = g.at(b, t0 + (live ? first + j : 0), h, n);
+        x.a[j] = live ? f32(in.a[at]) : 0.f, x.r[j] = live ? f32(in.r[at]) : 0.f;
+        x.b[j] = live ? f32(in.b[at]) : 0.f, x.k[j] = live ? f32(in.k[at]) : 0.f;
+        x.v[j] = live ? f32(in.v[at]) : 0.f;
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < L * N; e += THREADS) {
-        const int t = e / N, n = e % N;
-        const float c = cum[t * N + n], c_ex = t > 0 ? cum[(t - 1) * N + n] : 0.f, c_L = cum[(L - 1) * N + n];
-        const float c_ref = 0.5f * c_L;
-        float av = 0.f, rv = 0.f, bv = 0.f, kv = 0.f, vv = 0.f;
-        if (t < steps) {
-            const int64_t at = g.at(b, t0 + t, h, n);
-            av = f32(in.a[at]), rv = f32(in.r[at]), bv = f32(in.b[at]), kv = f32(in.k[at]), vv = f32(in.v[at]);
-        }
-        const float to_ref = __expf(c_ref - c), to_end = __expf(c_L - c);
-        left[t * LDH + n] = to_bf16(av * __expf(c_ex - c_ref));
-        left[(L + t) * LDH + n] = to_bf16(rv * __expf(c - c_ref));
-        right[t * LDH + n] = to_bf16(bv * to_ref);
-        right[(L + t) * LDH + n] = to_bf16(kv * to_ref);
-        hat[t * LDH + n] = to_bf16(av * __expf(c_ex));
-        hat[(L + t) * LDH + n] = to_bf16(rv * __expf(c));
-        ends[t * LDH + n] = to_bf16(bv * to_end);
-        ends[(L + t) * LDH + n] = to_bf16(kv * to_end);
-        xv[(L + t) * LDH + n] = to_bf16(vv);
+    x.clamped = 0;
+#pragma unroll
+    for (int t = 0; t < L; t++) x.clamped |= unsigned(lw[t] < LW_MIN) << t, x.lw[t] = fmaxf(lw[t], LW_MIN);
+}
+
+// Builds one chunk's factor tiles from its inputs (left, right, hat, ends; V into rows L.. of xv),
+// decay[n] = e^(c_L), and where cum is given, c_t into cum [L][N]. Each thread its own (step,
+// channel) pairs; no synchronisation inside.
+__device__ __forceinline__ void chunk_factors(const ChunkInputs& x, bf16* left, bf16* right, bf16* hat, bf16* ends,
+                                              bf16* xv, float* decay, float* cum) {
+    const int n = threadIdx.x % N, group = threadIdx.x / N;
+    float c[L + 1];  // c[t + 1]: the cumulative log-decay through step t
+    c[0] = 0.f;
+#pragma unroll
+    for (int t = 0; t < L; t++) c[t + 1] = c[t] + x.lw[t];
+    const float c_L = c[L], c_ref = 0.5f * c_L;
+    if (group == 0) decay[n] = __expf(c_L);
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+        // c through step t = group * PER + j and through t - 1, picked by a select per group: indexing
+        // c with the run-time t would move it to local memory
+        float c_in = c[j + 1], c_ex = c[j];
+#pragma unroll
+        for (int other = 1; other < GROUPS; other++)
+            if (group == other) c_in = c[other * PER + j + 1], c_ex = c[other * PER + j];
+        const int t = group * PER + j;
+        const float to_ref = __expf(c_ref - c_in), to_end = __expf(c_L - c_in);
+        left[t * LDH + n] = to_bf16(x.a[j] * __expf(c_ex - c_ref));
+        left[(L + t) * LDH + n] = to_bf16(x.r[j] * __expf(c_in - c_ref));
+        right[t * LDH + n] = to_bf16(x.b[j] * to_ref);
+        right[(L + t) * LDH + n] = to_bf16(x.k[j] * to_ref);
+        hat[t * LDH + n] = to_bf16(x.a[j] * __expf(c_ex));
+        hat[(L + t) * LDH + n] = to_bf16(x.r[j] * __expf(c_in));
+        ends[t * LDH + n] = to_bf16(x.b[j] * to_end);
+        ends[(L + t) * LDH + n] = to_bf16(x.k[j] * to_end);
+        xv[(L + t) * LDH + n] = to_bf16(x.v[j]);
+        if (cum) cum[t * N + n] = c_in;
     }
 }
 
@@ -231,7 +297,7 @@ __device__ __forceinline__ void solve_x(const float* M, const float* P, int i, c
     }
 }
 
-__global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
+__global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
                                                           bf16* __restrict__ y, float* __restrict__ s_final,
                                                           bf16* __restrict__ states) {
     WKV_DYNAMIC_SMEM(smem);
@@ -242,7 +308,7 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs i
     bf16 *hat = reinterpret_cast<bf16*>(smem + F.hat), *ends = reinterpret_cast<bf16*>(smem + F.ends);
     bf16* xv = reinterpret_cast<bf16*>(smem + F.xv);
     float *M = reinterpret_cast<float*>(smem + F.M), *P = reinterpret_cast<float*>(smem + F.P);
-    float *cum = reinterpret_cast<float*>(smem + F.cum), *decay = reinterpret_cast<float*>(smem + F.decay);
+    float* decay = reinterpret_cast<float*>(smem + F.decay);
 
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const Layout4 g{T, H};
@@ -253,10 +319,13 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs i
     for (int c = 0; c < chunks; c++) {
         const int t0 = c * L, steps = min(L, T - t0);
         bf16* saved = states + (head * chunks + c) * N * N;
-        for (int e = tid; e < N * N; e += THREADS) saved[e] = Sh[e / N * LDH + e % N];
-        chunk_factors(in, g, b, h, t0, steps, left, right, hat, ends, xv, decay, cum);
+        ChunkInputs x;
+        load_chunk(in, g, b, h, t0, steps, x);
+        save_state(Sh, saved);
+        chunk_factors(x, left, right, hat, ends, xv, decay, nullptr);
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
+        __syncthreads();  // P overwrites left and right
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L2, N, N, false);       // hat S^T
         __syncthreads();
         // Two threads per value channel: one solves for x (into xv, and in float32 over P's a rows,
@@ -299,12 +368,17 @@ __global__ void __launch_bounds__(THREADS) forward_kernel(int T, int H, Inputs i
     store_state(S, s_final + head * N * N);
 }
 
+// Blocks per multiprocessor the backward's registers are planned for, a hint to ptxas: with these it
+// allocates without spilling (0: no hint; at N = 64 a hint of 1 or 2 makes it spill at 255 registers,
+// at N = 32 none makes it stop at 168 and spill). scripts/cuda_check.py shows any spill.
+constexpr int BACKWARD_MIN_BLOCKS = N == 64 ? 0 : 2;
+
 struct Grads {
     bf16 *dr, *dk, *dv, *da, *db;
     float* dlw;
 };
 
-__global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
+__global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
                                                            const bf16* __restrict__ states,
                                                            const float* __restrict__ ds_final, Grads out,
                                                            float* __restrict__ ds0) {
@@ -324,6 +398,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
     float* d_hat = reinterpret_cast<float*>(smem + B_.f3);   // [g; dy] S
     float *cum = reinterpret_cast<float*>(smem + B_.cum), *Z = reinterpret_cast<float*>(smem + B_.Z);
     float* decay = reinterpret_cast<float*>(smem + B_.decay);
+    unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);  // ChunkInputs::clamped per channel
 
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const Layout4 g{T, H};
@@ -333,12 +408,19 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
     for (int c = chunks - 1; c >= 0; c--) {
         const int t0 = c * L, steps = min(L, T - t0);
         const bf16* saved = states + (head * chunks + c) * N * N;
-        for (int e = tid; e < N * N; e += THREADS) Sh[e / N * LDH + e % N] = saved[e];
-        chunk_factors(in, g, b, h, t0, steps, left, right, hat, ends, xv, decay, cum);
-        for (int e = tid; e < L * N; e += THREADS) {
-            const int t = e / N, n = e % N;
-            gdy[(L + t) * LDH + n] = t < steps ? dy[g.at(b, t0 + t, h, n)] : to_bf16(0.f);
-        }
+        SavedState start;
+        load_saved(saved, start);
+        ChunkInputs x;
+        load_chunk(in, g, b, h, t0, steps, x);
+        bf16 dyv[PER];  // dy of the same steps and channel as x's a, r, b, k, v
+#pragma unroll
+        for (int j = 0, n = tid % N, first = tid / N * PER; j < PER; j++)
+            dyv[j] = first + j < steps ? dy[g.at(b, t0 + first + j, h, n)] : to_bf16(0.f);
+        store_saved(start, Sh);
+        chunk_factors(x, left, right, hat, ends, xv, decay, cum);
+        if (tid < N) clamped[tid] = x.clamped;  // kept here, not in registers through the chunk
+#pragma unroll
+        for (int j = 0; j < PER; j++) gdy[(L + tid / N * PER + j) * LDH + tid % N] = dyv[j];
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, N, N, false);        // hat_a S^T
@@ -435,10 +517,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
             float sum = dc_L;
             for (int t = L - 1; t >= 0; t--) {
                 sum += d_left[t * LDH + n];
-                if (t < steps) {
-                    const int64_t at = g.at(b, t0 + t, h, n);
-                    out.dlw[at] = in.lw[at] < LW_MIN ? 0.f : sum;
-                }
+                if (t < steps) out.dlw[g.at(b, t0 + t, h, n)] = clamped[n] >> t & 1 ? 0.f : sum;
                 sum += d_left[(L + t) * LDH + n];
             }
         }
@@ -475,10 +554,7 @@ using torch::Tensor;
 using wkv7c::bf16;
 
 void check(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
-    TORCH_CHECK(x.is_cuda(), "wkv7_chunked: ", name, " must be a CUDA tensor");
-    TORCH_CHECK(x.scalar_type() == dtype, "wkv7_chunked: ", name, " has dtype ", x.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(x.is_contiguous(), "wkv7_chunked: ", name, " must be contiguous");
-    TORCH_CHECK(x.numel() == numel, "wkv7_chunked: ", name, " has ", x.numel(), " elements, expected ", numel);
+    wkv_binding::check("wkv7_chunked", x, name, dtype, numel);
 }
 
 const bf16* cbf(const Tensor& x) { return reinterpret_cast<const bf16*>(x.data_ptr()); }

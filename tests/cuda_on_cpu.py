@@ -32,7 +32,7 @@ def compiler_problem() -> str | None:
 def build(driver: str, kernel: str, head_size: int) -> ctypes.CDLL:
     """Compile tests/cuda_cpu/<driver> (which includes cuda/<kernel>) for one head size; cached."""
     sources = [EMULATION / driver, REPO / "cuda" / kernel, *sorted(EMULATION.glob("*.h"))]
-    flags = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+    flags = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-fno-strict-aliasing",
              "-DWKV_KERNELS_ONLY", f"-DHEAD_SIZE={head_size}", f"-I{EMULATION}", "-include", "cuda_cpu.h"]  # fmt: skip
     digest = hashlib.sha256(" ".join(flags).encode())
     for source in sources:

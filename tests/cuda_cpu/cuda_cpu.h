@@ -57,6 +57,20 @@ inline thread_local Block* block = nullptr;
 
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
+// CUDA's 16-byte vector; copying one checks that both addresses are 16-byte aligned, as the hardware
+// requires of a 16-byte access.
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+    uint4() = default;
+    uint4(const uint4& o) { *this = o; }
+    uint4& operator=(const uint4& o) {
+        if (reinterpret_cast<uintptr_t>(this) % 16 != 0 || reinterpret_cast<uintptr_t>(&o) % 16 != 0)
+            cuda_cpu::fail("uint4: a 16-byte access to an address that is not 16-byte aligned");
+        std::memcpy(static_cast<void*>(this), &o, sizeof(uint4));
+        return *this;
+    }
+};
+
 inline void __syncthreads() { cuda_cpu::block->all->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { cuda_cpu::block->warps[threadIdx.x / 32]->arrive_and_wait(); }
 inline int __syncthreads_or(int pred) {
