@@ -286,15 +286,20 @@ __device__ __forceinline__ void chunk_factors(const ChunkInputs& x, bf16* left, 
     }
 }
 
-// x_t = P[t] + sum_{s<t} (M_ab[t,s] x_s + M_ak[t,s] v_s) for one value channel, in float32.
+// x_t = P[t] + sum_{s<t} (M_ab[t,s] x_s + M_ak[t,s] v_s) for one value channel, in float32. Column
+// by column: the v terms first (all independent), then each x_s, once final, is added to every later
+// step, so the dependent chain is one multiply-add per step instead of a whole row's sum.
 __device__ __forceinline__ void solve_x(const float* M, const float* P, int i, const float v[L], float x[L]) {
 #pragma unroll
-    for (int t = 0; t < L; t++) {
-        float acc = P[t * LDH + i];
+    for (int t = 0; t < L; t++) x[t] = P[t * LDH + i];
 #pragma unroll
-        for (int s = 0; s < t; s++) acc += M[t * LDM + s] * x[s] + M[t * LDM + L + s] * v[s];
-        x[t] = acc;
-    }
+    for (int s = 0; s < L; s++)
+#pragma unroll
+        for (int t = s + 1; t < L; t++) x[t] += M[t * LDM + L + s] * v[s];
+#pragma unroll
+    for (int s = 0; s < L; s++)
+#pragma unroll
+        for (int t = s + 1; t < L; t++) x[t] += M[t * LDM + s] * x[s];
 }
 
 __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
@@ -441,15 +446,18 @@ __global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS) backward_kernel(
             float d[L], gg[L];
 #pragma unroll
             for (int s = 0; s < L; s++) d[s] = f32(gdy[(L + s) * LDH + i]);
+            // g_t = E[t] + sum_{s>=t} M_rb[s,t] dy_s + sum_{s>t} M_ab[s,t] g_s, column by column as in solve_x
 #pragma unroll
-            for (int t = L - 1; t >= 0; t--) {
+            for (int t = 0; t < L; t++) {
                 float acc = E[t * LDH + i];
 #pragma unroll
                 for (int s = t; s < L; s++) acc += M[(L + s) * LDM + t] * d[s];
-#pragma unroll
-                for (int s = t + 1; s < L; s++) acc += M[s * LDM + t] * gg[s];
                 gg[t] = acc;
             }
+#pragma unroll
+            for (int s = L - 1; s > 0; s--)
+#pragma unroll
+                for (int t = 0; t < s; t++) gg[t] += M[s * LDM + t] * gg[s];
 #pragma unroll
             for (int t = 0; t < L; t++) {
                 float acc = E[(L + t) * LDH + i];
