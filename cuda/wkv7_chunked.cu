@@ -373,17 +373,12 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
     store_state(S, s_final + head * N * N);
 }
 
-// Blocks per multiprocessor the backward's registers are planned for, a hint to ptxas: with these it
-// allocates without spilling (0: no hint; at N = 64 a hint of 1 or 2 makes it spill at 255 registers,
-// at N = 32 none makes it stop at 168 and spill). scripts/cuda_check.py shows any spill.
-constexpr int BACKWARD_MIN_BLOCKS = N == 64 ? 0 : 2;
-
 struct Grads {
     bf16 *dr, *dk, *dv, *da, *db;
     float* dlw;
 };
 
-__global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
+__global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
                                                            const bf16* __restrict__ states,
                                                            const float* __restrict__ ds_final, Grads out,
                                                            float* __restrict__ ds0) {
