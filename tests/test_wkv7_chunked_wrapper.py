@@ -8,6 +8,7 @@ against float64 references without a GPU.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -116,3 +117,37 @@ def test_model_with_the_chunked_kernel_matches_the_torch_backend(emulated, monke
     )
     assert worst[0] < 2e-2, f"largest relative gradient error {worst[0]:.2e} in {worst[1]}"
 
+
+
+def test_compiled_blocks_trace_around_the_chunked_ops(emulated, monkeypatch):
+    """compile_blocks (train.compile) with the chunked kernel: dynamo and AOTAutograd take the custom ops
+    through their fake implementations and registered autograd, under gradient checkpointing, without a
+    graph break; loss and gradients equal the eager run's."""
+    from torch._dynamo.utils import counters
+
+    real_use_cuda = kernels.use_cuda
+    monkeypatch.setattr(kernels, "use_cuda", lambda kernel, gen, x, n=None: gen == "v7-chunked" or real_use_cuda(kernel, gen, x, n))
+    cfg = ModelConfig(version="v7", n_layer=3, n_embd=64, head_size=32, vocab_size=61, kernel="cuda", wkv7_chunked=True)
+    torch.manual_seed(0)
+    eager = build_model(cfg)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    eager.train()
+    eager.grad_cp = True
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks(backend="aot_eager")
+    idx, targets = torch.randint(0, 61, (2, 2, 40), generator=torch.Generator().manual_seed(1))
+
+    torch._dynamo.reset()
+    counters.clear()
+    results = []
+    for m in (eager, compiled):
+        loss = m.loss(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    assert counters["stats"]["unique_graphs"] == 2  # layer 0 and layers 1..2, each one graph: no break
+    assert emulated and all(call == ("v7-chunked", 32) for call in emulated)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    for name, g in results[0][1].items():
+        assert rel_error(results[1][1][name], g) < 1e-5, name
