@@ -86,17 +86,24 @@ def test_state_carried_across_calls_equals_one_call(emulated):
     assert rel_error(s2, s_all) < 1e-2
 
 
-def test_model_with_the_chunked_kernel_matches_the_torch_backend(emulated, monkeypatch):
-    """A 2-layer RWKV-7 with `wkv7_chunked: true` and kernel cuda, run on the emulation: loss and every
-    parameter gradient against the same model on the PyTorch backend (float64)."""
+def chunked_model(monkeypatch, n_layer: int):
+    """An RWKV-7 with kernel cuda and `wkv7_chunked: true` whose WKV runs on the emulation (CPU tensors
+    count as the chunked kernel's), its weights perturbed to reach the zero-initialised paths."""
     real_use_cuda = kernels.use_cuda
     monkeypatch.setattr(kernels, "use_cuda", lambda kernel, gen, x, n=None: gen == "v7-chunked" or real_use_cuda(kernel, gen, x, n))
-    cfg = ModelConfig(version="v7", n_layer=2, n_embd=64, head_size=32, vocab_size=61, kernel="cuda", wkv7_chunked=True)
+    cfg = ModelConfig(version="v7", n_layer=n_layer, n_embd=64, head_size=32, vocab_size=61, kernel="cuda", wkv7_chunked=True)
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))  # reach the zero-initialised paths
+            p.add_(0.1 * torch.randn_like(p))
+    return cfg, model
+
+
+def test_model_with_the_chunked_kernel_matches_the_torch_backend(emulated, monkeypatch):
+    """A 2-layer RWKV-7 with `wkv7_chunked: true` and kernel cuda, run on the emulation: loss and every
+    parameter gradient against the same model on the PyTorch backend (float64)."""
+    cfg, model = chunked_model(monkeypatch, n_layer=2)
     reference = build_model(dataclasses.replace(cfg, kernel="torch", wkv7_chunked=False))
     reference.load_state_dict(model.state_dict())
     reference.double()
@@ -125,14 +132,7 @@ def test_compiled_blocks_trace_around_the_chunked_ops(emulated, monkeypatch):
     graph break; loss and gradients equal the eager run's."""
     from torch._dynamo.utils import counters
 
-    real_use_cuda = kernels.use_cuda
-    monkeypatch.setattr(kernels, "use_cuda", lambda kernel, gen, x, n=None: gen == "v7-chunked" or real_use_cuda(kernel, gen, x, n))
-    cfg = ModelConfig(version="v7", n_layer=3, n_embd=64, head_size=32, vocab_size=61, kernel="cuda", wkv7_chunked=True)
-    torch.manual_seed(0)
-    eager = build_model(cfg)
-    with torch.no_grad():
-        for p in eager.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    _, eager = chunked_model(monkeypatch, n_layer=3)
     eager.train()
     eager.grad_cp = True
     compiled = copy.deepcopy(eager)
