@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rwkv_train.ops import kernels
+from rwkv_train.ops.constants import cached
 
 __all__ = ["wkv7", "wkv7_chunked", "wkv7_recurrent", "BACKENDS"]
 
@@ -138,16 +139,14 @@ _MASKS: dict[tuple[int, str], Tensor] = {}
 
 def _causal_mask(L: int, device: torch.device) -> Tensor:
     """(2L, 2L) bool mask over rows (a; r) and columns (b; k): strict for a rows, inclusive for r rows."""
-    key = (L, str(device))
-    if key in _MASKS and not torch.compiler.is_compiling():  # a compiled graph builds its own constant
-        return _MASKS[key]
-    t = torch.arange(L, device=device)
-    strict = t[:, None] > t[None, :]
-    incl = t[:, None] >= t[None, :]
-    mask = torch.cat([torch.cat([strict, strict], 1), torch.cat([incl, incl], 1)], 0)
-    if not torch.compiler.is_compiling():
-        _MASKS[key] = mask
-    return mask
+
+    def build() -> Tensor:
+        t = torch.arange(L, device=device)
+        strict = t[:, None] > t[None, :]
+        incl = t[:, None] >= t[None, :]
+        return torch.cat([torch.cat([strict, strict], 1), torch.cat([incl, incl], 1)], 0)
+
+    return cached(_MASKS, (L, str(device)), build)
 
 
 def wkv7_chunked(

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rwkv_train.ops import kernels
+from rwkv_train.ops.constants import cached
 
 __all__ = ["BACKENDS", "wkv5", "wkv6", "wkv_diag_chunked", "wkv_diag_recurrent"]
 
@@ -114,13 +115,7 @@ _STRICT: dict[tuple[int, str], Tensor] = {}
 
 def _strict_lower(L: int, device: torch.device) -> Tensor:
     """(L, L) bool mask of s < t."""
-    key = (L, str(device))
-    if key in _STRICT and not torch.compiler.is_compiling():  # a compiled graph builds its own constant
-        return _STRICT[key]
-    mask = torch.ones(L, L, dtype=torch.bool, device=device).tril(-1)
-    if not torch.compiler.is_compiling():
-        _STRICT[key] = mask
-    return mask
+    return cached(_STRICT, (L, str(device)), lambda: torch.ones(L, L, dtype=torch.bool, device=device).tril(-1))
 
 
 def _plan(lw: Tensor, chunk_len: int, budget: float) -> tuple[int, bool]:
