@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rwkv_train.ops import kernels
-from rwkv_train.ops.wkv7_cuda import kernel_inputs
+from rwkv_train.ops.wkv7_cuda import fake_gradients, kernel_inputs, new_gradients
 
 __all__ = ["CHUNK_LEN", "LOG_DECAY_MIN", "wkv7_chunked_cuda"]
 
@@ -57,19 +57,14 @@ def wkv7_chunked_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns the gradients of (r, lw, k, v, a, b, s0)."""
     module = kernels.load("v7-chunked", r.shape[-1])
-    dr, dk, dv, da, db = (kernels.new_output(r.shape, torch.bfloat16, r.device) for _ in range(5))
-    dlw = kernels.new_output(r.shape, torch.float32, r.device)
-    ds0 = kernels.new_output(ds_final.shape, torch.float32, r.device)
+    dr, dlw, dk, dv, da, db, ds0 = new_gradients(r, ds_final.shape)
     module.backward(r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0)
     return dr, dlw, dk, dv, da, db, ds0
 
 
 @wkv7_chunked_backward.register_fake
 def _(r, lw, k, v, a, b, states, dy, ds_final):
-    return (
-        torch.empty_like(r), torch.empty_like(lw), torch.empty_like(r), torch.empty_like(r),
-        torch.empty_like(r), torch.empty_like(r), torch.empty_like(ds_final),
-    )  # fmt: skip
+    return fake_gradients(r, lw, ds_final)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -38,6 +38,18 @@ def _(r, lw, k, v, a, b, s0):
     return torch.empty_like(r), torch.empty_like(s0), torch.empty_like(lw)
 
 
+def new_gradients(r: Tensor, state_shape: torch.Size) -> tuple[Tensor, ...]:
+    """A WKV-7 backward's outputs (dr, dlw, dk, dv, da, db, ds0): bf16 like r, float32 dlw and ds0."""
+    dr, dk, dv, da, db = (kernels.new_output(r.shape, torch.bfloat16, r.device) for _ in range(5))
+    dlw = kernels.new_output(r.shape, torch.float32, r.device)
+    return dr, dlw, dk, dv, da, db, kernels.new_output(state_shape, torch.float32, r.device)
+
+
+def fake_gradients(r: Tensor, lw: Tensor, state: Tensor) -> tuple[Tensor, ...]:
+    """new_gradients' shapes and dtypes, for the ops' fake implementations."""
+    return tuple(torch.empty_like(x) for x in (r, lw, r, r, r, r, state))
+
+
 @torch.library.custom_op("rwkv_train::wkv7_backward", mutates_args=())
 def wkv7_backward(
     r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor, s_final: Tensor, sa: Tensor,
@@ -45,10 +57,7 @@ def wkv7_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns the gradients of (r, lw, k, v, a, b, s0)."""
     module = kernels.load("v7", r.shape[-1])
-    bf = [kernels.new_output(r.shape, torch.bfloat16, r.device) for _ in range(5)]
-    dr, dk, dv, da, db = bf
-    dlw = kernels.new_output(r.shape, torch.float32, r.device)
-    ds0 = kernels.new_output(s0.shape, torch.float32, r.device)
+    dr, dlw, dk, dv, da, db, ds0 = new_gradients(r, s0.shape)
     dsa = torch.empty(r.shape, dtype=torch.float32, device=r.device)  # scratch, fully written by the first pass
     x = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     module.backward(r, lw, k, v, a, b, s0, s_final, sa, dy, ds_final, dr, dlw, dk, dv, da, db, ds0, dsa, x)
@@ -57,10 +66,7 @@ def wkv7_backward(
 
 @wkv7_backward.register_fake
 def _(r, lw, k, v, a, b, s0, s_final, sa, dy, ds_final):
-    return (
-        torch.empty_like(r), torch.empty_like(lw), torch.empty_like(r), torch.empty_like(r),
-        torch.empty_like(r), torch.empty_like(r), torch.empty_like(s0),
-    )  # fmt: skip
+    return fake_gradients(r, lw, s0)
 
 
 def _setup_context(ctx, inputs, output) -> None:
