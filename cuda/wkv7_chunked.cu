@@ -174,18 +174,44 @@ struct Inputs {
 };
 
 // The N x N float32 state (or its gradient) in shared memory, row-major with leading dimension LDH,
-// with a bf16 copy for the products; each helper deals the elements out to the block's threads.
-__device__ __forceinline__ void load_state(const float* src, float* f, bf16* h) {
-    for (int e = threadIdx.x; e < N * N; e += THREADS) {
-        const float x = src[e];
-        f[e / N * LDH + e % N] = x, h[e / N * LDH + e % N] = to_bf16(x);
-    }
+// with a bf16 copy for the products. The helpers deal it out in 16-byte pieces of 4 columns: a
+// thread's i-th piece is row tid / QROW + i * (THREADS / QROW), columns 4 (tid % QROW) .. + 3, so a
+// thread keeps the same columns (one decay per column) and its global pieces are contiguous.
+constexpr int QROW = N / 4;                      // 4-float pieces per row
+constexpr int QUADS = N * N / (4 * THREADS);     // pieces per thread
+static_assert(THREADS % QROW == 0 && N * N % (4 * THREADS) == 0 && LDH % 4 == 0, "whole aligned pieces");
+__device__ __forceinline__ int quad_at(int i) {  // the piece's offset in a [N][LDH] tile
+    return (threadIdx.x / QROW + i * (THREADS / QROW)) * LDH + threadIdx.x % QROW * 4;
+}
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ void store4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
+__device__ __forceinline__ void store_bf16x4(bf16* p, float4 x) {  // 8-byte aligned p
+    __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(p);
+    q[0] = __floats2bfloat162_rn(x.x, x.y), q[1] = __floats2bfloat162_rn(x.z, x.w);
+}
+__device__ __forceinline__ void load_state(const float* src, float* f, bf16* h) {  // src 16-byte aligned
+    float4 q[QUADS];
+#pragma unroll
+    for (int i = 0; i < QUADS; i++) q[i] = load4(src + (threadIdx.x + i * THREADS) * 4);
+#pragma unroll
+    for (int i = 0; i < QUADS; i++) store4(f + quad_at(i), q[i]), store_bf16x4(h + quad_at(i), q[i]);
 }
 __device__ __forceinline__ void store_state(const float* f, float* dst) {
-    for (int e = threadIdx.x; e < N * N; e += THREADS) dst[e] = f[e / N * LDH + e % N];
+#pragma unroll
+    for (int i = 0; i < QUADS; i++) store4(dst + (threadIdx.x + i * THREADS) * 4, load4(f + quad_at(i)));
 }
 __device__ __forceinline__ void round_state(const float* f, bf16* h) {
-    for (int e = threadIdx.x; e < N * N; e += THREADS) h[e / N * LDH + e % N] = to_bf16(f[e / N * LDH + e % N]);
+#pragma unroll
+    for (int i = 0; i < QUADS; i++) store_bf16x4(h + quad_at(i), load4(f + quad_at(i)));
+}
+__device__ __forceinline__ void scale_columns(float* f, const float* decay) {  // f[:, j] *= decay[j]
+    const float4 d = load4(decay + threadIdx.x % QROW * 4);
+#pragma unroll
+    for (int i = 0; i < QUADS; i++) {
+        float4 x = load4(f + quad_at(i));
+        x.x *= d.x, x.y *= d.y, x.z *= d.z, x.w *= d.w;
+        store4(f + quad_at(i), x);
+    }
 }
 // A chunk-start state saved in global memory ([N][N] bf16) to and from Sh, 16 bytes per access; a
 // thread's loads are all issued before its stores.
@@ -214,53 +240,48 @@ __device__ __forceinline__ void save_state(const bf16* Sh, bf16* dst) {
         *reinterpret_cast<uint4*>(dst + e) = *reinterpret_cast<const uint4*>(Sh + e / N * LDH + e % N);
     }
 }
-__device__ __forceinline__ void scale_columns(float* f, const float* decay) {
-    for (int e = threadIdx.x; e < N * N; e += THREADS) f[e / N * LDH + e % N] *= decay[e % N];
-}
 
 // A chunk's inputs as one thread uses them: every step's log-decay of its channel n = tid % N, and
 // a, r, b, k, v of the PER consecutive steps t = tid / N * PER + j of that channel. A chunk's loads
-// are its longest wait, so each thread issues all of its loads before it uses any: one memory
-// latency per chunk instead of one per step.
+// are its longest wait, so each thread issues all of its loads before it uses any (one memory
+// latency per chunk instead of one per step), and keeps them as loaded, unconverted: nothing waits
+// for them until chunk_factors, so the backward can load the next chunk while it works on this one.
 constexpr int GROUPS = THREADS / N;  // threads per channel
 constexpr int PER = L / GROUPS;      // steps per thread
-static_assert(THREADS % N == 0 && L % GROUPS == 0, "each thread builds whole steps of one channel");
+static_assert(THREADS % N == 0 && L % GROUPS == 0 && PER % 2 == 0, "each thread builds whole steps of one channel");
 
-struct ChunkInputs {
-    float lw[L];       // floored at LW_MIN; 0 past the end
-    unsigned clamped;  // bit t: step t's log-decay was below LW_MIN (so its gradient is 0)
-    float a[PER], r[PER], b[PER], k[PER], v[PER];  // 0 past the end
+struct ChunkLoads {
+    float lw[L];                                  // 0 past the end
+    bf16 a[PER], r[PER], b[PER], k[PER], v[PER];  // 0 past the end
 };
 
 __device__ __forceinline__ void load_chunk(const Inputs& in, Layout4 g, int b, int h, int t0, int steps,
-                                           ChunkInputs& x) {
+                                           ChunkLoads& x) {
     const int n = threadIdx.x % N, first = threadIdx.x / N * PER;
-    float lw[L];
 #pragma unroll
-    for (int t = 0; t < L; t++) lw[t] = t < steps ? in.lw[g.at(b, t0 + t, h, n)] : 0.f;
+    for (int t = 0; t < L; t++) x.lw[t] = t < steps ? in.lw[g.at(b, t0 + t, h, n)] : 0.f;
+    const bf16 zero = to_bf16(0.f);
 #pragma unroll
     for (int j = 0; j < PER; j++) {
         const bool live = first + j < steps;
         const int64_t at = g.at(b, t0 + (live ? first + j : 0), h, n);
-        x.a[j] = live ? f32(in.a[at]) : 0.f, x.r[j] = live ? f32(in.r[at]) : 0.f;
-        x.b[j] = live ? f32(in.b[at]) : 0.f, x.k[j] = live ? f32(in.k[at]) : 0.f;
-        x.v[j] = live ? f32(in.v[at]) : 0.f;
+        x.a[j] = live ? in.a[at] : zero, x.r[j] = live ? in.r[at] : zero, x.b[j] = live ? in.b[at] : zero;
+        x.k[j] = live ? in.k[at] : zero, x.v[j] = live ? in.v[at] : zero;
     }
-    x.clamped = 0;
-#pragma unroll
-    for (int t = 0; t < L; t++) x.clamped |= unsigned(lw[t] < LW_MIN) << t, x.lw[t] = fmaxf(lw[t], LW_MIN);
 }
 
 // Builds one chunk's factor tiles from its inputs (left, right, hat, ends; V into rows L.. of xv),
 // decay[n] = e^(c_L), and where cum is given, c_t into cum [L][N]. Each thread its own (step,
-// channel) pairs; no synchronisation inside.
-__device__ __forceinline__ void chunk_factors(const ChunkInputs& x, bf16* left, bf16* right, bf16* hat, bf16* ends,
-                                              bf16* xv, float* decay, float* cum) {
+// channel) pairs; no synchronisation inside. Returns the thread's channel's clamped steps (bit t:
+// step t's log-decay was below LW_MIN and was taken as LW_MIN, so its gradient is 0).
+__device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* left, bf16* right, bf16* hat, bf16* ends,
+                                                  bf16* xv, float* decay, float* cum) {
     const int n = threadIdx.x % N, group = threadIdx.x / N;
     float c[L + 1];  // c[t + 1]: the cumulative log-decay through step t
     c[0] = 0.f;
+    unsigned clamped = 0;
 #pragma unroll
-    for (int t = 0; t < L; t++) c[t + 1] = c[t] + x.lw[t];
+    for (int t = 0; t < L; t++) clamped |= unsigned(x.lw[t] < LW_MIN) << t, c[t + 1] = c[t] + fmaxf(x.lw[t], LW_MIN);
     const float c_L = c[L], c_ref = 0.5f * c_L;
     if (group == 0) decay[n] = __expf(c_L);
 #pragma unroll
@@ -273,33 +294,45 @@ __device__ __forceinline__ void chunk_factors(const ChunkInputs& x, bf16* left, 
             if (group == other) c_in = c[other * PER + j + 1], c_ex = c[other * PER + j];
         const int t = group * PER + j;
         const float to_ref = __expf(c_ref - c_in), to_end = __expf(c_L - c_in);
-        left[t * LDH + n] = to_bf16(x.a[j] * __expf(c_ex - c_ref));
-        left[(L + t) * LDH + n] = to_bf16(x.r[j] * __expf(c_in - c_ref));
-        right[t * LDH + n] = to_bf16(x.b[j] * to_ref);
-        right[(L + t) * LDH + n] = to_bf16(x.k[j] * to_ref);
-        hat[t * LDH + n] = to_bf16(x.a[j] * __expf(c_ex));
-        hat[(L + t) * LDH + n] = to_bf16(x.r[j] * __expf(c_in));
-        ends[t * LDH + n] = to_bf16(x.b[j] * to_end);
-        ends[(L + t) * LDH + n] = to_bf16(x.k[j] * to_end);
-        xv[(L + t) * LDH + n] = to_bf16(x.v[j]);
+        left[t * LDH + n] = to_bf16(f32(x.a[j]) * __expf(c_ex - c_ref));
+        left[(L + t) * LDH + n] = to_bf16(f32(x.r[j]) * __expf(c_in - c_ref));
+        right[t * LDH + n] = to_bf16(f32(x.b[j]) * to_ref);
+        right[(L + t) * LDH + n] = to_bf16(f32(x.k[j]) * to_ref);
+        hat[t * LDH + n] = to_bf16(f32(x.a[j]) * __expf(c_ex));
+        hat[(L + t) * LDH + n] = to_bf16(f32(x.r[j]) * __expf(c_in));
+        ends[t * LDH + n] = to_bf16(f32(x.b[j]) * to_end);
+        ends[(L + t) * LDH + n] = to_bf16(f32(x.k[j]) * to_end);
+        xv[(L + t) * LDH + n] = x.v[j];
         if (cum) cum[t * N + n] = c_in;
     }
+    return clamped;
 }
 
-// x_t = P[t] + sum_{s<t} (M_ab[t,s] x_s + M_ak[t,s] v_s) for one value channel, in float32. Column
-// by column: the v terms first (all independent), then each x_s, once final, is added to every later
-// step, so the dependent chain is one multiply-add per step instead of a whole row's sum.
+// acc + sum_{s = from}^{to} row[s] x[s], adding in increasing s, for a 16-byte aligned row of floats
+// read 4 at a time (one broadcast when a warp shares the row). from and to are constants once the
+// caller's loops unroll, so the bounds cost nothing.
+__device__ __forceinline__ float row_dot(float acc, const float* row, const float x[L], int from, int to) {
+#pragma unroll
+    for (int q = 0; q < L; q += 4) {
+        if (q + 3 < from || q > to) continue;
+        const float4 m = load4(row + q);
+        const float mq[4] = {m.x, m.y, m.z, m.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (q + e >= from && q + e <= to) acc += mq[e] * x[q + e];
+    }
+    return acc;
+}
+
+// x_t = P[t] + sum_{s<t} (M_ab[t,s] x_s + M_ak[t,s] v_s) for one value channel, in float32, row by
+// row: the v terms first, then the x terms in increasing s, so each row's last multiply-add is the
+// only one waiting for x_{t-1} and the dependent chain is one multiply-add per step.
 __device__ __forceinline__ void solve_x(const float* M, const float* P, int i, const float v[L], float x[L]) {
 #pragma unroll
-    for (int t = 0; t < L; t++) x[t] = P[t * LDH + i];
-#pragma unroll
-    for (int s = 0; s < L; s++)
-#pragma unroll
-        for (int t = s + 1; t < L; t++) x[t] += M[t * LDM + L + s] * v[s];
-#pragma unroll
-    for (int s = 0; s < L; s++)
-#pragma unroll
-        for (int t = s + 1; t < L; t++) x[t] += M[t * LDM + s] * x[s];
+    for (int t = 0; t < L; t++) {
+        const float* m = M + t * LDM;
+        x[t] = row_dot(row_dot(P[t * LDH + i], m + L, v, 0, t - 1), m, x, 0, t - 1);
+    }
 }
 
 __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
@@ -324,7 +357,7 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
     for (int c = 0; c < chunks; c++) {
         const int t0 = c * L, steps = min(L, T - t0);
         bf16* saved = states + (head * chunks + c) * N * N;
-        ChunkInputs x;
+        ChunkLoads x;
         load_chunk(in, g, b, h, t0, steps, x);
         save_state(Sh, saved);
         chunk_factors(x, left, right, hat, ends, xv, decay, nullptr);
@@ -348,22 +381,29 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
                 continue;
             }
 #pragma unroll
-            for (int t = 0; t < L; t++) {
-                float acc = P[(L + t) * LDH + i];
-#pragma unroll
-                for (int s = 0; s <= t; s++) acc += M[(L + t) * LDM + L + s] * v[s];
-                P[(L + t) * LDH + i] = acc;
-            }
+            for (int t = 0; t < L; t++) P[(L + t) * LDH + i] = row_dot(P[(L + t) * LDH + i], M + (L + t) * LDM + L, v, 0, t);
         }
         scale_columns(S, decay);
         __syncthreads();
-        for (int e = tid; e < L * N; e += THREADS) {  // y_t = (P_r + M_rk V)[t] + sum_{s<=t} M_rb[t,s] x_s
-            const int t = e / N, i = e % N;
-            float acc = P[(L + t) * LDH + i];
+        {  // y_t = (P_r + M_rk V)[t] + sum_{s<=t} M_rb[t,s] x_s, x from P's a rows into registers once
+            const int i = tid % N, group = tid / N;
+            float xs[L];
 #pragma unroll
-            for (int s = 0; s < L; s++)
-                if (s <= t) acc += M[(L + t) * LDM + s] * P[s * LDH + i];
-            if (t < steps) y[g.at(b, t0 + t, h, i)] = to_bf16(acc);
+            for (int s = 0; s < L; s++) xs[s] = P[s * LDH + i];
+            // The group's rows are the pairs (p, L-1-p), p in its PER / 2 values: t + 1 terms each, so
+            // every group does the same work; its row numbers are constants (one copy per group).
+#pragma unroll
+            for (int gi = 0; gi < GROUPS; gi++) {
+                if (group != gi) continue;
+#pragma unroll
+                for (int p = gi * PER / 2; p < (gi + 1) * PER / 2; p++)
+#pragma unroll
+                    for (int side = 0; side < 2; side++) {
+                        const int t = side ? L - 1 - p : p;
+                        const float acc = row_dot(P[(L + t) * LDH + i], M + (L + t) * LDM, xs, 0, t);
+                        if (t < steps) y[g.at(b, t0 + t, h, i)] = to_bf16(acc);
+                    }
+            }
         }
         matmul<col, row>(S, LDH, xv, LDH, ends, LDH, N, N, L2, true);  // S += [X; V]^T ends
         __syncthreads();
@@ -377,6 +417,26 @@ struct Grads {
     bf16 *dr, *dk, *dv, *da, *db;
     float* dlw;
 };
+
+// Everything the backward reads from global memory for chunk c: its start state, inputs and dy (of
+// the same steps and channel as the inputs).
+struct BackwardLoads {
+    SavedState start;
+    ChunkLoads x;
+    bf16 dy[PER];
+};
+__device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states, Layout4 g, int b,
+                                              int h, int64_t head, int chunks, int c, int T, BackwardLoads& l) {
+    const int t0 = c * L, steps = min(L, T - t0), n = threadIdx.x % N, first = threadIdx.x / N * PER;
+    load_saved(states + (head * chunks + c) * N * N, l.start);
+    load_chunk(in, g, b, h, t0, steps, l.x);
+    const bf16 zero = to_bf16(0.f);
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+        const bool live = first + j < steps;
+        l.dy[j] = live ? dy[g.at(b, t0 + (live ? first + j : 0), h, n)] : zero;
+    }
+}
 
 __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
                                                            const bf16* __restrict__ states,
@@ -398,29 +458,24 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
     float* d_hat = reinterpret_cast<float*>(smem + B_.f3);   // [g; dy] S
     float *cum = reinterpret_cast<float*>(smem + B_.cum), *Z = reinterpret_cast<float*>(smem + B_.Z);
     float* decay = reinterpret_cast<float*>(smem + B_.decay);
-    unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);  // ChunkInputs::clamped per channel
+    unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);  // chunk_factors' clamped steps per channel
 
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const Layout4 g{T, H};
     const int64_t head = int64_t(b) * H + h;
     const int chunks = (T + L - 1) / L;
     load_state(ds_final + head * N * N, dS, dSh);
+    BackwardLoads next;  // the chunk's global reads, issued while the chunk after it is worked on
+    load_backward(in, dy, states, g, b, h, head, chunks, chunks - 1, T, next);
     for (int c = chunks - 1; c >= 0; c--) {
         const int t0 = c * L, steps = min(L, T - t0);
-        const bf16* saved = states + (head * chunks + c) * N * N;
-        SavedState start;
-        load_saved(saved, start);
-        ChunkInputs x;
-        load_chunk(in, g, b, h, t0, steps, x);
-        bf16 dyv[PER];  // dy of the same steps and channel as x's a, r, b, k, v
+        const BackwardLoads now = next;
+        store_saved(now.start, Sh);
+        const unsigned clamped_steps = chunk_factors(now.x, left, right, hat, ends, xv, decay, cum);
+        if (tid < N) clamped[tid] = clamped_steps;  // kept here, not in registers through the chunk
 #pragma unroll
-        for (int j = 0, n = tid % N, first = tid / N * PER; j < PER; j++)
-            dyv[j] = first + j < steps ? dy[g.at(b, t0 + first + j, h, n)] : to_bf16(0.f);
-        store_saved(start, Sh);
-        chunk_factors(x, left, right, hat, ends, xv, decay, cum);
-        if (tid < N) clamped[tid] = x.clamped;  // kept here, not in registers through the chunk
-#pragma unroll
-        for (int j = 0; j < PER; j++) gdy[(L + tid / N * PER + j) * LDH + tid % N] = dyv[j];
+        for (int j = 0; j < PER; j++) gdy[(L + tid / N * PER + j) * LDH + tid % N] = now.dy[j];
+        if (c > 0) load_backward(in, dy, states, g, b, h, head, chunks, c - 1, T, next);
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, N, N, false);        // hat_a S^T

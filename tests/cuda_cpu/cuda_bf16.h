@@ -23,3 +23,8 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     return __nv_bfloat16{uint16_t(u >> 16)};
 }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
+
+struct alignas(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16(a), __float2bfloat16(b)}; }

@@ -57,16 +57,35 @@ inline thread_local Block* block = nullptr;
 
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-// CUDA's 16-byte vector; copying one checks that both addresses are 16-byte aligned, as the hardware
+// CUDA's 16-byte vectors; copying one checks that both addresses are 16-byte aligned, as the hardware
 // requires of a 16-byte access.
+namespace cuda_cpu {
+inline void check_aligned16(const void* a, const void* b, const char* what) {
+    if (reinterpret_cast<uintptr_t>(a) % 16 != 0 || reinterpret_cast<uintptr_t>(b) % 16 != 0) {
+        std::fprintf(stderr, "%s: ", what);
+        fail("a 16-byte access to an address that is not 16-byte aligned");
+    }
+}
+}  // namespace cuda_cpu
+
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
     uint4() = default;
     uint4(const uint4& o) { *this = o; }
     uint4& operator=(const uint4& o) {
-        if (reinterpret_cast<uintptr_t>(this) % 16 != 0 || reinterpret_cast<uintptr_t>(&o) % 16 != 0)
-            cuda_cpu::fail("uint4: a 16-byte access to an address that is not 16-byte aligned");
+        cuda_cpu::check_aligned16(this, &o, "uint4");
         std::memcpy(static_cast<void*>(this), &o, sizeof(uint4));
+        return *this;
+    }
+};
+
+struct alignas(16) float4 {
+    float x, y, z, w;
+    float4() = default;
+    float4(const float4& o) { *this = o; }
+    float4& operator=(const float4& o) {
+        cuda_cpu::check_aligned16(this, &o, "float4");
+        std::memcpy(static_cast<void*>(this), &o, sizeof(float4));
         return *this;
     }
 };
