@@ -106,6 +106,7 @@ struct ForwardSmem {
     }
 };
 static_assert(TILE_H % 128 == 0, "right starts 128-byte aligned");
+static_assert(SQUARE_F <= TILE_F, "the backward keeps M^T in d_ends' tile until d_ends is made");
 static_assert(N != 64 || ForwardSmem().bytes + 1024 <= 228 * 1024 / 4, "4 forward blocks per multiprocessor");
 
 struct BackwardSmem {
@@ -324,6 +325,20 @@ __device__ __forceinline__ float row_dot(float acc, const float* row, const floa
     return acc;
 }
 
+// The same sum added in decreasing s: for recurrences that run from the last step back.
+__device__ __forceinline__ float row_dot_down(float acc, const float* row, const float x[L], int from, int to) {
+#pragma unroll
+    for (int q = L - 4; q >= 0; q -= 4) {
+        if (q + 3 < from || q > to) continue;
+        const float4 m = load4(row + q);
+        const float mq[4] = {m.x, m.y, m.z, m.w};
+#pragma unroll
+        for (int e = 3; e >= 0; e--)
+            if (q + e >= from && q + e <= to) acc += mq[e] * x[q + e];
+    }
+    return acc;
+}
+
 // x_t = P[t] + sum_{s<t} (M_ab[t,s] x_s + M_ak[t,s] v_s) for one value channel, in float32, row by
 // row: the v terms first, then the x terms in increasing s, so each row's last multiply-add is the
 // only one waiting for x_{t-1} and the dependent chain is one multiply-add per step.
@@ -438,7 +453,7 @@ __device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, 
     }
 }
 
-__global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
+__global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
                                                            const bf16* __restrict__ states,
                                                            const float* __restrict__ ds_final, Grads out,
                                                            float* __restrict__ ds0) {
@@ -455,6 +470,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
     float* P = reinterpret_cast<float*>(smem + B_.f0);       // P, then d left
     float* E = reinterpret_cast<float*>(smem + B_.f1);       // ends dS^T, then d right
     float* d_ends = reinterpret_cast<float*>(smem + B_.f2);  // [X; V] dS
+    float* MT = d_ends;                                      // before it: M^T ([2L][LDM])
     float* d_hat = reinterpret_cast<float*>(smem + B_.f3);   // [g; dy] S
     float *cum = reinterpret_cast<float*>(smem + B_.cum), *Z = reinterpret_cast<float*>(smem + B_.Z);
     float* decay = reinterpret_cast<float*>(smem + B_.decay);
@@ -480,6 +496,7 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, N, N, false);        // hat_a S^T
         matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, N, N, false);     // ends dS^T
+        matmul<row, col>(MT, LDM, right, LDH, left, LDH, L2, L2, N, false); // right left^T = M^T
         __syncthreads();
         // Two threads per value channel: one solves for x, the other for g and dv (they are independent).
         for (int u = tid; u < 2 * N; u += THREADS) {
@@ -496,25 +513,18 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
             float d[L], gg[L];
 #pragma unroll
             for (int s = 0; s < L; s++) d[s] = f32(gdy[(L + s) * LDH + i]);
-            // g_t = E[t] + sum_{s>=t} M_rb[s,t] dy_s + sum_{s>t} M_ab[s,t] g_s, column by column as in solve_x
+            // Row t of MT = M^T holds M's column t: g_t = E[t] + sum_{s>=t} M_rb[s,t] dy_s + sum_{s>t}
+            // M_ab[s,t] g_s from the last step back, g_{t+1} added last (one multiply-add per step
+            // waits on the previous); then dv from all of g.
 #pragma unroll
-            for (int t = 0; t < L; t++) {
-                float acc = E[t * LDH + i];
-#pragma unroll
-                for (int s = t; s < L; s++) acc += M[(L + s) * LDM + t] * d[s];
-                gg[t] = acc;
+            for (int t = L - 1; t >= 0; t--) {
+                const float* m = MT + t * LDM;
+                gg[t] = row_dot_down(row_dot_down(E[t * LDH + i], m + L, d, t, L - 1), m, gg, t + 1, L - 1);
             }
 #pragma unroll
-            for (int s = L - 1; s > 0; s--)
-#pragma unroll
-                for (int t = 0; t < s; t++) gg[t] += M[s * LDM + t] * gg[s];
-#pragma unroll
             for (int t = 0; t < L; t++) {
-                float acc = E[(L + t) * LDH + i];
-#pragma unroll
-                for (int s = t + 1; s < L; s++) acc += M[s * LDM + L + t] * gg[s];
-#pragma unroll
-                for (int s = t; s < L; s++) acc += M[(L + s) * LDM + L + t] * d[s];
+                const float* m = MT + (L + t) * LDM;
+                const float acc = row_dot(row_dot(E[(L + t) * LDH + i], m, gg, t + 1, L - 1), m + L, d, t, L - 1);
                 if (t < steps) out.dv[g.at(b, t0 + t, h, i)] = to_bf16(acc);
                 gdy[t * LDH + i] = to_bf16(gg[t]);
             }
@@ -529,9 +539,16 @@ __global__ void __launch_bounds__(THREADS) backward_kernel(int T, int H, Inputs 
         matmul<row, row>(d_ends, LDH, xv, LDH, dSh, LDH, L2, N, N, false);   // [X; V] dS
         matmul<row, row>(d_hat, LDH, gdy, LDH, Sh, LDH, L2, N, N, false);    // [g; dy] S
         __syncthreads();
-        for (int e = tid; e < L2 * L2; e += THREADS) {
-            const int t = e / L2, s = e % L2 % L, causal = t < L ? s < t : s <= t - L;
-            dMh[t * LDM + e % L2] = to_bf16(causal ? M[t * LDM + e % L2] : 0.f);
+        static_assert(L2 * L2 % (4 * THREADS) == 0, "whole 4-column pieces of dM per thread");
+#pragma unroll
+        for (int q = 0; q < L2 * L2 / (4 * THREADS); q++) {  // dM masked as M, in bf16, 4 columns at a time
+            const int e = tid + q * THREADS, t = e / (L2 / 4), col = e % (L2 / 4) * 4;
+            const auto causal = [t](int s) { return t < L ? s % L < t : s % L <= t - L; };
+            const float4 m = load4(M + t * LDM + col);
+            float4 masked = m;
+            masked.x = causal(col) ? m.x : 0.f, masked.y = causal(col + 1) ? m.y : 0.f;
+            masked.z = causal(col + 2) ? m.z : 0.f, masked.w = causal(col + 3) ? m.w : 0.f;
+            store_bf16x4(dMh + t * LDM + col, masked);
         }
         scale_columns(dS, decay);
         __syncthreads();
