@@ -163,10 +163,13 @@ __device__ __forceinline__ void matmul(float* c, int ldc, const bf16* a, int lda
     }
 }
 
-// Element (b, t, h, n) of a [B, T, H, N] tensor.
-struct Layout4 {
-    int T, H;
-    __device__ __forceinline__ int64_t at(int b, int t, int h, int n) const { return ((int64_t(b) * T + t) * H + h) * N + n; }
+// Offsets into a [B, T, H, N] tensor for one block's batch b and head h: element (b, t, h, n) is
+// at(t, n), a step further is stride on. Worked out once per block, so an access costs an add.
+struct HeadRows {
+    int64_t first, stride;  // the offsets of (b, 0, h, 0) and of one step
+    __device__ __forceinline__ HeadRows(int T, int H, int b, int h)
+        : first((int64_t(b) * T * H + h) * N), stride(int64_t(H) * N) {}
+    __device__ __forceinline__ int64_t at(int t, int n) const { return first + t * stride + n; }
 };
 
 struct Inputs {
@@ -256,18 +259,19 @@ struct ChunkLoads {
     bf16 a[PER], r[PER], b[PER], k[PER], v[PER];  // 0 past the end
 };
 
-__device__ __forceinline__ void load_chunk(const Inputs& in, Layout4 g, int b, int h, int t0, int steps,
-                                           ChunkLoads& x) {
+__device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& rows, int t0, int steps, ChunkLoads& x) {
     const int n = threadIdx.x % N, first = threadIdx.x / N * PER;
+    const float* lw = in.lw + rows.at(t0, n);
 #pragma unroll
-    for (int t = 0; t < L; t++) x.lw[t] = t < steps ? in.lw[g.at(b, t0 + t, h, n)] : 0.f;
-    const bf16 zero = to_bf16(0.f);
+    for (int t = 0; t < L; t++, lw += rows.stride) x.lw[t] = t < steps ? *lw : 0.f;
+    const int64_t at = rows.at(t0 + first, n);
+    const bf16 *a = in.a + at, *r = in.r + at, *b = in.b + at, *k = in.k + at, *v = in.v + at, zero = to_bf16(0.f);
 #pragma unroll
     for (int j = 0; j < PER; j++) {
         const bool live = first + j < steps;
-        const int64_t at = g.at(b, t0 + (live ? first + j : 0), h, n);
-        x.a[j] = live ? in.a[at] : zero, x.r[j] = live ? in.r[at] : zero, x.b[j] = live ? in.b[at] : zero;
-        x.k[j] = live ? in.k[at] : zero, x.v[j] = live ? in.v[at] : zero;
+        const int64_t o = j * rows.stride;
+        x.a[j] = live ? a[o] : zero, x.r[j] = live ? r[o] : zero, x.b[j] = live ? b[o] : zero;
+        x.k[j] = live ? k[o] : zero, x.v[j] = live ? v[o] : zero;
     }
 }
 
@@ -364,7 +368,7 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
     float* decay = reinterpret_cast<float*>(smem + F.decay);
 
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-    const Layout4 g{T, H};
+    const HeadRows g(T, H, b, h);
     const int64_t head = int64_t(b) * H + h;
     const int chunks = (T + L - 1) / L;
     load_state(s0 + head * N * N, S, Sh);
@@ -373,7 +377,7 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
         const int t0 = c * L, steps = min(L, T - t0);
         bf16* saved = states + (head * chunks + c) * N * N;
         ChunkLoads x;
-        load_chunk(in, g, b, h, t0, steps, x);
+        load_chunk(in, g, t0, steps, x);
         save_state(Sh, saved);
         chunk_factors(x, left, right, hat, ends, xv, decay, nullptr);
         __syncthreads();
@@ -416,7 +420,7 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
                     for (int side = 0; side < 2; side++) {
                         const int t = side ? L - 1 - p : p;
                         const float acc = row_dot(P[(L + t) * LDH + i], M + (L + t) * LDM, xs, 0, t);
-                        if (t < steps) y[g.at(b, t0 + t, h, i)] = to_bf16(acc);
+                        if (t < steps) y[g.at(t0 + t, i)] = to_bf16(acc);
                     }
             }
         }
@@ -440,17 +444,14 @@ struct BackwardLoads {
     ChunkLoads x;
     bf16 dy[PER];
 };
-__device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states, Layout4 g, int b,
-                                              int h, int64_t head, int chunks, int c, int T, BackwardLoads& l) {
+__device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states, const HeadRows& rows,
+                                              int64_t head, int chunks, int c, int T, BackwardLoads& l) {
     const int t0 = c * L, steps = min(L, T - t0), n = threadIdx.x % N, first = threadIdx.x / N * PER;
     load_saved(states + (head * chunks + c) * N * N, l.start);
-    load_chunk(in, g, b, h, t0, steps, l.x);
-    const bf16 zero = to_bf16(0.f);
+    load_chunk(in, rows, t0, steps, l.x);
+    const bf16 *d = dy + rows.at(t0 + first, n), zero = to_bf16(0.f);
 #pragma unroll
-    for (int j = 0; j < PER; j++) {
-        const bool live = first + j < steps;
-        l.dy[j] = live ? dy[g.at(b, t0 + (live ? first + j : 0), h, n)] : zero;
-    }
+    for (int j = 0; j < PER; j++) l.dy[j] = first + j < steps ? d[j * rows.stride] : zero;
 }
 
 __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
@@ -477,12 +478,12 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
     unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);  // chunk_factors' clamped steps per channel
 
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-    const Layout4 g{T, H};
+    const HeadRows g(T, H, b, h);
     const int64_t head = int64_t(b) * H + h;
     const int chunks = (T + L - 1) / L;
     load_state(ds_final + head * N * N, dS, dSh);
     BackwardLoads next;  // the chunk's global reads, issued while the chunk after it is worked on
-    load_backward(in, dy, states, g, b, h, head, chunks, chunks - 1, T, next);
+    load_backward(in, dy, states, g, head, chunks, chunks - 1, T, next);
     for (int c = chunks - 1; c >= 0; c--) {
         const int t0 = c * L, steps = min(L, T - t0);
         const BackwardLoads now = next;
@@ -491,7 +492,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         if (tid < N) clamped[tid] = clamped_steps;  // kept here, not in registers through the chunk
 #pragma unroll
         for (int j = 0; j < PER; j++) gdy[(L + tid / N * PER + j) * LDH + tid % N] = now.dy[j];
-        if (c > 0) load_backward(in, dy, states, g, b, h, head, chunks, c - 1, T, next);
+        if (c > 0) load_backward(in, dy, states, g, head, chunks, c - 1, T, next);
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, N, N, false);        // hat_a S^T
@@ -525,7 +526,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             for (int t = 0; t < L; t++) {
                 const float* m = MT + (L + t) * LDM;
                 const float acc = row_dot(row_dot(E[(L + t) * LDH + i], m, gg, t + 1, L - 1), m + L, d, t, L - 1);
-                if (t < steps) out.dv[g.at(b, t0 + t, h, i)] = to_bf16(acc);
+                if (t < steps) out.dv[g.at(t0 + t, i)] = to_bf16(acc);
                 gdy[t * LDH + i] = to_bf16(gg[t]);
             }
         }
@@ -571,7 +572,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             const float ge_b = d_ends[t * LDH + n], ge_k = d_ends[(L + t) * LDH + n];
             const float gh_a = d_hat[t * LDH + n], gh_r = d_hat[(L + t) * LDH + n];
             if (t < steps) {
-                const int64_t at = g.at(b, t0 + t, h, n);
+                const int64_t at = g.at(t0 + t, n);
                 out.da[at] = to_bf16(gl_a * __expf(c_ex - c_ref) + gh_a * __expf(c_ex));
                 out.dr[at] = to_bf16(gl_r * __expf(c - c_ref) + gh_r * __expf(c));
                 out.db[at] = to_bf16(gr_b * e_b + ge_b * e_end);
@@ -592,7 +593,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             float sum = dc_L;
             for (int t = L - 1; t >= 0; t--) {
                 sum += d_left[t * LDH + n];
-                if (t < steps) out.dlw[g.at(b, t0 + t, h, n)] = clamped[n] >> t & 1 ? 0.f : sum;
+                if (t < steps) out.dlw[g.at(t0 + t, n)] = clamped[n] >> t & 1 ? 0.f : sum;
                 sum += d_left[(L + t) * LDH + n];
             }
         }
