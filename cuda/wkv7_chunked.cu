@@ -287,8 +287,12 @@ __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* lef
     unsigned clamped = 0;
 #pragma unroll
     for (int t = 0; t < L; t++) clamped |= unsigned(x.lw[t] < LW_MIN) << t, c[t + 1] = c[t] + fmaxf(x.lw[t], LW_MIN);
-    const float c_L = c[L], c_ref = 0.5f * c_L;
-    if (group == 0) decay[n] = __expf(c_L);
+    // Every factor from two exponentials per step: e^(c_in) (the next step's e^(c_ex)) and
+    // e^(c_ref - c_in), and the channel's e^(+-c_ref); all stay within float32's normal range
+    // (c >= L * LW_MIN = -80).
+    const float c_L = c[L], c_ref = 0.5f * c_L, up = __expf(c_ref), down = __expf(-c_ref);
+    if (group == 0) decay[n] = up * up;
+    float e_ex = 0.f;  // e^(c_ex), from the previous step after the first
 #pragma unroll
     for (int j = 0; j < PER; j++) {
         // c through step t = group * PER + j and through t - 1, picked by a select per group: indexing
@@ -298,15 +302,18 @@ __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* lef
         for (int other = 1; other < GROUPS; other++)
             if (group == other) c_in = c[other * PER + j + 1], c_ex = c[other * PER + j];
         const int t = group * PER + j;
-        const float to_ref = __expf(c_ref - c_in), to_end = __expf(c_L - c_in);
-        left[t * LDH + n] = to_bf16(f32(x.a[j]) * __expf(c_ex - c_ref));
-        left[(L + t) * LDH + n] = to_bf16(f32(x.r[j]) * __expf(c_in - c_ref));
-        right[t * LDH + n] = to_bf16(f32(x.b[j]) * to_ref);
-        right[(L + t) * LDH + n] = to_bf16(f32(x.k[j]) * to_ref);
-        hat[t * LDH + n] = to_bf16(f32(x.a[j]) * __expf(c_ex));
-        hat[(L + t) * LDH + n] = to_bf16(f32(x.r[j]) * __expf(c_in));
-        ends[t * LDH + n] = to_bf16(f32(x.b[j]) * to_end);
-        ends[(L + t) * LDH + n] = to_bf16(f32(x.k[j]) * to_end);
+        if (j == 0) e_ex = __expf(c_ex);
+        const float e_in = __expf(c_in), to_ref = __expf(c_ref - c_in), to_end = to_ref * up;
+        const float a = f32(x.a[j]), r = f32(x.r[j]), b = f32(x.b[j]), k = f32(x.k[j]);
+        left[t * LDH + n] = to_bf16(a * (e_ex * down));
+        left[(L + t) * LDH + n] = to_bf16(r * (e_in * down));
+        right[t * LDH + n] = to_bf16(b * to_ref);
+        right[(L + t) * LDH + n] = to_bf16(k * to_ref);
+        hat[t * LDH + n] = to_bf16(a * e_ex);
+        hat[(L + t) * LDH + n] = to_bf16(r * e_in);
+        ends[t * LDH + n] = to_bf16(b * to_end);
+        ends[(L + t) * LDH + n] = to_bf16(k * to_end);
+        e_ex = e_in;
         xv[(L + t) * LDH + n] = x.v[j];
         if (cum) cum[t * N + n] = c_in;
     }
@@ -562,29 +569,36 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         // gradient. The factors are taken as the bf16 tiles the products used, so terms that cancel
         // exactly (a step with nothing before it) cancel here too instead of leaving bf16 rounding.
         // dc_t, dc_ex[t] and the step's part of dc_L replace the values this thread has read.
-        for (int e = tid; e < L * N; e += THREADS) {
-            const int t = e / N, n = e % N;
-            const float c = cum[t * N + n], c_ex = t > 0 ? cum[(t - 1) * N + n] : 0.f, c_L = cum[(L - 1) * N + n];
-            const float c_ref = 0.5f * c_L;
-            const float e_b = __expf(c_ref - c), e_end = __expf(c_L - c);
-            const float gl_a = d_left[t * LDH + n], gl_r = d_left[(L + t) * LDH + n];
-            const float gr_b = d_right[t * LDH + n], gr_k = d_right[(L + t) * LDH + n];
-            const float ge_b = d_ends[t * LDH + n], ge_k = d_ends[(L + t) * LDH + n];
-            const float gh_a = d_hat[t * LDH + n], gh_r = d_hat[(L + t) * LDH + n];
-            if (t < steps) {
-                const int64_t at = g.at(t0 + t, n);
-                out.da[at] = to_bf16(gl_a * __expf(c_ex - c_ref) + gh_a * __expf(c_ex));
-                out.dr[at] = to_bf16(gl_r * __expf(c - c_ref) + gh_r * __expf(c));
-                out.db[at] = to_bf16(gr_b * e_b + ge_b * e_end);
-                out.dk[at] = to_bf16(gr_k * e_b + ge_k * e_end);
+        // Each thread takes the PER consecutive steps of one channel that it built the factors of, so
+        // a step's e^(c_ex) is the previous step's e^(c), as in chunk_factors.
+        {
+            const int n = tid % N, first = tid / N * PER;
+            const float c_L = cum[(L - 1) * N + n], c_ref = 0.5f * c_L, up = __expf(c_ref), down = __expf(-c_ref);
+            float e_ex = __expf(first > 0 ? cum[(first - 1) * N + n] : 0.f);
+#pragma unroll
+            for (int j = 0; j < PER; j++) {
+                const int t = first + j;
+                const float c = cum[t * N + n], e_c = __expf(c), e_b = __expf(c_ref - c), e_end = e_b * up;
+                const float gl_a = d_left[t * LDH + n], gl_r = d_left[(L + t) * LDH + n];
+                const float gr_b = d_right[t * LDH + n], gr_k = d_right[(L + t) * LDH + n];
+                const float ge_b = d_ends[t * LDH + n], ge_k = d_ends[(L + t) * LDH + n];
+                const float gh_a = d_hat[t * LDH + n], gh_r = d_hat[(L + t) * LDH + n];
+                if (t < steps) {
+                    const int64_t at = g.at(t0 + t, n);
+                    out.da[at] = to_bf16(gl_a * (e_ex * down) + gh_a * e_ex);
+                    out.dr[at] = to_bf16(gl_r * (e_c * down) + gh_r * e_c);
+                    out.db[at] = to_bf16(gr_b * e_b + ge_b * e_end);
+                    out.dk[at] = to_bf16(gr_k * e_b + ge_k * e_end);
+                }
+                const float t_la = gl_a * f32(left[t * LDH + n]), t_lr = gl_r * f32(left[(L + t) * LDH + n]);
+                const float t_rb = gr_b * f32(right[t * LDH + n]), t_rk = gr_k * f32(right[(L + t) * LDH + n]);
+                const float t_end = ge_b * f32(ends[t * LDH + n]) + ge_k * f32(ends[(L + t) * LDH + n]);
+                const float t_ha = gh_a * f32(hat[t * LDH + n]), t_hr = gh_r * f32(hat[(L + t) * LDH + n]);
+                d_left[t * LDH + n] = t_lr + t_hr - t_rb - t_rk - t_end;  // dc_t
+                d_left[(L + t) * LDH + n] = t_la + t_ha;                   // dc_ex[t]
+                d_right[t * LDH + n] = t_end;                              // into dc_L
+                e_ex = e_c;
             }
-            const float t_la = gl_a * f32(left[t * LDH + n]), t_lr = gl_r * f32(left[(L + t) * LDH + n]);
-            const float t_rb = gr_b * f32(right[t * LDH + n]), t_rk = gr_k * f32(right[(L + t) * LDH + n]);
-            const float t_end = ge_b * f32(ends[t * LDH + n]) + ge_k * f32(ends[(L + t) * LDH + n]);
-            const float t_ha = gh_a * f32(hat[t * LDH + n]), t_hr = gh_r * f32(hat[(L + t) * LDH + n]);
-            d_left[t * LDH + n] = t_lr + t_hr - t_rb - t_rk - t_end;  // dc_t
-            d_left[(L + t) * LDH + n] = t_la + t_ha;                   // dc_ex[t]
-            d_right[t * LDH + n] = t_end;                              // into dc_L
         }
         __syncthreads();
         for (int n = tid; n < N; n += THREADS) {  // dlw_s = sum_{t>=s} dc_t + sum_{t>s} dc_ex[t] + dc_L
