@@ -133,22 +133,29 @@ constexpr bool is_row = std::is_same<Layout, row>::value;
 
 // C (+)= A B for the 16 x 16 tile of C at c; a, b point at the tile's first row of A and first
 // column of B (element (m, k) of A is a[m * lda + k] row-major, a[k * lda + m] column-major).
+// Alternate k steps go to two accumulators, added at the end: two dependent chains of half the
+// length, so a warp waits on the tensor cores' latency half as long.
 template <typename LA, typename LB>
 __device__ __forceinline__ void tile_mma(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int K,
                                          bool accumulate) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     if (accumulate)
-        wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major);
+        wmma::load_matrix_sync(acc[0], c, ldc, wmma::mem_row_major);
     else
-        wmma::fill_fragment(acc, 0.f);
+        wmma::fill_fragment(acc[0], 0.f);
+    wmma::fill_fragment(acc[1], 0.f);
+#pragma unroll
     for (int k = 0; k < K; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
         wmma::load_matrix_sync(fa, a + (is_row<LA> ? k : k * lda), lda);
         wmma::load_matrix_sync(fb, b + (is_row<LB> ? k * ldb : k), ldb);
-        wmma::mma_sync(acc, fa, fb, acc);
+        wmma::mma_sync(acc[k / 16 % 2], fa, fb, acc[k / 16 % 2]);
     }
-    wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
+    if (K > 16)
+#pragma unroll
+        for (int i = 0; i < acc[0].num_elements; i++) acc[0].x[i] += acc[1].x[i];
+    wmma::store_matrix_sync(c, acc[0], ldc, wmma::mem_row_major);
 }
 
 // C[rows x cols] (+)= A[rows x K] B[K x cols], row-major float C; the tiles are dealt out to the warps.

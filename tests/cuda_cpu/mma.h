@@ -1,6 +1,7 @@
 // nvcuda::wmma for cuda_cpu.h: 16x16x16 tiles, bf16 operands, float accumulators. Every lane holds
 // the whole tile and computes it (the real fragments are spread over the warp's lanes, which the
-// kernels never rely on: they only load, multiply and store). Stores come from lane 0 only. The
+// kernels never rely on: they only load, multiply, add fragments of the same kind element by element
+// and store). Stores come from lane 0 only. The
 // rules of the real API are checked: 32-byte aligned pointers, ldm a multiple of 16 bytes.
 #pragma once
 
@@ -21,7 +22,10 @@ enum layout_t { mem_row_major, mem_col_major };
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
     static_assert(M == 16 && N == 16 && K == 16, "cuda_cpu emulates 16x16x16 tiles only");
-    float x[16][16];  // [row][column] of the tile: A is m x k, B is k x n, the accumulator m x n
+    static constexpr int num_elements = 256;
+    float x[256];  // [row * 16 + column] of the tile: A is m x k, B is k x n, the accumulator m x n
+    float& at(int i, int j) { return x[i * 16 + j]; }
+    float at(int i, int j) const { return x[i * 16 + j]; }
 };
 
 namespace detail {
@@ -38,13 +42,13 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* ptr, uns
     detail::check(ptr, ldm, sizeof(T));
     constexpr bool row = std::is_same_v<Layout, row_major>;
     for (int i = 0; i < 16; i++)
-        for (int j = 0; j < 16; j++) f.x[i][j] = detail::value(row ? ptr[i * ldm + j] : ptr[j * ldm + i]);
+        for (int j = 0; j < 16; j++) f.at(i, j) = detail::value(row ? ptr[i * ldm + j] : ptr[j * ldm + i]);
 }
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* ptr, unsigned ldm, layout_t layout) {
     detail::check(ptr, ldm, 4);
     for (int i = 0; i < 16; i++)
-        for (int j = 0; j < 16; j++) f.x[i][j] = layout == mem_row_major ? ptr[i * ldm + j] : ptr[j * ldm + i];
+        for (int j = 0; j < 16; j++) f.at(i, j) = layout == mem_row_major ? ptr[i * ldm + j] : ptr[j * ldm + i];
 }
 
 inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t layout) {
@@ -52,13 +56,12 @@ inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16
     __syncwarp();  // every lane has finished reading what the store may overwrite
     if (threadIdx.x % 32 == 0)
         for (int i = 0; i < 16; i++)
-            for (int j = 0; j < 16; j++) (layout == mem_row_major ? ptr[i * ldm + j] : ptr[j * ldm + i]) = f.x[i][j];
+            for (int j = 0; j < 16; j++) (layout == mem_row_major ? ptr[i * ldm + j] : ptr[j * ldm + i]) = f.at(i, j);
     __syncwarp();
 }
 
 inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
-    for (auto& row : f.x)
-        for (float& e : row) e = v;
+    for (float& e : f.x) e = v;
 }
 
 template <typename T, typename LA, typename LB>
@@ -67,9 +70,9 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
     fragment<accumulator, 16, 16, 16, float> out;
     for (int i = 0; i < 16; i++)
         for (int j = 0; j < 16; j++) {
-            float s = c.x[i][j];
-            for (int k = 0; k < 16; k++) s += a.x[i][k] * b.x[k][j];
-            out.x[i][j] = s;
+            float s = c.at(i, j);
+            for (int k = 0; k < 16; k++) s += a.at(i, k) * b.at(k, j);
+            out.at(i, j) = s;
         }
     d = out;
 }
