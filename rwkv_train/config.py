@@ -49,9 +49,10 @@ class ModelConfig:
     kernel: Literal["auto", "cuda", "torch"] = "auto"
     """WKV backend: `cuda` (the bf16 kernels in cuda/, built on first use), `torch` (the pure-PyTorch
     reference) or `auto` (cuda on a CUDA device where the kernel builds, torch otherwise)."""
-    wkv7_chunked: bool = False
-    """RWKV-7 only: with a CUDA kernel, run the chunked tensor-core one (cuda/wkv7_chunked.cu; head sizes
-    32 and 64) instead of the sequential one (cuda/wkv7.cu)."""
+    wkv7_chunked: Literal["auto", True, False] = "auto"
+    """RWKV-7 only, with a CUDA kernel: `true` runs the chunked tensor-core one (cuda/wkv7_chunked.cu; head
+    sizes 32 and 64), `false` the sequential one (cuda/wkv7.cu), `auto` the chunked one where it has the
+    head size (it is the faster), else the sequential one."""
 
     @property
     def n_head(self) -> int:
@@ -273,7 +274,7 @@ def all_keys() -> list[str]:
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+        return "one of " + ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _describe(inner[0]) + " or null"
@@ -297,7 +298,7 @@ def _coerce(value: Any, tp: Any) -> Any:
         # YAML reads `off` as False; the wandb modes spell it as a word.
         if value is False and "off" in choices:
             value = "off"
-        if value not in choices:
+        if not any(type(value) is type(c) and value == c for c in choices):  # 1 is not true
             raise ValueError
         return value
     if origin is tuple:

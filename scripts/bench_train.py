@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per config (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
     p.add_argument("--kernel", choices=("cuda", "cuda-chunked", "torch"), default="cuda",
-                   help="WKV backend (model.kernel); cuda-chunked: model.kernel=cuda with model.wkv7_chunked=true")
+                   help="WKV backend (model.kernel); for RWKV-7, cuda is the sequential kernel (model.wkv7_chunked=false) "
+                        "and cuda-chunked the chunked one (model.kernel=cuda, model.wkv7_chunked=true)")
     p.add_argument("--grad-cp", choices=("on", "off"), default=None,
                    help="gradient checkpointing per block (default: each config's train.grad_cp)")
     p.add_argument("--weights", choices=("bf16", "fp32"), default="bf16",
@@ -184,8 +185,8 @@ def load_bench_config(path: str, ctx_len: int, kernel: str, grad_cp: str | None)
 
     overrides = [f"data.ctx_len={ctx_len}", f"model.kernel={kernel.removesuffix('-chunked')}", "train.strategy=auto",
                  "train.devices=1", "train.num_nodes=1"]
-    if kernel == "cuda-chunked":
-        overrides.append("model.wkv7_chunked=true")
+    if kernel.startswith("cuda"):  # name the RWKV-7 kernel rather than take the config's choice
+        overrides.append(f"model.wkv7_chunked={'true' if kernel == 'cuda-chunked' else 'false'}")
     if grad_cp is not None:
         overrides.append(f"train.grad_cp={'true' if grad_cp == 'on' else 'false'}")
     return load_config(resolve(path), overrides)

@@ -75,6 +75,24 @@ def test_value_checks_name_key_value_and_fix():
         from_dict(minimal(train={"accumulate": 2, "global_bsz": 16}))
 
 
+def test_wkv7_chunked_takes_auto_true_or_false_only():
+    assert from_dict(minimal()).model.wkv7_chunked == "auto"
+    for value in ("auto", True, False):
+        chosen = from_dict(minimal(model={"wkv7_chunked": value})).model.wkv7_chunked
+        assert chosen == value and type(chosen) is type(value)
+    assert load_config_overrides(["model.wkv7_chunked=false"]).model.wkv7_chunked is False
+    for bad in (1, 0, "yes"):
+        with pytest.raises(ConfigError, match=rf"model.wkv7_chunked={bad!r}: expected one of auto, true, false"):
+            from_dict(minimal(model={"wkv7_chunked": bad}))
+
+
+def load_config_overrides(overrides: list[str]) -> Config:
+    raw = minimal()
+    for section, values in parse_overrides(overrides).items():
+        raw.setdefault(section, {}).update(values)
+    return from_dict(raw)
+
+
 def test_override_words_must_be_dotted():
     with pytest.raises(ConfigError, match="expected section.key=value"):
         parse_overrides(["max_steps=5"])

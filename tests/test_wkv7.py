@@ -233,3 +233,38 @@ def test_shape_errors_say_what_was_expected():
         wkv7_chunked(r, lw, k, v, a, b, state=state[:, :1])
     with pytest.raises(ValueError, match=r"\[B, T, H, N\]"):
         wkv7_recurrent(r[0], lw[0], k[0], v[0], a[0], b[0])
+
+
+@pytest.mark.parametrize("chunked,head_size,first", [("auto", 32, "v7-chunked"), ("auto", 64, "v7-chunked"),
+                                                     ("auto", 128, "v7"), (True, 64, "v7-chunked"),
+                                                     (False, 64, "v7")])
+def test_cuda_kernel_choice(monkeypatch, chunked, head_size, first):
+    """Which CUDA kernel wkv7 asks for: chunked="auto" takes the chunked one where it has the head size
+    (32, 64) and the sequential one otherwise; True and False insist. With neither available here it
+    runs the PyTorch path, so the result still equals the reference."""
+    from rwkv_train.ops import kernels
+
+    asked = []
+
+    def use_cuda(kernel, generation, x, n=None):
+        asked.append(generation)
+        return False
+
+    monkeypatch.setattr(kernels, "use_cuda", use_cuda)
+    B, T, H = 1, 5, 1
+    g = torch.Generator().manual_seed(3)
+    r, k, v = (torch.randn(B, T, H, head_size, generator=g) for _ in range(3))
+    kk = F.normalize(torch.randn(B, T, H, head_size, generator=g), dim=-1)
+    lw = -0.5 * torch.rand(B, T, H, head_size, generator=g)
+    y, s = wkv7(r, lw, k, v, -kk, 0.5 * kk, None, "cuda", chunked=chunked)
+    assert asked[0] == first
+    assert ("v7-chunked" in asked) == (first == "v7-chunked")
+    y_ref, s_ref = wkv7_recurrent(r, lw, k, v, -kk, 0.5 * kk, None)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_choice_must_be_true_false_or_auto():
+    x = torch.zeros(1, 1, 1, 32)
+    with pytest.raises(ValueError, match="chunked must be True, False or 'auto'"):
+        wkv7(x, x, x, x, x, x, None, "torch", chunked="yes")

@@ -156,7 +156,7 @@ class RWKVModel(nn.Module):
         self.grad_cp = False  # gradient checkpointing per block, set by the trainer
         self.set_kernel("auto")
 
-    def set_kernel(self, kernel: str, wkv7_chunked: bool = False) -> None:
+    def set_kernel(self, kernel: str, wkv7_chunked: bool | str = "auto") -> None:
         """Choose the WKV backend of every block: "auto", "cuda" or "torch" (see ModelConfig.kernel), and
         for RWKV-7 which CUDA kernel (ModelConfig.wkv7_chunked)."""
         for block in self.blocks:

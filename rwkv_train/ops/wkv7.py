@@ -244,16 +244,21 @@ def wkv7(
     b: Tensor,
     state: Tensor | None = None,
     backend: str = "torch",
-    chunked: bool = False,
+    chunked: bool | str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The WKV-7 interface the model calls. Inputs [B, T, H, N], state [B, H, N, N] or None.
 
     backend "torch" runs `wkv7_chunked` (pure PyTorch, the CPU path); "cuda" a bf16 kernel; "auto" the
     kernel for CUDA inputs where it builds, else "torch". The kernel is the sequential one
-    (`rwkv_train.ops.wkv7_cuda`), or with `chunked` the tensor-core one (`rwkv_train.ops.wkv7_chunked_cuda`:
-    head sizes 32 and 64, per-step lw >= -5). Returns (y in r's dtype, final state).
+    (`rwkv_train.ops.wkv7_cuda`) with chunked=False, the tensor-core one (`rwkv_train.ops.wkv7_chunked_cuda`:
+    head sizes 32 and 64, per-step lw >= -5) with chunked=True, and with "auto" the tensor-core one where
+    it has the head size. Returns (y in r's dtype, final state).
     """
+    if chunked not in (True, False, "auto"):
+        raise ValueError(f"wkv7: chunked must be True, False or 'auto', got {chunked!r}")
     if backend in ("cuda", "auto"):
+        if chunked == "auto":
+            chunked = r.shape[-1] in kernels.head_sizes("v7-chunked")
         if chunked and kernels.use_cuda(backend, "v7-chunked", r, r.shape[-1]):
             from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
 
