@@ -76,6 +76,21 @@ def test_op_gradients_match_float64_autograd(emulated, uses):
     assert set(emulated) == {("v7-chunked", N)}
 
 
+def test_backward_fills_no_gradient_for_the_saved_states(emulated):
+    """The forward's third output (the chunk start states, [B, H, T/16, N, N]) is saved for the backward
+    and never differentiated: autograd must not zero-fill a gradient for it (at B*T*C = 2^27 that is 1 GB
+    written per step). Only the unused final state's small gradient is made."""
+    B, T, H, N = 1, 40, 2, 32
+    leaves = [x.clone().requires_grad_() for x in model_like_inputs(B, T, H, N, seed=41)]
+    y, _ = wkv7_chunked_cuda(*leaves)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        y.float().sum().backward()
+    filled = [list(e.input_shapes[0]) for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like", "aten::fill_", "aten::zero_") and e.input_shapes]
+    states_shape = [B, H, math.ceil(T / CHUNK_LEN), N, N]
+    assert states_shape not in filled, f"a zero gradient was made for the saved states: {filled}"
+    assert all(x.grad is not None for x in leaves)
+
+
 def test_state_carried_across_calls_equals_one_call(emulated):
     """Chunked BPTT: two calls with the state handed over give one call's outputs (T split mid-chunk)."""
     inputs = model_like_inputs(1, 45, 2, 32, seed=31)

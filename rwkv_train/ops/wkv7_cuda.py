@@ -72,6 +72,7 @@ def _(r, lw, k, v, a, b, s0, s_final, sa, dy, ds_final):
 def _setup_context(ctx, inputs, output) -> None:
     r, lw, k, v, a, b, s0 = inputs
     _, s_final, sa = output
+    ctx.set_materialize_grads(False)  # else the unused sa output gets a zero gradient ([B, T, H, N] float32)
     ctx.save_for_backward(r, lw, k, v, a, b, s0, s_final, sa)
 
 
