@@ -52,7 +52,8 @@ class ModelConfig:
     wkv7_chunked: Literal["auto", True, False] = "auto"
     """RWKV-7 only, with a CUDA kernel: `true` runs the chunked tensor-core one (cuda/wkv7_chunked.cu; head
     sizes 32 and 64), `false` the sequential one (cuda/wkv7.cu), `auto` the chunked one where it has the
-    head size (it is the faster), else the sequential one."""
+    head size (it is the faster), else the sequential one. Per layer kept for the backward, the chunked
+    one holds head_size / 8 bytes per token and channel (every 16th state, bf16), the sequential one 4."""
 
     @property
     def n_head(self) -> int:
