@@ -327,32 +327,23 @@ __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* lef
     return clamped;
 }
 
-// acc + sum_{s = from}^{to} row[s] x[s], adding in increasing s, for a 16-byte aligned row of floats
-// read 4 at a time (one broadcast when a warp shares the row). from and to are constants once the
-// caller's loops unroll, so the bounds cost nothing.
+// acc + sum_{s = from}^{to} row[s] x[s], adding in increasing s (in decreasing s with DOWN, for the
+// recurrences that run from the last step back), for a 16-byte aligned row of floats read 4 at a time
+// (one broadcast when a warp shares the row). from and to are constants once the caller's loops
+// unroll, so the bounds cost nothing.
+template <bool DOWN = false>
 __device__ __forceinline__ float row_dot(float acc, const float* row, const float x[L], int from, int to) {
 #pragma unroll
-    for (int q = 0; q < L; q += 4) {
+    for (int qi = 0; qi < L / 4; qi++) {
+        const int q = DOWN ? L - 4 - 4 * qi : 4 * qi;
         if (q + 3 < from || q > to) continue;
         const float4 m = load4(row + q);
         const float mq[4] = {m.x, m.y, m.z, m.w};
 #pragma unroll
-        for (int e = 0; e < 4; e++)
+        for (int ei = 0; ei < 4; ei++) {
+            const int e = DOWN ? 3 - ei : ei;
             if (q + e >= from && q + e <= to) acc += mq[e] * x[q + e];
-    }
-    return acc;
-}
-
-// The same sum added in decreasing s: for recurrences that run from the last step back.
-__device__ __forceinline__ float row_dot_down(float acc, const float* row, const float x[L], int from, int to) {
-#pragma unroll
-    for (int q = L - 4; q >= 0; q -= 4) {
-        if (q + 3 < from || q > to) continue;
-        const float4 m = load4(row + q);
-        const float mq[4] = {m.x, m.y, m.z, m.w};
-#pragma unroll
-        for (int e = 3; e >= 0; e--)
-            if (q + e >= from && q + e <= to) acc += mq[e] * x[q + e];
+        }
     }
     return acc;
 }
@@ -534,7 +525,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
 #pragma unroll
             for (int t = L - 1; t >= 0; t--) {
                 const float* m = MT + t * LDM;
-                gg[t] = row_dot_down(row_dot_down(E[t * LDH + i], m + L, d, t, L - 1), m, gg, t + 1, L - 1);
+                gg[t] = row_dot<true>(row_dot<true>(E[t * LDH + i], m + L, d, t, L - 1), m, gg, t + 1, L - 1);
             }
 #pragma unroll
             for (int t = 0; t < L; t++) {

@@ -57,38 +57,22 @@ inline thread_local Block* block = nullptr;
 
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-// CUDA's 16-byte vectors; copying one checks that both addresses are 16-byte aligned, as the hardware
-// requires of a 16-byte access.
-namespace cuda_cpu {
-inline void check_aligned16(const void* a, const void* b, const char* what) {
-    if (reinterpret_cast<uintptr_t>(a) % 16 != 0 || reinterpret_cast<uintptr_t>(b) % 16 != 0) {
-        std::fprintf(stderr, "%s: ", what);
-        fail("a 16-byte access to an address that is not 16-byte aligned");
-    }
-}
-}  // namespace cuda_cpu
-
-struct alignas(16) uint4 {
-    unsigned x, y, z, w;
-    uint4() = default;
-    uint4(const uint4& o) { *this = o; }
-    uint4& operator=(const uint4& o) {
-        cuda_cpu::check_aligned16(this, &o, "uint4");
-        std::memcpy(static_cast<void*>(this), &o, sizeof(uint4));
+// CUDA's 16-byte vectors (uint4, float4): four T; copying one checks that both addresses are 16-byte
+// aligned, as the hardware requires of a 16-byte access.
+template <typename T>
+struct alignas(16) Vector16 {
+    T x, y, z, w;
+    Vector16() = default;
+    Vector16(const Vector16& o) { *this = o; }
+    Vector16& operator=(const Vector16& o) {
+        if (reinterpret_cast<uintptr_t>(this) % 16 != 0 || reinterpret_cast<uintptr_t>(&o) % 16 != 0)
+            cuda_cpu::fail("a 16-byte access (uint4, float4) to an address that is not 16-byte aligned");
+        std::memcpy(static_cast<void*>(this), &o, sizeof(Vector16));
         return *this;
     }
 };
-
-struct alignas(16) float4 {
-    float x, y, z, w;
-    float4() = default;
-    float4(const float4& o) { *this = o; }
-    float4& operator=(const float4& o) {
-        cuda_cpu::check_aligned16(this, &o, "float4");
-        std::memcpy(static_cast<void*>(this), &o, sizeof(float4));
-        return *this;
-    }
-};
+using uint4 = Vector16<unsigned>;
+using float4 = Vector16<float>;
 
 inline void __syncthreads() { cuda_cpu::block->all->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { cuda_cpu::block->warps[threadIdx.x / 32]->arrive_and_wait(); }
