@@ -644,6 +644,12 @@ using wkv7c::bf16;
 void check(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
     wkv_binding::check("wkv7_chunked", x, name, dtype, numel);
 }
+// The states (and the saved chunk states) are read and written 16 bytes at a time.
+void check_state(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
+    check(x, name, dtype, numel);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "wkv7_chunked: ", name,
+                " must start 16-byte aligned (a fresh tensor or .clone() is)");
+}
 
 const bf16* cbf(const Tensor& x) { return reinterpret_cast<const bf16*>(x.data_ptr()); }
 bf16* mbf(const Tensor& x) { return reinterpret_cast<bf16*>(x.data_ptr()); }
@@ -659,7 +665,7 @@ void check_inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const Tens
     const int64_t n = r.numel(), chunks = (r.size(1) + wkv7c::L - 1) / wkv7c::L;
     for (auto [x, name] : {std::pair{r, "r"}, {k, "k"}, {v, "v"}, {a, "a"}, {b, "b"}}) check(x, name, at::kBFloat16, n);
     check(lw, "lw", at::kFloat, n);
-    check(states, "states", at::kBFloat16, r.size(0) * r.size(2) * chunks * wkv7c::N * wkv7c::N);
+    check_state(states, "states", at::kBFloat16, r.size(0) * r.size(2) * chunks * wkv7c::N * wkv7c::N);
 }
 
 void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, Tensor y, Tensor s_final,
@@ -668,8 +674,8 @@ void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t ns = int64_t(B) * H * wkv7c::N * wkv7c::N;
     check(y, "y", at::kBFloat16, r.numel());
-    check(s0, "s0", at::kFloat, ns);
-    check(s_final, "s_final", at::kFloat, ns);
+    check_state(s0, "s0", at::kFloat, ns);
+    check_state(s_final, "s_final", at::kFloat, ns);
     if (B == 0 || H == 0) return;
     wkv7c::launch_forward(c10::cuda::getCurrentCUDAStream(), B, T, H, inputs(r, lw, k, v, a, b), s0.data_ptr<float>(),
                           mbf(y), s_final.data_ptr<float>(), mbf(states));
@@ -684,8 +690,8 @@ void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tenso
     for (auto [x, name] : {std::pair{dy, "dy"}, {dr, "dr"}, {dk, "dk"}, {dv, "dv"}, {da, "da"}, {db, "db"}})
         check(x, name, at::kBFloat16, n);
     check(dlw, "dlw", at::kFloat, n);
-    check(ds_final, "ds_final", at::kFloat, ns);
-    check(ds0, "ds0", at::kFloat, ns);
+    check_state(ds_final, "ds_final", at::kFloat, ns);
+    check_state(ds0, "ds0", at::kFloat, ns);
     if (B == 0 || H == 0) return;
     const wkv7c::Grads out{mbf(dr), mbf(dk), mbf(dv), mbf(da), mbf(db), dlw.data_ptr<float>()};
     wkv7c::launch_backward(c10::cuda::getCurrentCUDAStream(), B, T, H, inputs(r, lw, k, v, a, b), cbf(dy),

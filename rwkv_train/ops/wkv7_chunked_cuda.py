@@ -31,6 +31,12 @@ def _n_chunks(T: int) -> int:  # T may be a symbolic size under torch.compile
     return (T + CHUNK_LEN - 1) // CHUNK_LEN
 
 
+def _aligned(x: Tensor) -> Tensor:
+    """x, or a copy where it does not start 16-byte aligned: the kernel moves states 16 bytes at a time
+    (a contiguous view can start anywhere, e.g. a slice of a flat buffer)."""
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 @torch.library.custom_op("rwkv_train::wkv7_chunked_forward", mutates_args=())
 def wkv7_chunked_forward(
     r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor
@@ -41,7 +47,7 @@ def wkv7_chunked_forward(
     y = kernels.new_output(r.shape, torch.bfloat16, r.device)
     s_final = kernels.new_output(s0.shape, torch.float32, r.device)
     states = kernels.new_output((B, H, _n_chunks(T), N, N), torch.bfloat16, r.device)
-    module.forward(r, lw, k, v, a, b, s0, y, s_final, states)
+    module.forward(r, lw, k, v, a, b, _aligned(s0), y, s_final, states)
     return y, s_final, states
 
 
@@ -58,7 +64,7 @@ def wkv7_chunked_backward(
     """Returns the gradients of (r, lw, k, v, a, b, s0)."""
     module = kernels.load("v7-chunked", r.shape[-1])
     dr, dlw, dk, dv, da, db, ds0 = new_gradients(r, ds_final.shape)
-    module.backward(r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0)
+    module.backward(r, lw, k, v, a, b, states, dy, _aligned(ds_final), dr, dlw, dk, dv, da, db, ds0)
     return dr, dlw, dk, dv, da, db, ds0
 
 
