@@ -120,3 +120,25 @@ def test_wrapper_matches_reference_outputs_and_gradients(stand_in, T, pp0_on_top
     for name, out, ref in zip(names, outs + grads, ref_outs + ref_grads):
         err = ((out - ref).norm() / ref.norm()).item()
         assert err < 1e-2, f"{name}: relative error {err:.2e} against autograd of wkv4_recurrent"
+
+
+def test_y_alone_and_no_zero_filled_gradient_for_the_checkpoints(stand_in):
+    """A loss of y alone: the unused final state's gradients arrive as None and the wrapper makes them,
+    and autograd zero-fills nothing for the checkpoints, which are saved for the backward only."""
+    T = 40
+    inputs = _inputs(T, pp0_on_top=False, seed=3)
+    cotangent = torch.randn(B, T, C, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grads = []
+    for fn in (wkv4_cuda, wkv4_recurrent):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        y, _ = fn(*leaves[:4], tuple(leaves[4:]))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            torch.autograd.backward(y, cotangent.to(y.dtype))
+        grads.append([x.grad.double() for x in leaves])
+        if fn is wkv4_cuda:
+            filled = [list(e.input_shapes[0]) for e in prof.events()
+                      if e.name in ("aten::zeros", "aten::zeros_like", "aten::fill_", "aten::zero_") and e.input_shapes]
+            assert [B, math.ceil(T / CHECKPOINT_EVERY), 3, C] not in filled, filled
+    for name, got, want in zip(["dw", "du", "dk", "dv", "daa0", "dbb0", "dpp0"], *grads):
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-2, f"{name}: relative error {err:.2e}"

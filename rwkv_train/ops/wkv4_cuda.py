@@ -87,11 +87,12 @@ def _setup_context(ctx, inputs, output) -> None:
     _, aa, bb, _, arg, checkpoints = output
     ctx.save_for_backward(w, u, k, v, aa0, bb0, aa, bb, arg, checkpoints)
     ctx.mark_non_differentiable(arg, checkpoints)
+    ctx.set_materialize_grads(False)  # else autograd zero-fills the checkpoints' gradient ([B, T/16, 3, C]) each step
 
 
 def _backward(ctx, gy: Tensor, g_aa: Tensor, g_bb: Tensor, g_pp: Tensor, _g_arg: Tensor, _g_checkpoints: Tensor):
     w, u, k, v, aa0, bb0, aa, bb, arg, checkpoints = ctx.saved_tensors
-    # autograd hands over zeros for unused outputs; an expanded (stride-0) gradient needs a real copy
+    # unused outputs' gradients come as None; an expanded (stride-0) gradient needs a real copy
     gy = torch.zeros_like(k) if gy is None else gy.to(torch.bfloat16).contiguous()
     g_aa = torch.zeros_like(aa) if g_aa is None else g_aa.float().contiguous()
     g_bb = torch.zeros_like(bb) if g_bb is None else g_bb.float().contiguous()
