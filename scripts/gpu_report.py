@@ -3,6 +3,7 @@
     python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
     python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, profile, kernels, train, train-chunked, train-compiled)
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
+    python scripts/gpu_report.py --generations v7-chunked --skip kernels train   # one kernel, a few minutes
 
 Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
   build      scripts/build_kernels.py: every kernel built once, in parallel
@@ -13,6 +14,9 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   train      scripts/bench_train.py (tokens/s, memory, MFU of the RWKV-7 presets)
   train-chunked  the same with the chunked WKV-7 kernel (--kernel cuda-chunked)
   train-compiled the same with the chunked kernel and compiled blocks (--compile blocks, train.compile)
+--generations narrows the builds, tests, sanitizer, profile and kernel benchmark to those kernels
+(v7-chunked is the chunked RWKV-7 kernel; the kernel benchmark times both RWKV-7 kernels for either),
+and keeps a training step only where its kernel is chosen (train: v7; the others: v7-chunked).
 The summary (step, result, the line that says how it went, seconds) is printed and written to
 --out/gpu_report.md with the benchmarks' tables after it. Exits 1 if any step failed.
 """
@@ -37,6 +41,11 @@ except ImportError:  # run from a checkout without installing the package
 from rwkv_train.ops import kernels
 
 STEPS = ("build", "tests", "sanitizer", "profile", "kernels", "train", "train-chunked", "train-compiled")
+GENERATIONS = ("v4", "v5", "v6", "v7", "v7-chunked")
+# pytest -k expressions that pick one kernel's tests out of tests/test_kernels_cuda.py by their ids
+# (v7-h64, v7-chunked-h64, [sequential] / [chunked] for the model step)
+TEST_FILTER = {"v4": "v4", "v5": "v5", "v6": "v6", "v7": "(v7 and not chunked) or sequential", "v7-chunked": "chunked"}
+TRAIN_KERNEL = {"train": "v7", "train-chunked": "v7-chunked", "train-compiled": "v7-chunked"}
 
 
 @dataclass
@@ -56,16 +65,27 @@ class Outcome:
     seconds: float
 
 
-def plan(out: Path, jobs: int) -> list[Step]:
+def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Step]:
+    """The steps, narrowed to `generations` (None: every kernel)."""
     py = sys.executable
-    return [
-        Step("build", [py, "scripts/build_kernels.py", "--jobs", str(jobs)], 900, r"(built|failed|ok)"),
-        Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py"], 900,
+    chosen = list(generations or GENERATIONS)
+    narrow = generations is not None
+    build, tests, sanitize, bench = [], [], [], []
+    if narrow:
+        build = ["--generations", *chosen]
+        tests = ["-k", " or ".join(f"({TEST_FILTER[g]})" for g in chosen)]
+        sanitize = chosen
+        bench = ["--generations", *dict.fromkeys(g.removesuffix("-chunked") for g in chosen)]
+    profiled = chosen if narrow else ["v7", "v7-chunked"]
+    steps = [
+        Step("build", [py, "scripts/build_kernels.py", "--jobs", str(jobs), *build], 900, r"(built|failed|ok)"),
+        Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py", *tests], 900,
              r"\d+ (passed|failed|error)"),
         Step("sanitizer", [kernels.cuda_tool("compute-sanitizer") or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", py,
-                           "scripts/sanitize_kernels.py"], 900, r"ERROR SUMMARY"),
-        Step("profile", [py, "scripts/profile_kernels.py", "--generations", "v7", "v7-chunked"], 600, r"^v7-chunked "),
-        Step("kernels", [py, "scripts/bench_kernels.py", "--out", str(out / "kernels")], 1800, r"done after",
+                           "scripts/sanitize_kernels.py", *sanitize], 900, r"ERROR SUMMARY"),
+        Step("profile", [py, "scripts/profile_kernels.py", "--generations", *profiled], 600,
+             rf"^{profiled[-1]} +forward \+ backward"),
+        Step("kernels", [py, "scripts/bench_kernels.py", "--out", str(out / "kernels"), *bench], 1800, r"done after",
              out / "kernels" / "bench_kernels.md"),
         Step("train", [py, "scripts/bench_train.py", "--out", str(out / "train")], 1800, r"written:|error",
              out / "train" / "bench_train.md"),
@@ -75,12 +95,15 @@ def plan(out: Path, jobs: int) -> list[Step]:
                                 "--out", str(out / "train-compiled")],
              1800, r"written:|error", out / "train-compiled" / "bench_train.md"),
     ]
+    return [s for s in steps if s.name not in TRAIN_KERNEL or TRAIN_KERNEL[s.name] in chosen]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip", nargs="+", default=[], choices=STEPS, metavar="STEP",
                    help=f"steps to leave out: {', '.join(STEPS)}")
+    p.add_argument("--generations", nargs="+", choices=GENERATIONS, metavar="KERNEL",
+                   help=f"only these kernels: {', '.join(GENERATIONS)} (default: all)")
     p.add_argument("--jobs", type=int, default=4, help="kernel builds at once in the build step (default 4)")
     p.add_argument("--out", type=Path, default=REPO / "out" / "gpu_report", help="folder for the logs and the report")
     p.add_argument("--plan", action="store_true", help="print the steps' commands and exit; no GPU needed")
@@ -125,7 +148,7 @@ def report(outcomes: list[Outcome]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    steps = [s for s in plan(args.out, args.jobs) if s.name not in args.skip]
+    steps = [s for s in plan(args.out, args.jobs, args.generations) if s.name not in args.skip]
     if args.plan:
         for s in steps:
             print(f"{s.name:<{max(map(len, STEPS))}} (limit {s.timeout_s} s)  {' '.join(s.command)}")

@@ -56,3 +56,31 @@ def test_a_step_is_summed_up_by_its_verdict_line_and_logged(tmp_path):
 
     table = gpu_report.report([ok, failed])
     assert table.splitlines()[1].split()[:2] == ["probe", "ok"] and table.splitlines()[2].split()[:2] == ["probe", "FAILED"]
+
+
+def test_generations_narrow_every_step_and_drop_the_training_runs_of_other_kernels():
+    result = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v7-chunked")
+    assert result.returncode == 0, result.stderr
+    steps = {line.split()[0]: line for line in result.stdout.strip().splitlines()}
+    assert list(steps) == ["build", "tests", "sanitizer", "profile", "kernels", "train-chunked", "train-compiled"]
+    assert steps["build"].endswith("--generations v7-chunked") and steps["tests"].endswith("-k (chunked)")
+    assert steps["sanitizer"].endswith("sanitize_kernels.py v7-chunked")
+    assert steps["kernels"].endswith("--generations v7")  # the kernel benchmark's v7 row times both kernels
+    bad = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v8")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def _collected(*args: str) -> set[str]:
+    result = run_cli("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py", *args)
+    return {line for line in result.stdout.splitlines() if "::" in line}
+
+
+def test_the_per_kernel_test_filters_split_the_gpu_tests_exactly():
+    """Each GPU test belongs to exactly one kernel's -k filter (but the sanitizer's, which runs them all),
+    so --generations neither skips nor repeats one. A new test whose id names no kernel fails here."""
+    everything = _collected()
+    parts = {g: _collected("-k", gpu_report.TEST_FILTER[g]) for g in gpu_report.GENERATIONS}
+    assert all(parts.values())
+    assert sum(len(p) for p in parts.values()) == len(set().union(*parts.values())), "a test in two filters"
+    left = everything - set().union(*parts.values())
+    assert {t.split("::")[1] for t in left} == {"test_kernels_pass_compute_sanitizer_memcheck"}
