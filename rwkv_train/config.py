@@ -145,8 +145,11 @@ class TrainConfig:
     """DeepSpeed ZeRO stage (1, 2 or 3) when strategy is deepspeed."""
     offload: Offload = "none"
     """DeepSpeed offload: none, optimizer (ZeRO-2/3), or all (optimizer and parameters, ZeRO-3)."""
-    grad_cp: bool = False
-    """Gradient checkpointing per block: less memory, about 30% more compute."""
+    grad_cp: Literal[False, True, "selective"] = False
+    """Gradient checkpointing per block. true: the block's forward is recomputed in the backward (least
+    memory, about 30% more compute); selective: the matrix products' outputs are kept and only the rest
+    (elementwise work, norms, the WKV) is recomputed (memory between the two, no second pass of the
+    products)."""
     compile: bool = False
     """torch.compile each block (grad_cp included): fused elementwise work, faster steps on a GPU; the
     first step compiles for a minute or more."""

@@ -58,7 +58,7 @@ class Result:
     params: int
     micro_batch: int | None  # None: not even 1 fits
     ctx_len: int
-    grad_cp: bool
+    grad_cp: bool | str
     kernel: str
     weights: str
     compiled: str
@@ -82,8 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel", choices=("cuda", "cuda-chunked", "torch"), default="cuda",
                    help="WKV backend (model.kernel); for RWKV-7, cuda is the sequential kernel (model.wkv7_chunked=false) "
                         "and cuda-chunked the chunked one (model.kernel=cuda, model.wkv7_chunked=true)")
-    p.add_argument("--grad-cp", choices=("on", "off"), default=None,
-                   help="gradient checkpointing per block (default: each config's train.grad_cp)")
+    p.add_argument("--grad-cp", choices=("on", "off", "selective"), default=None,
+                   help="gradient checkpointing per block: on, off, or selective (keep the matrix products' "
+                        "outputs, recompute the rest); default: each config's train.grad_cp")
     p.add_argument("--weights", choices=("bf16", "fp32"), default="bf16",
                    help="bf16: bf16 model with float32 master weights (DeepSpeed bf16, the presets' strategy); "
                         "fp32: float32 weights under bf16 autocast (Lightning bf16-mixed). Default bf16")
@@ -188,7 +189,7 @@ def load_bench_config(path: str, ctx_len: int, kernel: str, grad_cp: str | None)
     if kernel.startswith("cuda"):  # name the RWKV-7 kernel rather than take the config's choice
         overrides.append(f"model.wkv7_chunked={'true' if kernel == 'cuda-chunked' else 'false'}")
     if grad_cp is not None:
-        overrides.append(f"train.grad_cp={'true' if grad_cp == 'on' else 'false'}")
+        overrides.append("train.grad_cp=" + {"on": "true", "off": "false"}.get(grad_cp, grad_cp))
     return load_config(resolve(path), overrides)
 
 
@@ -247,7 +248,7 @@ def table_rows(results: list[Result]) -> list[tuple[str, ...]]:
             f"{r.params / 1e9:.2f}B" if r.params >= 1e9 else f"{r.params / 1e6:.1f}M",
             str(r.micro_batch) if r.micro_batch else "OOM",
             str(r.ctx_len),
-            "on" if r.grad_cp else "off",
+            {True: "on", False: "off"}.get(r.grad_cp, r.grad_cp),
             f"{r.tokens_per_s:,.0f}" if ran else "-",
             f"{r.peak_mem_gib:.1f}" if ran else "-",
             f"{100 * r.mfu:.1f}" if r.mfu is not None else "-",

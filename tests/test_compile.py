@@ -23,7 +23,7 @@ def loss_and_grads(model, idx, targets):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("version,grad_cp", [("v4", True), ("v5", True), ("v6", True), ("v7", True), ("v7", False)])
+@pytest.mark.parametrize("version,grad_cp", [("v4", True), ("v5", True), ("v6", True), ("v7", True), ("v7", False), ("v7", "selective")])
 def test_compiled_blocks_match_eager_with_one_graph_for_later_layers(version, grad_cp):
     cfg = ModelConfig(version=version, n_layer=4, n_embd=64, head_size=16, vocab_size=97, kernel="torch")
     eager = build_model(cfg)

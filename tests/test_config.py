@@ -86,6 +86,13 @@ def test_wkv7_chunked_takes_auto_true_or_false_only():
             from_dict(minimal(model={"wkv7_chunked": bad}))
 
 
+def test_grad_cp_takes_false_true_or_selective():
+    assert from_dict(minimal(train={"grad_cp": "selective"})).train.grad_cp == "selective"
+    assert load_config_overrides(["train.grad_cp=true"]).train.grad_cp is True
+    with pytest.raises(ConfigError, match=r"train.grad_cp='partial': expected one of false, true, selective"):
+        from_dict(minimal(train={"grad_cp": "partial"}))
+
+
 def load_config_overrides(overrides: list[str]) -> Config:
     raw = minimal()
     for section, values in parse_overrides(overrides).items():

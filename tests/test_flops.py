@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import csv
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from rwkv_train import flops
 from rwkv_train.config import ModelConfig, load_config
 from rwkv_train.models import build_model
 from rwkv_train.trainer import run
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import REPO, run_cli, tiny_config
 
 VERSIONS = ("v4", "v5", "v6", "v7")
 
@@ -144,3 +147,16 @@ def test_bench_train_says_it_needs_a_gpu(tmp_path):
     assert result.returncode == 1
     assert "needs a CUDA device" in result.stderr
     assert not (tmp_path / "bench").exists()
+
+
+def test_bench_train_settings_become_the_config_training_would_load():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = bench_train  # its dataclasses look their module up there
+    spec.loader.exec_module(bench_train)
+    cfg = bench_train.load_bench_config("configs/rwkv7-0.1b.yaml", 512, "cuda", "selective")
+    assert (cfg.model.kernel, cfg.model.wkv7_chunked, cfg.train.grad_cp, cfg.data.ctx_len) == ("cuda", False, "selective", 512)
+    cfg = bench_train.load_bench_config("configs/rwkv7-0.1b.yaml", 4096, "cuda-chunked", "on")
+    assert (cfg.model.kernel, cfg.model.wkv7_chunked, cfg.train.grad_cp) == ("cuda", True, True)
+    cfg = bench_train.load_bench_config("configs/rwkv7-0.1b.yaml", 4096, "torch", None)
+    assert (cfg.model.kernel, cfg.model.wkv7_chunked, cfg.train.grad_cp) == ("torch", "auto", False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -153,7 +154,7 @@ class RWKVModel(nn.Module):
         self.blocks = nn.ModuleList(block_cls(dims, i) for i in range(dims.n_layer))
         self.ln_out = nn.LayerNorm(dims.n_embd)
         self.head = Head(dims.n_embd, dims.vocab_size, bias=False)
-        self.grad_cp = False  # gradient checkpointing per block, set by the trainer
+        self.grad_cp: bool | str = False  # gradient checkpointing per block (TrainConfig.grad_cp), set by the trainer
         self.set_kernel("auto")
 
     def set_kernel(self, kernel: str, wkv7_chunked: bool | str = "auto") -> None:
@@ -218,7 +219,21 @@ class RWKVModel(nn.Module):
         self.run_block = compile_fn(type(self).run_block.__get__(self), backend)
 
     def run_block(self, block: nn.Module, *args):
-        """block(*args), recomputed in backward instead of stored when gradient checkpointing is on."""
+        """block(*args), recomputed in backward instead of stored when gradient checkpointing is on
+        (grad_cp True), or all of it but the matrix products (grad_cp "selective")."""
         if self.grad_cp and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            context = _keep_products if self.grad_cp == "selective" else torch.utils.checkpoint.noop_context_fn
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, context_fn=context)
         return block(*args)
+
+
+# The matrix products: what "selective" checkpointing keeps (the rest of a block is cheap to recompute).
+PRODUCTS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default})
+
+
+def _products_policy(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy:
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    return policy.MUST_SAVE if op in PRODUCTS else policy.PREFER_RECOMPUTE
+
+
+_keep_products = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, _products_policy)
