@@ -222,8 +222,9 @@ class RWKVModel(nn.Module):
         """block(*args), recomputed in backward instead of stored when gradient checkpointing is on
         (grad_cp True), or all of it but the matrix products (grad_cp "selective")."""
         if self.grad_cp and self.training and torch.is_grad_enabled():
-            context = _keep_products if self.grad_cp == "selective" else torch.utils.checkpoint.noop_context_fn
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, context_fn=context)
+            if self.grad_cp == "selective":
+                return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, context_fn=_keep_products)
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
 
