@@ -41,7 +41,7 @@ except ImportError:  # run from a checkout without installing the package
 from rwkv_train.ops import kernels
 
 STEPS = ("build", "tests", "sanitizer", "profile", "kernels", "train", "train-chunked", "train-compiled")
-GENERATIONS = ("v4", "v5", "v6", "v7", "v7-chunked")
+GENERATIONS = tuple(kernels.SOURCES)  # v4, v5, v6, v7, v7-chunked
 # pytest -k expressions that pick one kernel's tests out of tests/test_kernels_cuda.py by their ids
 # (v7-h64, v7-chunked-h64, [sequential] / [chunked] for the model step)
 TEST_FILTER = {"v4": "v4", "v5": "v5", "v6": "v6", "v7": "(v7 and not chunked) or sequential", "v7-chunked": "chunked"}

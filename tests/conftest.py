@@ -62,6 +62,14 @@ def tiny_config(tmp_path: Path, corpus: Path, **sections) -> Path:
     return path
 
 
+def zero_filled_shapes(backward) -> list[list[int]]:
+    """The shapes of the tensors zero-filled (zeros, zeros_like, fill_, zero_) while backward() runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        backward()
+    fills = ("aten::zeros", "aten::zeros_like", "aten::fill_", "aten::zero_")
+    return [list(e.input_shapes[0]) for e in prof.events() if e.name in fills and e.input_shapes]
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a project script (path relative to the repo) with this interpreter; capture its output."""
     full_env = {**os.environ, **(env or {})}

@@ -21,6 +21,7 @@ from rwkv_train.ops import kernels
 from rwkv_train.ops.wkv7 import wkv7_recurrent
 from rwkv_train.ops.wkv7_chunked_cuda import CHUNK_LEN, LOG_DECAY_MIN, wkv7_chunked_cuda
 from tests import cuda_on_cpu
+from tests.conftest import zero_filled_shapes
 from tests.test_wkv7_chunked_emulated import TOL, model_like_inputs, rel_error
 
 pytestmark = pytest.mark.skipif(cuda_on_cpu.compiler_problem() is not None, reason=str(cuda_on_cpu.compiler_problem()))
@@ -83,9 +84,7 @@ def test_backward_fills_no_gradient_for_the_saved_states(emulated):
     B, T, H, N = 1, 40, 2, 32
     leaves = [x.clone().requires_grad_() for x in model_like_inputs(B, T, H, N, seed=41)]
     y, _ = wkv7_chunked_cuda(*leaves)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        y.float().sum().backward()
-    filled = [list(e.input_shapes[0]) for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like", "aten::fill_", "aten::zero_") and e.input_shapes]
+    filled = zero_filled_shapes(lambda: y.float().sum().backward())
     states_shape = [B, H, math.ceil(T / CHUNK_LEN), N, N]
     assert states_shape not in filled, f"a zero gradient was made for the saved states: {filled}"
     assert all(x.grad is not None for x in leaves)
