@@ -20,6 +20,14 @@
 // (step, channel) per thread. The split around c_ref keeps every factor within
 // e^(|c_L| / 2); per-step log-decays below LW_MIN are taken as LW_MIN (see wkv7_chunked_cuda.py).
 //
+// Split heads. The state's value rows evolve independently (row i of S' needs row i of S, v_i and
+// the key-side vectors), so a head's N value rows can be dealt out to SPLIT blocks, N / SPLIT each:
+// more blocks when B * H alone would leave multiprocessors idle (B = 1 at long T). Each block
+// builds the key-side factors and M itself. In the backward the key-side gradients (d left, d right,
+// d ends, d hat, Z) are sums over value rows; the SPLIT blocks run as one thread block cluster,
+// each adding the others' partial sums for its N / SPLIT key channels through distributed shared
+// memory and writing those channels' input gradients. SPLIT = 1 is one block per head, no cluster.
+//
 // Backward per chunk, last chunk first, with dS the gradient of the chunk's end state:
 //     dX_t  = (ends_b dS^T)[t] + sum_{s>=t} M_rb[s,t] dy_s
 //     g_t   = dX_t + sum_{s>t} M_ab[s,t] g_s                                (g = d(rhs of the x system))
@@ -37,6 +45,7 @@
 #include "wkv_binding.cuh"
 #endif
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <mma.h>
 #include <cstdint>
@@ -49,6 +58,19 @@
 #ifndef WKV_LAUNCH  // the CUDA spellings; tests/cuda_cpu/cuda_cpu.h defines CPU ones
 #define WKV_LAUNCH(kernel, grid, threads, smem, stream, ...) kernel<<<grid, threads, smem, stream>>>(__VA_ARGS__)
 #define WKV_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+// A launch in clusters of `cluster` consecutive blocks along x.
+#define WKV_LAUNCH_CLUSTER(kernel, grid, threads, smem, stream, cluster, ...)                 \
+    do {                                                                                      \
+        cudaLaunchConfig_t config_ = {};                                                      \
+        config_.gridDim = grid, config_.blockDim = dim3(threads);                             \
+        config_.dynamicSmemBytes = smem, config_.stream = stream;                             \
+        cudaLaunchAttribute attribute_[1];                                                    \
+        attribute_[0].id = cudaLaunchAttributeClusterDimension;                               \
+        attribute_[0].val.clusterDim.x = cluster;                                             \
+        attribute_[0].val.clusterDim.y = 1, attribute_[0].val.clusterDim.z = 1;               \
+        config_.attrs = attribute_, config_.numAttrs = 1;                                     \
+        cudaLaunchKernelEx(&config_, kernel, __VA_ARGS__);                                    \
+    } while (0)
 #define WKV_ALLOW_SMEM(kernel, bytes)                                                         \
     (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),   \
      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared)))
@@ -60,6 +82,7 @@ namespace wkv7c {
 
 using bf16 = __nv_bfloat16;
 namespace wmma = nvcuda::wmma;
+namespace cg = cooperative_groups;
 using row = wmma::row_major;
 using col = wmma::col_major;
 
@@ -72,6 +95,12 @@ constexpr float LW_MIN = -5.f;  // per-step log-decay floor: factors stay within
 constexpr int LDH = N + 8;      // leading dimension of [rows][N] tiles (bf16 and float): 16-byte multiples
 constexpr int LDM = L2 + 8;     // ... of the [2L][2L] tiles
 static_assert(N % 16 == 0 && N >= 32 && N <= 64, "the chunked kernel is built for head sizes 32 and 64");
+
+// How many blocks a head's value rows may be split over: N / SPLIT rows each, a whole number of
+// 16-row tiles (so 1 and 2 at N = 32, 1, 2 and 4 at N = 64).
+__host__ __device__ constexpr bool valid_split(int split) {
+    return split >= 1 && split <= 4 && N % split == 0 && (N / split) % 16 == 0;
+}
 
 __host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
@@ -184,76 +213,95 @@ struct Inputs {
     const float* lw;
 };
 
-// The N x N float32 state (or its gradient) in shared memory, row-major with leading dimension LDH,
-// with a bf16 copy for the products. The helpers deal it out in 16-byte pieces of 4 columns: a
-// thread's i-th piece is row tid / QROW + i * (THREADS / QROW), columns 4 (tid % QROW) .. + 3, so a
-// thread keeps the same columns (one decay per column) and its global pieces are contiguous.
-constexpr int QROW = N / 4;                      // 4-float pieces per row
-constexpr int QUADS = N * N / (4 * THREADS);     // pieces per thread
-static_assert(THREADS % QROW == 0 && N * N % (4 * THREADS) == 0 && LDH % 4 == 0, "whole aligned pieces");
-__device__ __forceinline__ int quad_at(int i) {  // the piece's offset in a [N][LDH] tile
+// A block's ROWS value rows of the float32 state (or its gradient), N columns, in shared memory:
+// row-major with leading dimension LDH, with a bf16 copy for the products. The helpers deal them
+// out in 16-byte pieces of 4 columns: a thread's i-th piece is row tid / QROW + i * (THREADS /
+// QROW), columns 4 (tid % QROW) .. + 3, so a thread keeps the same columns (one decay per column)
+// and its global pieces are contiguous (the rows are consecutive rows of the [N][N] state).
+constexpr int QROW = N / 4;  // 4-float pieces per row
+template <int ROWS>
+constexpr int QUADS = ROWS * N / (4 * THREADS);  // pieces per thread
+static_assert(THREADS % QROW == 0 && 16 * N % (4 * THREADS) == 0 && LDH % 4 == 0, "whole aligned pieces");
+__device__ __forceinline__ int quad_at(int i) {  // the piece's offset in a [rows][LDH] tile
     return (threadIdx.x / QROW + i * (THREADS / QROW)) * LDH + threadIdx.x % QROW * 4;
 }
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ void store4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
+__device__ __forceinline__ float4 add4(float4 a, float4 b) {
+    a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+    return a;
+}
 __device__ __forceinline__ void store_bf16x4(bf16* p, float4 x) {  // 8-byte aligned p
     __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(p);
     q[0] = __floats2bfloat162_rn(x.x, x.y), q[1] = __floats2bfloat162_rn(x.z, x.w);
 }
+template <int ROWS>
 __device__ __forceinline__ void load_state(const float* src, float* f, bf16* h) {  // src 16-byte aligned
-    float4 q[QUADS];
+    float4 q[QUADS<ROWS>];
 #pragma unroll
-    for (int i = 0; i < QUADS; i++) q[i] = load4(src + (threadIdx.x + i * THREADS) * 4);
+    for (int i = 0; i < QUADS<ROWS>; i++) q[i] = load4(src + (threadIdx.x + i * THREADS) * 4);
 #pragma unroll
-    for (int i = 0; i < QUADS; i++) store4(f + quad_at(i), q[i]), store_bf16x4(h + quad_at(i), q[i]);
+    for (int i = 0; i < QUADS<ROWS>; i++) store4(f + quad_at(i), q[i]), store_bf16x4(h + quad_at(i), q[i]);
 }
+template <int ROWS>
 __device__ __forceinline__ void store_state(const float* f, float* dst) {
 #pragma unroll
-    for (int i = 0; i < QUADS; i++) store4(dst + (threadIdx.x + i * THREADS) * 4, load4(f + quad_at(i)));
+    for (int i = 0; i < QUADS<ROWS>; i++) store4(dst + (threadIdx.x + i * THREADS) * 4, load4(f + quad_at(i)));
 }
+template <int ROWS>
 __device__ __forceinline__ void round_state(const float* f, bf16* h) {
 #pragma unroll
-    for (int i = 0; i < QUADS; i++) store_bf16x4(h + quad_at(i), load4(f + quad_at(i)));
+    for (int i = 0; i < QUADS<ROWS>; i++) store_bf16x4(h + quad_at(i), load4(f + quad_at(i)));
 }
+template <int ROWS>
 __device__ __forceinline__ void scale_columns(float* f, const float* decay) {  // f[:, j] *= decay[j]
     const float4 d = load4(decay + threadIdx.x % QROW * 4);
 #pragma unroll
-    for (int i = 0; i < QUADS; i++) {
+    for (int i = 0; i < QUADS<ROWS>; i++) {
         float4 x = load4(f + quad_at(i));
         x.x *= d.x, x.y *= d.y, x.z *= d.z, x.w *= d.w;
         store4(f + quad_at(i), x);
     }
 }
-// A chunk-start state saved in global memory ([N][N] bf16) to and from Sh, 16 bytes per access; a
-// thread's loads are all issued before its stores.
-constexpr int VEC = 8;                                 // bf16 per 16-byte access
-constexpr int STATE_VECS = N * N / (THREADS * VEC);    // 16-byte pieces of a state per thread
-static_assert(N * N % (THREADS * VEC) == 0 && LDH % VEC == 0, "whole 16-byte pieces, aligned in Sh");
+// A block's rows of a chunk-start state saved in global memory ([N][N] bf16), to and from Sh, 16
+// bytes per access; a thread's loads are all issued before its stores. With few rows (16 at N = 32)
+// there are fewer pieces than threads, and the rest sit out.
+constexpr int VEC = 8;  // bf16 per 16-byte access
+template <int ROWS>
+constexpr int STATE_VECS = (ROWS * N / VEC + THREADS - 1) / THREADS;  // 16-byte pieces per thread
+static_assert(N % VEC == 0 && LDH % VEC == 0, "whole 16-byte pieces, aligned in Sh");
+__device__ __forceinline__ bool has_piece(int rows, int i) { return (threadIdx.x + i * THREADS) * VEC < rows * N; }
+template <int ROWS>
 struct SavedState {
-    uint4 piece[STATE_VECS];
+    uint4 piece[STATE_VECS<ROWS>];
 };
-__device__ __forceinline__ void load_saved(const bf16* src, SavedState& s) {
+template <int ROWS>
+__device__ __forceinline__ void load_saved(const bf16* src, SavedState<ROWS>& s) {
 #pragma unroll
-    for (int i = 0; i < STATE_VECS; i++)
-        s.piece[i] = *reinterpret_cast<const uint4*>(src + (threadIdx.x + i * THREADS) * VEC);
+    for (int i = 0; i < STATE_VECS<ROWS>; i++)
+        if (has_piece(ROWS, i)) s.piece[i] = *reinterpret_cast<const uint4*>(src + (threadIdx.x + i * THREADS) * VEC);
 }
-__device__ __forceinline__ void store_saved(const SavedState& s, bf16* Sh) {
+template <int ROWS>
+__device__ __forceinline__ void store_saved(const SavedState<ROWS>& s, bf16* Sh) {
 #pragma unroll
-    for (int i = 0; i < STATE_VECS; i++) {
+    for (int i = 0; i < STATE_VECS<ROWS>; i++) {
         const int e = (threadIdx.x + i * THREADS) * VEC;
-        *reinterpret_cast<uint4*>(Sh + e / N * LDH + e % N) = s.piece[i];
+        if (has_piece(ROWS, i)) *reinterpret_cast<uint4*>(Sh + e / N * LDH + e % N) = s.piece[i];
     }
 }
+template <int ROWS>
 __device__ __forceinline__ void save_state(const bf16* Sh, bf16* dst) {
 #pragma unroll
-    for (int i = 0; i < STATE_VECS; i++) {
+    for (int i = 0; i < STATE_VECS<ROWS>; i++) {
         const int e = (threadIdx.x + i * THREADS) * VEC;
-        *reinterpret_cast<uint4*>(dst + e) = *reinterpret_cast<const uint4*>(Sh + e / N * LDH + e % N);
+        if (has_piece(ROWS, i))
+            *reinterpret_cast<uint4*>(dst + e) = *reinterpret_cast<const uint4*>(Sh + e / N * LDH + e % N);
     }
 }
 
 // A chunk's inputs as one thread uses them: every step's log-decay of its channel n = tid % N, and
-// a, r, b, k, v of the PER consecutive steps t = tid / N * PER + j of that channel. A chunk's loads
+// a, r, b, k of the PER consecutive steps t = tid / N * PER + j of that channel, and v of the same
+// steps of value channel v0 + n where n < VALUES (the block's value rows). A chunk's loads
 // are its longest wait, so each thread issues all of its loads before it uses any (one memory
 // latency per chunk instead of one per step), and keeps them as loaded, unconverted: nothing waits
 // for them until chunk_factors, so the backward can load the next chunk while it works on this one.
@@ -266,26 +314,31 @@ struct ChunkLoads {
     bf16 a[PER], r[PER], b[PER], k[PER], v[PER];  // 0 past the end
 };
 
-__device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& rows, int t0, int steps, ChunkLoads& x) {
+template <int VALUES>
+__device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& rows, int t0, int steps, int v0,
+                                           ChunkLoads& x) {
     const int n = threadIdx.x % N, first = threadIdx.x / N * PER;
     const float* lw = in.lw + rows.at(t0, n);
 #pragma unroll
     for (int t = 0; t < L; t++, lw += rows.stride) x.lw[t] = t < steps ? *lw : 0.f;
     const int64_t at = rows.at(t0 + first, n);
-    const bf16 *a = in.a + at, *r = in.r + at, *b = in.b + at, *k = in.k + at, *v = in.v + at, zero = to_bf16(0.f);
+    const bf16 *a = in.a + at, *r = in.r + at, *b = in.b + at, *k = in.k + at, *v = in.v + at + v0, zero = to_bf16(0.f);
+    const bool value = VALUES == N || n < VALUES;
 #pragma unroll
     for (int j = 0; j < PER; j++) {
         const bool live = first + j < steps;
         const int64_t o = j * rows.stride;
         x.a[j] = live ? a[o] : zero, x.r[j] = live ? r[o] : zero, x.b[j] = live ? b[o] : zero;
-        x.k[j] = live ? k[o] : zero, x.v[j] = live ? v[o] : zero;
+        x.k[j] = live ? k[o] : zero, x.v[j] = live && value ? v[o] : zero;
     }
 }
 
-// Builds one chunk's factor tiles from its inputs (left, right, hat, ends; V into rows L.. of xv),
+// Builds one chunk's factor tiles from its inputs (left, right, hat, ends; the block's VALUES columns
+// of V into rows L.. of xv),
 // decay[n] = e^(c_L), and where cum is given, c_t into cum [L][N]. Each thread its own (step,
 // channel) pairs; no synchronisation inside. Returns the thread's channel's clamped steps (bit t:
 // step t's log-decay was below LW_MIN and was taken as LW_MIN, so its gradient is 0).
+template <int VALUES>
 __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* left, bf16* right, bf16* hat, bf16* ends,
                                                   bf16* xv, float* decay, float* cum) {
     const int n = threadIdx.x % N, group = threadIdx.x / N;
@@ -321,7 +374,7 @@ __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* lef
         ends[t * LDH + n] = to_bf16(b * to_end);
         ends[(L + t) * LDH + n] = to_bf16(k * to_end);
         e_ex = e_in;
-        xv[(L + t) * LDH + n] = x.v[j];
+        if (VALUES == N || n < VALUES) xv[(L + t) * LDH + n] = x.v[j];
         if (cum) cum[t * N + n] = c_in;
     }
     return clamped;
@@ -359,45 +412,60 @@ __device__ __forceinline__ void solve_x(const float* M, const float* P, int i, c
     }
 }
 
+// Which part of a head a block works on: blockIdx.x = h * SPLIT + rank, value rows [v0, v0 + VALUES)
+// of head h, and in the backward key channels [k0, k0 + KEYS) for the input gradients.
+template <int SPLIT>
+struct Part {
+    static_assert(valid_split(SPLIT), "N / SPLIT rows per block, whole 16-row tiles");
+    static constexpr int VALUES = N / SPLIT, KEYS = N / SPLIT;
+    int h, rank, v0, k0;
+    __device__ __forceinline__ Part()
+        : h(blockIdx.x / SPLIT), rank(blockIdx.x % SPLIT), v0(rank * VALUES), k0(rank * KEYS) {}
+};
+
+template <int SPLIT>
 __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
                                                           bf16* __restrict__ y, float* __restrict__ s_final,
                                                           bf16* __restrict__ states) {
     WKV_DYNAMIC_SMEM(smem);
     constexpr ForwardSmem F;
-    float* S = reinterpret_cast<float*>(smem + F.S);
+    float* S = reinterpret_cast<float*>(smem + F.S);  // the block's VALUES rows
     bf16* Sh = reinterpret_cast<bf16*>(smem + F.Sh);
     bf16 *left = reinterpret_cast<bf16*>(smem + F.left), *right = reinterpret_cast<bf16*>(smem + F.right);
     bf16 *hat = reinterpret_cast<bf16*>(smem + F.hat), *ends = reinterpret_cast<bf16*>(smem + F.ends);
-    bf16* xv = reinterpret_cast<bf16*>(smem + F.xv);
+    bf16* xv = reinterpret_cast<bf16*>(smem + F.xv);  // [X; V], the block's VALUES columns
     float *M = reinterpret_cast<float*>(smem + F.M), *P = reinterpret_cast<float*>(smem + F.P);
     float* decay = reinterpret_cast<float*>(smem + F.decay);
 
-    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-    const HeadRows g(T, H, b, h);
-    const int64_t head = int64_t(b) * H + h;
+    using Part = wkv7c::Part<SPLIT>;
+    constexpr int VALUES = Part::VALUES;
+    const Part part;
+    const int b = blockIdx.y, tid = threadIdx.x;
+    const HeadRows g(T, H, b, part.h);
+    const int64_t head = int64_t(b) * H + part.h, rows = int64_t(part.v0) * N;  // rows: the block's first state row
     const int chunks = (T + L - 1) / L;
-    load_state(s0 + head * N * N, S, Sh);
+    load_state<VALUES>(s0 + head * N * N + rows, S, Sh);
     __syncthreads();
     for (int c = 0; c < chunks; c++) {
         const int t0 = c * L, steps = min(L, T - t0);
-        bf16* saved = states + (head * chunks + c) * N * N;
+        bf16* saved = states + (head * chunks + c) * N * N + rows;
         ChunkLoads x;
-        load_chunk(in, g, t0, steps, x);
-        save_state(Sh, saved);
-        chunk_factors(x, left, right, hat, ends, xv, decay, nullptr);
+        load_chunk<VALUES>(in, g, t0, steps, part.v0, x);
+        save_state<VALUES>(Sh, saved);
+        chunk_factors<VALUES>(x, left, right, hat, ends, xv, decay, nullptr);
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
         __syncthreads();  // P overwrites left and right
-        matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L2, N, N, false);       // hat S^T
+        matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L2, VALUES, N, false);  // hat S^T
         __syncthreads();
         // Two threads per value channel: one solves for x (into xv, and in float32 over P's a rows,
         // which only it reads), the other adds y's v part to P's r rows (independent of x).
-        for (int u = tid; u < 2 * N; u += THREADS) {
-            const int i = u % N;
+        for (int u = tid; u < 2 * VALUES; u += THREADS) {
+            const int i = u % VALUES;
             float v[L];
 #pragma unroll
             for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + i]);
-            if (u < N) {
+            if (u < VALUES) {
                 float x[L];
                 solve_x(M, P, i, v, x);
 #pragma unroll
@@ -407,34 +475,36 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
 #pragma unroll
             for (int t = 0; t < L; t++) P[(L + t) * LDH + i] = row_dot(P[(L + t) * LDH + i], M + (L + t) * LDM + L, v, 0, t);
         }
-        scale_columns(S, decay);
+        scale_columns<VALUES>(S, decay);
         __syncthreads();
         {  // y_t = (P_r + M_rk V)[t] + sum_{s<=t} M_rb[t,s] x_s, x from P's a rows into registers once
-            const int i = tid % N, group = tid / N;
+            constexpr int Y_GROUPS = THREADS / VALUES, Y_PER = L / Y_GROUPS;  // threads per channel, rows per thread
+            static_assert(THREADS % VALUES == 0 && L % Y_GROUPS == 0 && Y_PER % 2 == 0, "pairs of rows per thread");
+            const int i = tid % VALUES, group = tid / VALUES;
             float xs[L];
 #pragma unroll
             for (int s = 0; s < L; s++) xs[s] = P[s * LDH + i];
-            // The group's rows are the pairs (p, L-1-p), p in its PER / 2 values: t + 1 terms each, so
+            // The group's rows are the pairs (p, L-1-p), p in its Y_PER / 2 values: t + 1 terms each, so
             // every group does the same work; its row numbers are constants (one copy per group).
 #pragma unroll
-            for (int gi = 0; gi < GROUPS; gi++) {
+            for (int gi = 0; gi < Y_GROUPS; gi++) {
                 if (group != gi) continue;
 #pragma unroll
-                for (int p = gi * PER / 2; p < (gi + 1) * PER / 2; p++)
+                for (int p = gi * Y_PER / 2; p < (gi + 1) * Y_PER / 2; p++)
 #pragma unroll
                     for (int side = 0; side < 2; side++) {
                         const int t = side ? L - 1 - p : p;
                         const float acc = row_dot(P[(L + t) * LDH + i], M + (L + t) * LDM, xs, 0, t);
-                        if (t < steps) y[g.at(t0 + t, i)] = to_bf16(acc);
+                        if (t < steps) y[g.at(t0 + t, part.v0 + i)] = to_bf16(acc);
                     }
             }
         }
-        matmul<col, row>(S, LDH, xv, LDH, ends, LDH, N, N, L2, true);  // S += [X; V]^T ends
+        matmul<col, row>(S, LDH, xv, LDH, ends, LDH, VALUES, N, L2, true);  // S += [X; V]^T ends
         __syncthreads();
-        round_state(S, Sh);
+        round_state<VALUES>(S, Sh);
         __syncthreads();
     }
-    store_state(S, s_final + head * N * N);
+    store_state<VALUES>(S, s_final + head * N * N + rows);
 }
 
 struct Grads {
@@ -442,36 +512,109 @@ struct Grads {
     float* dlw;
 };
 
-// Everything the backward reads from global memory for chunk c: its start state, inputs and dy (of
-// the same steps and channel as the inputs).
+// Everything the backward reads from global memory for chunk c: the block's rows of its start state,
+// its inputs and dy (of the same steps as the inputs, dy of the block's value channels).
+template <int VALUES>
 struct BackwardLoads {
-    SavedState start;
+    SavedState<VALUES> start;
     ChunkLoads x;
     bf16 dy[PER];
 };
+template <int VALUES>
 __device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states, const HeadRows& rows,
-                                              int64_t head, int chunks, int c, int T, BackwardLoads& l) {
+                                              int64_t head, int chunks, int c, int T, int v0,
+                                              BackwardLoads<VALUES>& l) {
     const int t0 = c * L, steps = min(L, T - t0), n = threadIdx.x % N, first = threadIdx.x / N * PER;
-    load_saved(states + (head * chunks + c) * N * N, l.start);
-    load_chunk(in, rows, t0, steps, l.x);
-    const bf16 *d = dy + rows.at(t0 + first, n), zero = to_bf16(0.f);
+    load_saved<VALUES>(states + (head * chunks + c) * N * N + int64_t(v0) * N, l.start);
+    load_chunk<VALUES>(in, rows, t0, steps, v0, l.x);
+    const bf16 *d = dy + rows.at(t0 + first, v0 + n), zero = to_bf16(0.f);
+    const bool value = VALUES == N || n < VALUES;
 #pragma unroll
-    for (int j = 0; j < PER; j++) l.dy[j] = first + j < steps ? d[j * rows.stride] : zero;
+    for (int j = 0; j < PER; j++) l.dy[j] = first + j < steps && value ? d[j * rows.stride] : zero;
 }
 
+// The blocks of a split head form a thread block cluster (sm_90 and later; a build for an older
+// device has the split kernels trap, and the binding never launches them there).
+template <typename T>
+__device__ __forceinline__ T* in_block(T* p, int rank) {  // p's place in the shared memory of the cluster's block `rank`
+#if defined(_CG_HAS_CLUSTER_GROUP)
+    return cg::this_cluster().map_shared_rank(p, rank);
+#else
+    __trap();
+    return p;
+#endif
+}
+// A barrier for every thread of the blocks sharing a head, with their shared-memory writes before it
+// visible to all of them after it (one block: __syncthreads).
+template <int SPLIT>
+__device__ __forceinline__ void sync_head() {
+    if constexpr (SPLIT == 1) {
+        __syncthreads();
+    } else {
+#if defined(_CG_HAS_CLUSTER_GROUP)
+        cg::this_cluster().sync();
+#else
+        __trap();
+#endif
+    }
+}
+
+// The block's part of the sums over value rows that the key-side gradients need: its KEYS columns
+// of d_ends and d_hat (and its entries of Z) plus the other blocks' partial sums of the same, and
+// all of dM (every block needs it), masked as M, into bf16. Only the block's own columns of its
+// d_ends, d_hat and Z are written here and the other blocks read only theirs, so nothing read is
+// being written.
+template <int SPLIT>
+__device__ __forceinline__ void gather_key_sums(const Part<SPLIT>& part, const float* dM, bf16* dMh, float* d_ends,
+                                                float* d_hat, float* Z) {
+    constexpr int KEYS = Part<SPLIT>::KEYS;
+    const int tid = threadIdx.x;
+    static_assert(L2 * L2 % (4 * THREADS) == 0, "whole 4-column pieces of dM per thread");
+#pragma unroll
+    for (int q = 0; q < L2 * L2 / (4 * THREADS); q++) {  // dM masked as M, in bf16, 4 columns at a time
+        const int e = tid + q * THREADS, t = e / (L2 / 4), col = e % (L2 / 4) * 4;
+        const auto causal = [t](int s) { return t < L ? s % L < t : s % L <= t - L; };
+        float4 m = load4(dM + t * LDM + col);
+#pragma unroll
+        for (int o = 1; o < SPLIT; o++)
+            m = add4(m, load4(in_block(dM, (part.rank + o) % SPLIT) + t * LDM + col));
+        float4 masked = m;
+        masked.x = causal(col) ? m.x : 0.f, masked.y = causal(col + 1) ? m.y : 0.f;
+        masked.z = causal(col + 2) ? m.z : 0.f, masked.w = causal(col + 3) ? m.w : 0.f;
+        store_bf16x4(dMh + t * LDM + col, masked);
+    }
+    if constexpr (SPLIT > 1) {
+        for (int e = tid; e < 2 * L2 * KEYS / 4; e += THREADS) {  // d_ends then d_hat, 4 columns at a time
+            float* tile = e < L2 * KEYS / 4 ? d_ends : d_hat;
+            const int q = e % (L2 * KEYS / 4), at = q / (KEYS / 4) * LDH + part.k0 + q % (KEYS / 4) * 4;
+            float4 sum = load4(tile + at);
+#pragma unroll
+            for (int o = 1; o < SPLIT; o++) sum = add4(sum, load4(in_block(tile, (part.rank + o) % SPLIT) + at));
+            store4(tile + at, sum);
+        }
+        for (int j = tid; j < KEYS; j += THREADS) {
+            float z = Z[part.k0 + j];
+#pragma unroll
+            for (int o = 1; o < SPLIT; o++) z += in_block(Z, (part.rank + o) % SPLIT)[part.k0 + j];
+            Z[part.k0 + j] = z;
+        }
+    }
+}
+
+template <int SPLIT>
 __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
                                                            const bf16* __restrict__ states,
                                                            const float* __restrict__ ds_final, Grads out,
                                                            float* __restrict__ ds0) {
     WKV_DYNAMIC_SMEM(smem);
     constexpr BackwardSmem B_;
-    bf16* Sh = reinterpret_cast<bf16*>(smem + B_.Sh);
+    bf16* Sh = reinterpret_cast<bf16*>(smem + B_.Sh);  // the block's VALUES rows of S, dS
     float* dS = reinterpret_cast<float*>(smem + B_.dS);
     bf16* dSh = reinterpret_cast<bf16*>(smem + B_.dSh);
     bf16 *left = reinterpret_cast<bf16*>(smem + B_.left), *right = reinterpret_cast<bf16*>(smem + B_.right);
     bf16 *hat = reinterpret_cast<bf16*>(smem + B_.hat), *ends = reinterpret_cast<bf16*>(smem + B_.ends);
-    bf16 *xv = reinterpret_cast<bf16*>(smem + B_.xv), *gdy = reinterpret_cast<bf16*>(smem + B_.dr);
-    float* M = reinterpret_cast<float*>(smem + B_.M);  // M, then dM
+    bf16 *xv = reinterpret_cast<bf16*>(smem + B_.xv), *gdy = reinterpret_cast<bf16*>(smem + B_.dr);  // VALUES columns
+    float* M = reinterpret_cast<float*>(smem + B_.M);  // M, then dM (the block's partial sum)
     bf16* dMh = reinterpret_cast<bf16*>(smem + B_.dMh);
     float* P = reinterpret_cast<float*>(smem + B_.f0);       // P, then d left
     float* E = reinterpret_cast<float*>(smem + B_.f1);       // ends dS^T, then d right
@@ -482,32 +625,36 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
     float* decay = reinterpret_cast<float*>(smem + B_.decay);
     unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);  // chunk_factors' clamped steps per channel
 
-    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-    const HeadRows g(T, H, b, h);
-    const int64_t head = int64_t(b) * H + h;
+    using Part = wkv7c::Part<SPLIT>;
+    constexpr int VALUES = Part::VALUES, KEYS = Part::KEYS;
+    const Part part;
+    const int b = blockIdx.y, tid = threadIdx.x, k0 = part.k0;
+    const HeadRows g(T, H, b, part.h);
+    const int64_t head = int64_t(b) * H + part.h, rows = int64_t(part.v0) * N;
     const int chunks = (T + L - 1) / L;
-    load_state(ds_final + head * N * N, dS, dSh);
-    BackwardLoads next;  // the chunk's global reads, issued while the chunk after it is worked on
-    load_backward(in, dy, states, g, head, chunks, chunks - 1, T, next);
+    load_state<VALUES>(ds_final + head * N * N + rows, dS, dSh);
+    BackwardLoads<VALUES> next;  // the chunk's global reads, issued while the chunk after it is worked on
+    load_backward<VALUES>(in, dy, states, g, head, chunks, chunks - 1, T, part.v0, next);
     for (int c = chunks - 1; c >= 0; c--) {
         const int t0 = c * L, steps = min(L, T - t0);
-        const BackwardLoads now = next;
-        store_saved(now.start, Sh);
-        const unsigned clamped_steps = chunk_factors(now.x, left, right, hat, ends, xv, decay, cum);
+        const BackwardLoads<VALUES> now = next;
+        store_saved<VALUES>(now.start, Sh);
+        const unsigned clamped_steps = chunk_factors<VALUES>(now.x, left, right, hat, ends, xv, decay, cum);
         if (tid < N) clamped[tid] = clamped_steps;  // kept here, not in registers through the chunk
+        if (VALUES == N || tid % N < VALUES)
 #pragma unroll
-        for (int j = 0; j < PER; j++) gdy[(L + tid / N * PER + j) * LDH + tid % N] = now.dy[j];
-        if (c > 0) load_backward(in, dy, states, g, head, chunks, c - 1, T, next);
+            for (int j = 0; j < PER; j++) gdy[(L + tid / N * PER + j) * LDH + tid % N] = now.dy[j];
+        if (c > 0) load_backward<VALUES>(in, dy, states, g, head, chunks, c - 1, T, part.v0, next);
         __syncthreads();
-        matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
-        matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, N, N, false);        // hat_a S^T
-        matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, N, N, false);     // ends dS^T
-        matmul<row, col>(MT, LDM, right, LDH, left, LDH, L2, L2, N, false); // right left^T = M^T
+        matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);   // left right^T
+        matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, VALUES, N, false);    // hat_a S^T
+        matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, VALUES, N, false); // ends dS^T
+        matmul<row, col>(MT, LDM, right, LDH, left, LDH, L2, L2, N, false);  // right left^T = M^T
         __syncthreads();
         // Two threads per value channel: one solves for x, the other for g and dv (they are independent).
-        for (int u = tid; u < 2 * N; u += THREADS) {
-            const int i = u % N;
-            if (u < N) {
+        for (int u = tid; u < 2 * VALUES; u += THREADS) {
+            const int i = u % VALUES;
+            if (u < VALUES) {
                 float v[L], x[L];
 #pragma unroll
                 for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + i]);
@@ -531,50 +678,44 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             for (int t = 0; t < L; t++) {
                 const float* m = MT + (L + t) * LDM;
                 const float acc = row_dot(row_dot(E[(L + t) * LDH + i], m, gg, t + 1, L - 1), m + L, d, t, L - 1);
-                if (t < steps) out.dv[g.at(t0 + t, i)] = to_bf16(acc);
+                if (t < steps) out.dv[g.at(t0 + t, part.v0 + i)] = to_bf16(acc);
                 gdy[t * LDH + i] = to_bf16(gg[t]);
             }
         }
-        for (int j = tid; j < N; j += THREADS) {  // Z_j = sum_i S[i,j] dS[i,j], before dS moves on
+        // Z_j = sum_i S[i,j] dS[i,j] over the block's rows, before dS moves on; by the threads after
+        // the recurrences' where there are enough (split heads), else by the first N.
+        for (int j = (tid + THREADS - (2 * VALUES + N <= THREADS ? 2 * VALUES : 0)) % THREADS; j < N; j += THREADS) {
             float z = 0.f;
-            for (int i = 0; i < N; i++) z += f32(Sh[i * LDH + j]) * dS[i * LDH + j];
+            for (int i = 0; i < VALUES; i++) z += f32(Sh[i * LDH + j]) * dS[i * LDH + j];
             Z[j] = z;
         }
         __syncthreads();
-        matmul<row, col>(M, LDM, gdy, LDH, xv, LDH, L2, L2, N, false);        // dM = [g; dy] [X; V]^T
-        matmul<row, row>(d_ends, LDH, xv, LDH, dSh, LDH, L2, N, N, false);   // [X; V] dS
-        matmul<row, row>(d_hat, LDH, gdy, LDH, Sh, LDH, L2, N, N, false);    // [g; dy] S
+        matmul<row, col>(M, LDM, gdy, LDH, xv, LDH, L2, L2, VALUES, false);      // dM = [g; dy] [X; V]^T
+        matmul<row, row>(d_ends, LDH, xv, LDH, dSh, LDH, L2, N, VALUES, false);  // [X; V] dS
+        matmul<row, row>(d_hat, LDH, gdy, LDH, Sh, LDH, L2, N, VALUES, false);   // [g; dy] S
+        sync_head<SPLIT>();  // every block's partial sums are made
+        gather_key_sums<SPLIT>(part, M, dMh, d_ends, d_hat, Z);
+        scale_columns<VALUES>(dS, decay);
+        sync_head<SPLIT>();  // and read: from here a block writes its own again
+        float *d_left = P, *d_right = E;  // the block's KEYS columns
+        matmul<row, row>(d_left + k0, LDH, dMh, LDM, right + k0, LDH, L2, KEYS, L2, false);  // dM right
+        matmul<col, row>(d_right + k0, LDH, dMh, LDM, left + k0, LDH, L2, KEYS, L2, false);  // dM^T left
+        matmul<col, row>(dS, LDH, gdy, LDH, hat, LDH, VALUES, N, L2, true);                  // dS += [g; dy]^T hat
         __syncthreads();
-        static_assert(L2 * L2 % (4 * THREADS) == 0, "whole 4-column pieces of dM per thread");
-#pragma unroll
-        for (int q = 0; q < L2 * L2 / (4 * THREADS); q++) {  // dM masked as M, in bf16, 4 columns at a time
-            const int e = tid + q * THREADS, t = e / (L2 / 4), col = e % (L2 / 4) * 4;
-            const auto causal = [t](int s) { return t < L ? s % L < t : s % L <= t - L; };
-            const float4 m = load4(M + t * LDM + col);
-            float4 masked = m;
-            masked.x = causal(col) ? m.x : 0.f, masked.y = causal(col + 1) ? m.y : 0.f;
-            masked.z = causal(col + 2) ? m.z : 0.f, masked.w = causal(col + 3) ? m.w : 0.f;
-            store_bf16x4(dMh + t * LDM + col, masked);
-        }
-        scale_columns(dS, decay);
-        __syncthreads();
-        float *d_left = P, *d_right = E;
-        matmul<row, row>(d_left, LDH, dMh, LDM, right, LDH, L2, N, L2, false);  // dM right
-        matmul<col, row>(d_right, LDH, dMh, LDM, left, LDH, L2, N, L2, false);  // dM^T left
-        matmul<col, row>(dS, LDH, gdy, LDH, hat, LDH, N, N, L2, true);          // dS += [g; dy]^T hat
-        __syncthreads();
-        // The input gradients, one (step, channel) per thread; each factor x e^(phi) adds g x to phi's
-        // gradient. The factors are taken as the bf16 tiles the products used, so terms that cancel
-        // exactly (a step with nothing before it) cancel here too instead of leaving bf16 rounding.
-        // dc_t, dc_ex[t] and the step's part of dc_L replace the values this thread has read.
-        // Each thread takes the PER consecutive steps of one channel that it built the factors of, so
-        // a step's e^(c_ex) is the previous step's e^(c), as in chunk_factors.
+        // The input gradients of the block's key channels, one (step, channel) per thread; each factor
+        // x e^(phi) adds g x to phi's gradient. The factors are taken as the bf16 tiles the products
+        // used, so terms that cancel exactly (a step with nothing before it) cancel here too instead of
+        // leaving bf16 rounding. dc_t, dc_ex[t] and the step's part of dc_L replace the values this
+        // thread has read. Each thread takes K_PER consecutive steps of one channel, so a step's
+        // e^(c_ex) is the previous step's e^(c), as in chunk_factors.
         {
-            const int n = tid % N, first = tid / N * PER;
+            constexpr int K_PER = L / (THREADS / KEYS);  // steps per thread
+            static_assert(THREADS % KEYS == 0 && L % (THREADS / KEYS) == 0, "whole steps of one channel per thread");
+            const int n = k0 + tid % KEYS, first = tid / KEYS * K_PER;
             const float c_L = cum[(L - 1) * N + n], c_ref = 0.5f * c_L, up = __expf(c_ref), down = __expf(-c_ref);
             float e_ex = __expf(first > 0 ? cum[(first - 1) * N + n] : 0.f);
 #pragma unroll
-            for (int j = 0; j < PER; j++) {
+            for (int j = 0; j < K_PER; j++) {
                 const int t = first + j;
                 const float c = cum[t * N + n], e_c = __expf(c), e_b = __expf(c_ref - c), e_end = e_b * up;
                 const float gl_a = d_left[t * LDH + n], gl_r = d_left[(L + t) * LDH + n];
@@ -599,7 +740,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             }
         }
         __syncthreads();
-        for (int n = tid; n < N; n += THREADS) {  // dlw_s = sum_{t>=s} dc_t + sum_{t>s} dc_ex[t] + dc_L
+        for (int n = k0 + tid; n < k0 + KEYS; n += THREADS) {  // dlw_s = sum_{t>=s} dc_t + sum_{t>s} dc_ex[t] + dc_L
             float dc_L = Z[n] * decay[n];
             for (int t = 0; t < L; t++) dc_L += d_right[t * LDH + n];
             float sum = dc_L;
@@ -609,25 +750,68 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
                 sum += d_left[(L + t) * LDH + n];
             }
         }
-        round_state(dS, dSh);
+        round_state<VALUES>(dS, dSh);
         __syncthreads();
     }
-    store_state(dS, ds0 + head * N * N);
+    store_state<VALUES>(dS, ds0 + head * N * N + rows);
 }
 
-// Launches, shared by the torch binding below and the CPU emulation in tests/cuda_cpu.
-inline void launch_forward(cudaStream_t stream, int B, int T, int H, Inputs in, const float* s0, bf16* y,
-                           float* s_final, bf16* states) {
+// Launches, shared by the torch binding below and the CPU emulation in tests/cuda_cpu. split: the
+// blocks per head (valid_split; above 1 needs clusters, so sm_90 or later).
+template <int SPLIT>
+inline void launch_forward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const float* s0, bf16* y,
+                                 float* s_final, bf16* states) {
     constexpr ForwardSmem F;
-    WKV_ALLOW_SMEM(forward_kernel, F.bytes);
-    WKV_LAUNCH(forward_kernel, dim3(H, B), THREADS, F.bytes, stream, T, H, in, s0, y, s_final, states);
+    WKV_ALLOW_SMEM(forward_kernel<SPLIT>, F.bytes);
+    WKV_LAUNCH(forward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, F.bytes, stream, T, H, in, s0, y, s_final, states);
 }
 
-inline void launch_backward(cudaStream_t stream, int B, int T, int H, Inputs in, const bf16* dy, const bf16* states,
-                            const float* ds_final, Grads out, float* ds0) {
+template <int SPLIT>
+inline void launch_backward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const bf16* dy,
+                                  const bf16* states, const float* ds_final, Grads out, float* ds0) {
     constexpr BackwardSmem S;
-    WKV_ALLOW_SMEM(backward_kernel, S.bytes);
-    WKV_LAUNCH(backward_kernel, dim3(H, B), THREADS, S.bytes, stream, T, H, in, dy, states, ds_final, out, ds0);
+    WKV_ALLOW_SMEM(backward_kernel<SPLIT>, S.bytes);
+    if constexpr (SPLIT == 1)
+        WKV_LAUNCH(backward_kernel<1>, dim3(H, B), THREADS, S.bytes, stream, T, H, in, dy, states, ds_final, out, ds0);
+    else
+        WKV_LAUNCH_CLUSTER(backward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, S.bytes, stream, SPLIT, T, H, in, dy,
+                           states, ds_final, out, ds0);
+}
+
+// The launches for a run-time split: false, launching nothing, for one that is not valid_split.
+template <int SPLIT, typename... Args>
+inline bool forward_if_valid(Args... args) {
+    if constexpr (valid_split(SPLIT))
+        return launch_forward_split<SPLIT>(args...), true;
+    else
+        return false;
+}
+template <int SPLIT, typename... Args>
+inline bool backward_if_valid(Args... args) {
+    if constexpr (valid_split(SPLIT))
+        return launch_backward_split<SPLIT>(args...), true;
+    else
+        return false;
+}
+
+inline bool launch_forward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const float* s0, bf16* y,
+                           float* s_final, bf16* states) {
+    switch (split) {
+        case 1: return forward_if_valid<1>(stream, B, T, H, in, s0, y, s_final, states);
+        case 2: return forward_if_valid<2>(stream, B, T, H, in, s0, y, s_final, states);
+        case 4: return forward_if_valid<4>(stream, B, T, H, in, s0, y, s_final, states);
+        default: return false;
+    }
+}
+
+inline bool launch_backward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const bf16* dy,
+                            const bf16* states, const float* ds_final, Grads out, float* ds0) {
+    switch (split) {
+        case 1: return backward_if_valid<1>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
+        case 2: return backward_if_valid<2>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
+        case 4: return backward_if_valid<4>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
+        default: return false;
+    }
 }
 
 }  // namespace wkv7c
@@ -636,6 +820,8 @@ inline void launch_backward(cudaStream_t stream, int B, int T, int H, Inputs in,
 // ---------------------------------------------------------------------------------------------
 // Host side. Python allocates every output (so tests can poison them) and checks shapes; here we
 // check what would make the kernels read or write out of bounds.
+#include <vector>
+
 namespace {
 
 using torch::Tensor;
@@ -668,23 +854,35 @@ void check_inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const Tens
     check_state(states, "states", at::kBFloat16, r.size(0) * r.size(2) * chunks * wkv7c::N * wkv7c::N);
 }
 
+// A head split over `split` blocks (a cluster in the backward) needs a valid split and sm_90 or later.
+void check_split(int64_t split, const Tensor& on) {
+    TORCH_CHECK(wkv7c::valid_split(int(split)), "wkv7_chunked: split ", split, " is not one of 1, 2, 4 with ",
+                wkv7c::N, " / split value rows a multiple of 16");
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, on.get_device()));
+    TORCH_CHECK(split == 1 || major >= 9, "wkv7_chunked: split ", split,
+                " needs thread block clusters (compute capability 9.0 or later); this device has ", major, ".x");
+}
+
 void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, Tensor y, Tensor s_final,
-             Tensor states) {
+             Tensor states, int64_t split) {
     check_inputs(r, lw, k, v, a, b, states);
+    check_split(split, r);
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t ns = int64_t(B) * H * wkv7c::N * wkv7c::N;
     check(y, "y", at::kBFloat16, r.numel());
     check_state(s0, "s0", at::kFloat, ns);
     check_state(s_final, "s_final", at::kFloat, ns);
     if (B == 0 || H == 0) return;
-    wkv7c::launch_forward(c10::cuda::getCurrentCUDAStream(), B, T, H, inputs(r, lw, k, v, a, b), s0.data_ptr<float>(),
-                          mbf(y), s_final.data_ptr<float>(), mbf(states));
+    wkv7c::launch_forward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, inputs(r, lw, k, v, a, b),
+                          s0.data_ptr<float>(), mbf(y), s_final.data_ptr<float>(), mbf(states));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor states, Tensor dy, Tensor ds_final,
-              Tensor dr, Tensor dlw, Tensor dk, Tensor dv, Tensor da, Tensor db, Tensor ds0) {
+              Tensor dr, Tensor dlw, Tensor dk, Tensor dv, Tensor da, Tensor db, Tensor ds0, int64_t split) {
     check_inputs(r, lw, k, v, a, b, states);
+    check_split(split, r);
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t n = r.numel(), ns = int64_t(B) * H * wkv7c::N * wkv7c::N;
     for (auto [x, name] : {std::pair{dy, "dy"}, {dr, "dr"}, {dk, "dk"}, {dv, "dv"}, {da, "da"}, {db, "db"}})
@@ -694,7 +892,7 @@ void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tenso
     check_state(ds0, "ds0", at::kFloat, ns);
     if (B == 0 || H == 0) return;
     const wkv7c::Grads out{mbf(dr), mbf(dk), mbf(dv), mbf(da), mbf(db), dlw.data_ptr<float>()};
-    wkv7c::launch_backward(c10::cuda::getCurrentCUDAStream(), B, T, H, inputs(r, lw, k, v, a, b), cbf(dy),
+    wkv7c::launch_backward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, inputs(r, lw, k, v, a, b), cbf(dy),
                            cbf(states), ds_final.data_ptr<float>(), out, ds0.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -705,7 +903,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("head_size") = wkv7c::N;
     m.attr("chunk_len") = wkv7c::L;
     m.attr("log_decay_min") = wkv7c::LW_MIN;
-    m.def("forward", &forward, "chunked WKV-7 forward: writes y, the final state and every chunk's start state (bf16)");
-    m.def("backward", &backward, "chunked WKV-7 backward: writes dr, dlw, dk, dv, da, db, ds0");
+    m.attr("splits") = [] {  // the blocks a head's value rows may be split over
+        std::vector<int> splits;
+        for (int split : {1, 2, 4})
+            if (wkv7c::valid_split(split)) splits.push_back(split);
+        return splits;
+    }();
+    m.def("forward", &forward,
+          "chunked WKV-7 forward: writes y, the final state and every chunk's start state (bf16); "
+          "split: blocks per head");
+    m.def("backward", &backward, "chunked WKV-7 backward: writes dr, dlw, dk, dv, da, db, ds0; split: blocks per head");
 }
 #endif  // WKV_KERNELS_ONLY

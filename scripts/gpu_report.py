@@ -1,7 +1,7 @@
 """Every GPU check and benchmark of the CUDA kernels in one run, summed up in one table.
 
     python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
-    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, profile, kernels, train, train-chunked, train-compiled)
+    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, profile, splits, kernels, train, train-chunked, train-compiled)
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
     python scripts/gpu_report.py --generations v7-chunked --skip kernels train   # one kernel, a few minutes
 
@@ -10,13 +10,14 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   tests      pytest tests/test_kernels_cuda.py: every kernel against the float64 reference
   sanitizer  compute-sanitizer memcheck over scripts/sanitize_kernels.py
   profile    scripts/profile_kernels.py: per-kernel time of both v7 kernels
+  splits     scripts/bench_wkv7_split.py: the chunked v7 kernel at 1, 2 and 4 blocks per head, B=1 to 8
   kernels    scripts/bench_kernels.py (forward + backward times against RWKV-LM and fla)
   train      scripts/bench_train.py (tokens/s, memory, MFU of the RWKV-7 presets)
   train-chunked  the same with the chunked WKV-7 kernel (--kernel cuda-chunked)
   train-compiled the same with the chunked kernel and compiled blocks (--compile blocks, train.compile)
 --generations narrows the builds, tests, sanitizer, profile and kernel benchmark to those kernels
 (v7-chunked is the chunked RWKV-7 kernel; the kernel benchmark times both RWKV-7 kernels for either),
-and keeps a training step only where its kernel is chosen (train: v7; the others: v7-chunked).
+and keeps a training step (and splits) only where its kernel is chosen (train: v7; the others: v7-chunked).
 The summary (step, result, the line that says how it went, seconds) is printed and written to
 --out/gpu_report.md with the benchmarks' tables after it. Exits 1 if any step failed.
 """
@@ -40,12 +41,13 @@ except ImportError:  # run from a checkout without installing the package
 
 from rwkv_train.ops import kernels
 
-STEPS = ("build", "tests", "sanitizer", "profile", "kernels", "train", "train-chunked", "train-compiled")
+STEPS = ("build", "tests", "sanitizer", "profile", "splits", "kernels", "train", "train-chunked", "train-compiled")
 GENERATIONS = tuple(kernels.SOURCES)  # v4, v5, v6, v7, v7-chunked
 # pytest -k expressions that pick one kernel's tests out of tests/test_kernels_cuda.py by their ids
 # (v7-h64, v7-chunked-h64, [sequential] / [chunked] for the model step)
 TEST_FILTER = {"v4": "v4", "v5": "v5", "v6": "v6", "v7": "(v7 and not chunked) or sequential", "v7-chunked": "chunked"}
-TRAIN_KERNEL = {"train": "v7", "train-chunked": "v7-chunked", "train-compiled": "v7-chunked"}
+# steps that only concern one kernel
+STEP_KERNEL = {"splits": "v7-chunked", "train": "v7", "train-chunked": "v7-chunked", "train-compiled": "v7-chunked"}
 
 
 @dataclass
@@ -85,6 +87,8 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
                            "scripts/sanitize_kernels.py", *sanitize], 900, r"ERROR SUMMARY"),
         Step("profile", [py, "scripts/profile_kernels.py", "--generations", *profiled], 600,
              rf"^{profiled[-1]} +forward \+ backward"),
+        Step("splits", [py, "scripts/bench_wkv7_split.py", "--out", str(out / "splits")], 600, r"written:|error",
+             out / "splits" / "bench_wkv7_split.md"),
         Step("kernels", [py, "scripts/bench_kernels.py", "--out", str(out / "kernels"), *bench], 1800, r"done after",
              out / "kernels" / "bench_kernels.md"),
         Step("train", [py, "scripts/bench_train.py", "--out", str(out / "train")], 1800, r"written:|error",
@@ -95,7 +99,7 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
                                 "--out", str(out / "train-compiled")],
              1800, r"written:|error", out / "train-compiled" / "bench_train.md"),
     ]
-    return [s for s in steps if s.name not in TRAIN_KERNEL or TRAIN_KERNEL[s.name] in chosen]
+    return [s for s in steps if s.name not in STEP_KERNEL or STEP_KERNEL[s.name] in chosen]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

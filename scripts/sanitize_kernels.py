@@ -66,7 +66,8 @@ def run_diag(generation: str) -> list[torch.Tensor]:
     return _backward([y, final], [r, lw, k, v, u, state])
 
 
-def run_v7(chunked: bool = False) -> list[torch.Tensor]:
+def run_v7(split: int | None = None) -> list[torch.Tensor]:
+    """The sequential kernel, or with `split` the chunked one at that many blocks per head."""
     from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
     from rwkv_train.ops.wkv7_cuda import wkv7_cuda
 
@@ -75,7 +76,10 @@ def run_v7(chunked: bool = False) -> list[torch.Tensor]:
     kk = torch.nn.functional.normalize(_randn(B, T, H, N), dim=-1)
     a, b = _leaf(-kk, torch.bfloat16), _leaf(kk * torch.sigmoid(_randn(B, T, H, N)), torch.bfloat16)
     state = _leaf(_randn(B, H, N, N), torch.float32)
-    y, final = (wkv7_chunked_cuda if chunked else wkv7_cuda)(r, lw, k, v, a, b, state)
+    if split is None:
+        y, final = wkv7_cuda(r, lw, k, v, a, b, state)
+    else:
+        y, final = wkv7_chunked_cuda(r, lw, k, v, a, b, state, split=split)
     return _backward([y, final], [r, lw, k, v, a, b, state])
 
 
@@ -86,8 +90,16 @@ def _backward(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[t
     return [o.detach() for o in outputs] + list(grads)
 
 
+def run_v7_chunked() -> list[torch.Tensor]:
+    """One block per head, and where clusters exist (sm_90+) each head split over 4 blocks as a cluster."""
+    results = run_v7(split=1)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        results += run_v7(split=4)
+    return results
+
+
 RUNNERS = {"v4": run_v4, "v5": lambda: run_diag("v5"), "v6": lambda: run_diag("v6"), "v7": run_v7,
-           "v7-chunked": lambda: run_v7(chunked=True)}
+           "v7-chunked": run_v7_chunked}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,30 +70,35 @@ class Wkv7ChunkedModule:
         self.head_size = self.lib.head_size()
         self.chunk_len = self.lib.chunk_len()
         self.log_decay_min = self.lib.log_decay_min()
+        self.splits = [split for split in (1, 2, 4) if (self.head_size // split) % 16 == 0]
 
-    def forward(self, r, lw, k, v, a, b, s0, y, s_final, states) -> None:
+    def forward(self, r, lw, k, v, a, b, s0, y, s_final, states, split) -> None:
         B, T, H, _ = r.shape
-        self.lib.forward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, s0, y, s_final, states)))
+        if not self.lib.forward(split, B, T, H, *map(_ptr, (r, lw, k, v, a, b, s0, y, s_final, states))):
+            raise ValueError(f"wkv7_chunked: split {split} is not one of {self.splits}")
 
-    def backward(self, r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0) -> None:
+    def backward(self, r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0, split) -> None:
         B, T, H, _ = r.shape
-        self.lib.backward(B, T, H, *map(_ptr, (r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0)))
+        pointers = map(_ptr, (r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0))
+        if not self.lib.backward(split, B, T, H, *pointers):
+            raise ValueError(f"wkv7_chunked: split {split} is not one of {self.splits}")
 
 
 class Wkv7ChunkedOnCpu(Wkv7ChunkedModule):
     """cuda/wkv7_chunked.cu on the CPU, allocating its outputs (NaN first): the CUDA op's contract."""
 
-    def forward(self, r, lw, k, v, a, b, s0) -> tuple[Tensor, Tensor, Tensor]:
-        """bf16 r, k, v, a, b and float32 lw [B, T, H, N], float32 s0 -> (y bf16, final state, chunk states bf16)."""
+    def forward(self, r, lw, k, v, a, b, s0, split: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        """bf16 r, k, v, a, b and float32 lw [B, T, H, N], float32 s0 -> (y bf16, final state, chunk states bf16);
+        split: blocks per head."""
         B, T, H, N = r.shape
         y, s_final = _nan(r.shape, torch.bfloat16), _nan(s0.shape, torch.float32)
         states = _nan((B, H, -(-T // self.chunk_len), N, N), torch.bfloat16)
-        super().forward(r, lw, k, v, a, b, s0, y, s_final, states)
+        super().forward(r, lw, k, v, a, b, s0, y, s_final, states, split)
         return y, s_final, states
 
-    def backward(self, r, lw, k, v, a, b, states, dy, ds_final) -> tuple[Tensor, ...]:
+    def backward(self, r, lw, k, v, a, b, states, dy, ds_final, split: int = 1) -> tuple[Tensor, ...]:
         """-> (dr, dlw, dk, dv, da, db, ds0): bf16 except dlw and ds0 (float32)."""
         grads = [_nan(r.shape, torch.float32 if name == "dlw" else torch.bfloat16) for name in ("dr", "dlw", "dk", "dv", "da", "db")]
         ds0 = _nan(ds_final.shape, torch.float32)
-        super().backward(r, lw, k, v, a, b, states, dy, ds_final, *grads, ds0)
+        super().backward(r, lw, k, v, a, b, states, dy, ds_final, *grads, ds0, split)
         return (*grads, ds0)

@@ -26,7 +26,8 @@ def test_plan_lists_every_step_without_a_gpu():
 
 def test_skip_leaves_steps_out_and_rejects_unknown_ones():
     result = run_cli("scripts/gpu_report.py", "--plan", "--skip", "train", "train-chunked", "train-compiled", "kernels")
-    assert [line.split()[0] for line in result.stdout.strip().splitlines()] == ["build", "tests", "sanitizer", "profile"]
+    assert [line.split()[0] for line in result.stdout.strip().splitlines()] == ["build", "tests", "sanitizer", "profile",
+                                                                               "splits"]
     bad = run_cli("scripts/gpu_report.py", "--skip", "everything")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
@@ -62,10 +63,12 @@ def test_generations_narrow_every_step_and_drop_the_training_runs_of_other_kerne
     result = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v7-chunked")
     assert result.returncode == 0, result.stderr
     steps = {line.split()[0]: line for line in result.stdout.strip().splitlines()}
-    assert list(steps) == ["build", "tests", "sanitizer", "profile", "kernels", "train-chunked", "train-compiled"]
+    assert list(steps) == ["build", "tests", "sanitizer", "profile", "splits", "kernels", "train-chunked", "train-compiled"]
     assert steps["build"].endswith("--generations v7-chunked") and steps["tests"].endswith("-k (chunked)")
     assert steps["sanitizer"].endswith("sanitize_kernels.py v7-chunked")
     assert steps["kernels"].endswith("--generations v7")  # the kernel benchmark's v7 row times both kernels
+    v6 = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v6").stdout
+    assert "bench_wkv7_split.py" not in v6  # a step for the chunked kernel alone
     bad = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v8")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
@@ -84,3 +87,13 @@ def test_the_per_kernel_test_filters_split_the_gpu_tests_exactly():
     assert sum(len(p) for p in parts.values()) == len(set().union(*parts.values())), "a test in two filters"
     left = everything - set().union(*parts.values())
     assert {t.split("::")[1] for t in left} == {"test_kernels_pass_compute_sanitizer_memcheck"}
+
+
+def test_split_benchmark_checks_its_arguments_and_says_it_needs_a_gpu():
+    bad = run_cli("scripts/bench_wkv7_split.py", "--shapes", "1by32768")
+    assert bad.returncode == 2 and "is not BxT" in bad.stderr
+    odd = run_cli("scripts/bench_wkv7_split.py", "--channels", "100")
+    assert odd.returncode == 2 and "not a multiple of --head-size 64" in odd.stderr
+    if not torch.cuda.is_available():
+        result = run_cli("scripts/bench_wkv7_split.py", "--shapes", "1x64")
+        assert result.returncode == 1 and "needs a CUDA device" in result.stderr

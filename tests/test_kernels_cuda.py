@@ -17,6 +17,7 @@ runs load them from torch's extension cache.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import subprocess
 import sys
@@ -93,8 +94,10 @@ def _to(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).cuda()
 
 
-def make_problem(generation: str, head_size: int | None, T: int, seed: int, channels: int = V4_CHANNELS) -> Problem:
-    """Fresh random inputs for one generation (never zeros), at realistic magnitudes; `channels` is v4's C."""
+def make_problem(generation: str, head_size: int | None, T: int, seed: int, channels: int = V4_CHANNELS,
+                 split: int = 0) -> Problem:
+    """Fresh random inputs for one generation (never zeros), at realistic magnitudes; `channels` is v4's C,
+    `split` the chunked kernel's blocks per head (0: its own choice)."""
     g = torch.Generator().manual_seed(seed)
     bf, f32 = torch.bfloat16, torch.float32
     if generation == "v4":
@@ -128,7 +131,7 @@ def make_problem(generation: str, head_size: int | None, T: int, seed: int, chan
         inputs = [_to(x, bf) for x in (r, k, v, a, b)]
         inputs = [inputs[0], _to(lw, f32), *inputs[1:], _to(state, f32)]
 
-        op = wkv7_chunked_cuda if generation == "v7-chunked" else wkv7_cuda
+        op = functools.partial(wkv7_chunked_cuda, split=split) if generation == "v7-chunked" else wkv7_cuda
 
         def kernel(r, lw, k, v, a, b, s):
             return list(op(r, lw, k, v, a, b, s))
@@ -229,10 +232,29 @@ def test_v4_kernel_with_whole_row_moves_matches_reference(T, with_state, error_l
     compare_with_reference("v4", None, T, with_state, error_log, channels=V4_VECTOR_CHANNELS)
 
 
-def compare_with_reference(generation, head_size, T, with_state, error_log, channels=V4_CHANNELS):
+# (head size, blocks per head) of the chunked kernel, each forced: the tests above take the op's own choice
+# (at their B * H = 4, the most blocks per head where clusters exist)
+SPLITS = [(32, 1), (32, 2), (64, 1), (64, 2), (64, 4)]
+
+
+def require_clusters() -> None:
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("split heads run as thread block clusters: compute capability 9.0 or later")
+
+
+@pytest.mark.parametrize("T,with_state", [(1, True), (33, True), (200, False), (1000, True)])
+@pytest.mark.parametrize("head_size,split", SPLITS, ids=[f"h{h}-split{s}" for h, s in SPLITS])
+def test_chunked_kernel_per_split_matches_float64_reference(head_size, split, T, with_state, error_log):
+    """Each head's value rows over `split` blocks, the key-side gradients summed across the cluster."""
+    if split > 1:
+        require_clusters()
+    compare_with_reference("v7-chunked", head_size, T, with_state, error_log, split=split)
+
+
+def compare_with_reference(generation, head_size, T, with_state, error_log, channels=V4_CHANNELS, split=0):
     require_kernel(generation, head_size)
     seed = seed_of(generation, head_size, T, with_state, channels)
-    problem = make_problem(generation, head_size, T, seed, channels)
+    problem = make_problem(generation, head_size, T, seed, channels, split)
     with kernels.poisoned_outputs():  # forward and backward: every output buffer starts as NaN
         outs, grads = run(problem.kernel, problem.inputs, problem.n_state, with_state, seed + 1)
     ref_inputs = [x.double() for x in problem.inputs]  # exactly the values the kernel saw
@@ -250,18 +272,26 @@ def compare_with_reference(generation, head_size, T, with_state, error_log, chan
             continue
         assert out.shape == ref.shape, f"{quantity}: shape {tuple(out.shape)}, reference {tuple(ref.shape)}"
         err = rel_error(out, ref)
-        error_log.append({"generation": generation, "head_size": head_size or "-", "T": T,
+        label = f"{generation}/{split}" if split else generation
+        error_log.append({"generation": label, "head_size": head_size or "-", "T": T,
                           "initial_state": with_state, "quantity": quantity, "rel_error": err})
         if not err <= TOL:
             problems.append(f"{quantity}: relative error {err:.3e} > {TOL:g}")
-    assert not problems, f"{generation} head {head_size} T={T} state={with_state}:\n  " + "\n  ".join(problems)
+    assert not problems, f"{generation} head {head_size} split {split} T={T} state={with_state}:\n  " + "\n  ".join(problems)
 
 
-@pytest.mark.parametrize("generation,head_size", [("v4", None), ("v5", 64), ("v6", 64), ("v7", 64), ("v7-chunked", 64)])
-def test_kernel_is_deterministic(generation, head_size):
-    """The same inputs twice give bitwise the same outputs and gradients (no atomics-order noise)."""
+DETERMINISM = [("v4", None, 0), ("v5", 64, 0), ("v6", 64, 0), ("v7", 64, 0), ("v7-chunked", 64, 1), ("v7-chunked", 64, 4)]
+
+
+@pytest.mark.parametrize("generation,head_size,split", DETERMINISM,
+                         ids=[f"{g}-split{s}" if s else g for g, _, s in DETERMINISM])
+def test_kernel_is_deterministic(generation, head_size, split):
+    """The same inputs twice give bitwise the same outputs and gradients (no atomics-order noise; split
+    heads add the cluster's partial sums in a fixed order)."""
     require_kernel(generation, head_size)
-    problem = make_problem(generation, head_size, 200, seed_of("determinism", generation))
+    if split > 1:
+        require_clusters()
+    problem = make_problem(generation, head_size, 200, seed_of("determinism", generation), split=split)
     with kernels.poisoned_outputs():  # an unwritten element is NaN, and NaN != NaN
         first = run(problem.kernel, problem.inputs, problem.n_state, True, seed=1)
         second = run(problem.kernel, problem.inputs, problem.n_state, True, seed=1)

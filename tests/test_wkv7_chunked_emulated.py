@@ -65,14 +65,15 @@ def rel_error(out: Tensor, ref: Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int, lw_floor: float | None = None):
+def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int, lw_floor: float | None = None,
+                            split: int = 1):
     B, T, H, N = inputs[0].shape
     g = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16)
     ds_final = torch.randn(B, H, N, N, generator=g)
 
-    y, s_final, states = kernel.forward(*inputs, s0)
-    grads = kernel.backward(*inputs, states, dy, ds_final)
+    y, s_final, states = kernel.forward(*inputs, s0, split)
+    grads = kernel.backward(*inputs, states, dy, ds_final, split)
 
     ref_inputs = [x.double().requires_grad_() for x in (*inputs, s0)]
     r, lw, k, v, a, b, s = ref_inputs
@@ -99,6 +100,49 @@ def test_chunked_kernel_matches_float64_recurrence(kernel, T, with_state):
     g = torch.Generator().manual_seed(seed + 2)
     s0 = 0.5 * torch.randn(2, 2, kernel.head_size, kernel.head_size, generator=g) if with_state else torch.zeros(2, 2, kernel.head_size, kernel.head_size)
     check_against_reference(kernel, inputs, s0.contiguous(), seed)
+
+
+# (T, with initial state) for split heads: one step, partial chunks, and several chunks.
+SPLIT_CASES = [(1, True), (37, True), (100, False)]
+
+
+@pytest.mark.parametrize("T,with_state", SPLIT_CASES, ids=[f"T{t}-{'state' if s else 'zero'}" for t, s in SPLIT_CASES])
+def test_split_heads_match_float64_recurrence(kernel, T, with_state):
+    """Each head's value rows over 2 (and 4) blocks; the backward's cluster sums the key-side gradients."""
+    assert kernel.splits == ([1, 2] if kernel.head_size == 32 else [1, 2, 4])
+    B, H, N = 2, 2, kernel.head_size
+    for split in kernel.splits[1:]:
+        seed = 1000 * T + with_state + 7 * split
+        inputs = model_like_inputs(B, T, H, N, seed)
+        s0 = 0.5 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(seed + 2)) if with_state else torch.zeros(B, H, N, N)
+        check_against_reference(kernel, inputs, s0, seed, split=split)
+
+
+def test_split_heads_compute_each_value_row_as_one_block_does(kernel):
+    """A value row of the state evolves on its own (row i of S' needs only row i of S and v_i), so the
+    forward gives bitwise the same y, final state and saved states however the rows are dealt out; the
+    backward's key-side sums only change order, so its gradients agree to float32 rounding."""
+    B, T, H, N = 1, 45, 2, kernel.head_size
+    inputs = model_like_inputs(B, T, H, N, seed=31)
+    g = torch.Generator().manual_seed(32)
+    s0 = 0.5 * torch.randn(B, H, N, N, generator=g)
+    dy, ds_final = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16), torch.randn(B, H, N, N, generator=g)
+    one = kernel.forward(*inputs, s0, split=1)
+    one_grads = kernel.backward(*inputs, one[2], dy, ds_final, split=1)
+    for split in kernel.splits[1:]:
+        for name, x, ref in zip(("y", "final state", "saved states"), kernel.forward(*inputs, s0, split=split), one):
+            assert torch.equal(x, ref), f"split {split}: {name} differs from one block per head"
+        grads = kernel.backward(*inputs, one[2], dy, ds_final, split=split)
+        for name, x, ref in zip(GRADS, grads, one_grads):
+            assert rel_error(x, ref) < 1e-5, f"split {split}: {name} {rel_error(x, ref):.1e} from one block per head"
+
+
+def test_a_split_the_head_size_does_not_allow_is_refused(kernel):
+    inputs = model_like_inputs(1, 5, 1, kernel.head_size, seed=41)
+    s0 = torch.zeros(1, 1, kernel.head_size, kernel.head_size)
+    for split in (0, 3, 8, 4 if kernel.head_size == 32 else 5):
+        with pytest.raises(ValueError, match=f"split {split} is not one of"):
+            kernel.forward(*inputs, s0, split=split)
 
 
 def test_saved_chunk_states_are_the_states_at_chunk_starts(kernel):

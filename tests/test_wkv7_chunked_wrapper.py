@@ -19,7 +19,7 @@ from rwkv_train.config import ModelConfig
 from rwkv_train.models import build_model
 from rwkv_train.ops import kernels
 from rwkv_train.ops.wkv7 import wkv7_recurrent
-from rwkv_train.ops.wkv7_chunked_cuda import CHUNK_LEN, LOG_DECAY_MIN, wkv7_chunked_cuda
+from rwkv_train.ops.wkv7_chunked_cuda import CHUNK_LEN, LOG_DECAY_MIN, value_split, wkv7_chunked_cuda
 from tests import cuda_on_cpu
 from tests.conftest import zero_filled_shapes
 from tests.test_wkv7_chunked_emulated import TOL, model_like_inputs, rel_error
@@ -49,9 +49,11 @@ def test_python_constants_match_the_kernel(emulated):
     assert (module.chunk_len, module.log_decay_min) == (CHUNK_LEN, LOG_DECAY_MIN)
 
 
+@pytest.mark.parametrize("split", [0, 2], ids=["own-choice", "split2"])
 @pytest.mark.parametrize("uses", ["y and state", "y only", "state only"])
-def test_op_gradients_match_float64_autograd(emulated, uses):
-    """Through the custom ops and their autograd: a loss of y, of the final state, or of both."""
+def test_op_gradients_match_float64_autograd(emulated, uses, split):
+    """Through the custom ops and their autograd: a loss of y, of the final state, or of both; with the
+    op's choice of blocks per head (one, off CUDA) and with each head split over two."""
     B, T, H, N = 2, 37, 2, 32
     inputs = model_like_inputs(B, T, H, N, seed=21)
     s0 = 0.5 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(22))
@@ -63,7 +65,7 @@ def test_op_gradients_match_float64_autograd(emulated, uses):
 
     leaves = [x.float().clone().requires_grad_() for x in (*inputs, s0)]  # the wrapper casts to the kernel's dtypes
     with kernels.poisoned_outputs():
-        y, s = wkv7_chunked_cuda(*leaves)
+        y, s = wkv7_chunked_cuda(*leaves, split=split)
         loss(y, s).backward()
     ref = [x.detach().double().requires_grad_() for x in (*inputs, s0)]
     y_ref, s_ref = wkv7_recurrent(*ref)
@@ -75,6 +77,23 @@ def test_op_gradients_match_float64_autograd(emulated, uses):
         err = rel_error(got.grad, want.grad)
         assert err < TOL, f"d{name}: relative error {err:.2e}"
     assert set(emulated) == {("v7-chunked", N)}
+
+
+def test_value_split_gives_every_multiprocessor_a_block_with_the_fewest_blocks_per_head():
+    splits = [1, 2, 4]
+    assert value_split(512, splits, 132) == 1  # B=8, H=64 on an H100: one block per head already fills it
+    assert value_split(132, splits, 132) == 1
+    assert value_split(64, splits, 132) == 4  # B=1, H=64: 128 blocks would leave 4 idle, so 256
+    assert value_split(66, splits, 132) == 2
+    assert value_split(32, splits, 132) == 4 and value_split(1, splits, 132) == 4  # as many as there are
+    assert value_split(1, [1, 2], 132) == 2  # head size 32: no split 4
+    assert value_split(1, [1], 132) == 1
+
+
+def test_an_unsupported_split_is_refused_by_the_op(emulated):
+    inputs = model_like_inputs(1, 5, 1, 32, seed=5)
+    with pytest.raises(ValueError, match="split 4 is not one of"):
+        wkv7_chunked_cuda(*inputs, split=4)  # head size 32: 8 value rows per block is not a whole 16-row tile
 
 
 def test_backward_fills_no_gradient_for_the_saved_states(emulated):

@@ -2,7 +2,10 @@
 //
 // A kernel file compiled as C++ with this header forced in (g++ -include cuda_cpu.h -I<this folder>)
 // runs each thread block with one std::thread per CUDA thread: __syncthreads() and __syncwarp() are
-// barriers, dynamic shared memory is one buffer per block, blocks run one after another. The
+// barriers, dynamic shared memory is one buffer per block, blocks run one after another. A launch
+// with thread block clusters (WKV_LAUNCH_CLUSTER) runs a cluster's blocks together, with a barrier
+// over all of their threads and each block's shared memory reachable from the others
+// (cooperative_groups::this_cluster(), in cooperative_groups.h beside this file). The
 // tensor-core API the kernels use (nvcuda::wmma, bf16 operands, float accumulators) is computed
 // exactly from the tiles it names, with the alignment and leading-dimension rules of the real one
 // checked. What it cannot show: timing, register pressure, or a race that a barrier hides here;
@@ -42,13 +45,22 @@ namespace cuda_cpu {
     std::abort();
 }
 
+struct Cluster;
+
 struct Block {
     int threads = 0;
+    Cluster* cluster = nullptr;  // the cluster it runs in, and its rank there
+    unsigned rank = 0;
     std::unique_ptr<std::barrier<>> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<unsigned char> smem;
     unsigned char* smem_base = nullptr;  // smem.data() rounded up to 128 bytes, as the hardware aligns it
     std::vector<int> votes;
+};
+
+struct Cluster {
+    std::unique_ptr<std::barrier<>> all;  // every thread of every block in the cluster
+    std::vector<Block*> blocks;           // by rank
 };
 
 inline thread_local Block* block = nullptr;
@@ -93,38 +105,57 @@ inline float __fdividef(float a, float b) { return a / b; }
 
 namespace cuda_cpu {
 
-// kernel<<<grid, block, smem, stream>>>(args...) becomes launch(grid, block, smem, kernel, args...).
+// kernel<<<grid, block, smem, stream>>>(args...) becomes launch(grid, block, smem, kernel, args...); a
+// launch whose blocks form clusters of `cluster` consecutive blocks along x (cudaLaunchKernelEx with
+// a cluster dimension) becomes launch_cluster(grid, block, smem, cluster, kernel, args...).
 template <typename Kernel, typename... Args>
-void launch(dim3 grid, dim3 threads, size_t smem_bytes, Kernel kernel, Args... args) {
+void launch_cluster(dim3 grid, dim3 threads, size_t smem_bytes, unsigned cluster_size, Kernel kernel, Args... args) {
     if (threads.y != 1 || threads.z != 1 || threads.x % 32 != 0 || threads.x > 1024)
         fail("blocks must be one-dimensional whole warps of at most 1024 threads");
     if (smem_bytes > 227 * 1024) fail("more dynamic shared memory than a Hopper multiprocessor has (227 KB)");
+    if (cluster_size < 1 || cluster_size > 8 || grid.x % cluster_size != 0)
+        fail("a cluster is 1 to 8 blocks (the portable limit) and must divide the grid's x dimension");
     for (unsigned bz = 0; bz < grid.z; bz++)
         for (unsigned by = 0; by < grid.y; by++)
-            for (unsigned bx = 0; bx < grid.x; bx++) {
-                Block blk;
-                blk.threads = int(threads.x);
-                blk.all = std::make_unique<std::barrier<>>(threads.x);
-                for (unsigned w = 0; w < threads.x / 32; w++) blk.warps.push_back(std::make_unique<std::barrier<>>(32));
-                // Garbage, not zeros, so a kernel that reads shared memory it never wrote shows it.
-                blk.smem.assign(smem_bytes + 128, 0xFF);
-                blk.smem_base = blk.smem.data() + (128 - reinterpret_cast<uintptr_t>(blk.smem.data()) % 128) % 128;
-                blk.votes.assign(threads.x, 0);
+            for (unsigned bx0 = 0; bx0 < grid.x; bx0 += cluster_size) {
+                Cluster cl;
+                cl.all = std::make_unique<std::barrier<>>(threads.x * cluster_size);
+                std::vector<Block> blocks(cluster_size);
+                for (unsigned rank = 0; rank < cluster_size; rank++) {
+                    Block& blk = blocks[rank];
+                    blk.threads = int(threads.x);
+                    blk.cluster = &cl, blk.rank = rank;
+                    blk.all = std::make_unique<std::barrier<>>(threads.x);
+                    for (unsigned w = 0; w < threads.x / 32; w++) blk.warps.push_back(std::make_unique<std::barrier<>>(32));
+                    // Garbage, not zeros, so a kernel that reads shared memory it never wrote shows it.
+                    blk.smem.assign(smem_bytes + 128, 0xFF);
+                    blk.smem_base = blk.smem.data() + (128 - reinterpret_cast<uintptr_t>(blk.smem.data()) % 128) % 128;
+                    blk.votes.assign(threads.x, 0);
+                    cl.blocks.push_back(&blk);
+                }
                 std::vector<std::thread> pool;
-                pool.reserve(threads.x);
-                for (unsigned t = 0; t < threads.x; t++)
-                    pool.emplace_back([&, t] {
-                        block = &blk;
-                        threadIdx = dim3(t), blockIdx = dim3(bx, by, bz), blockDim = threads, gridDim = grid;
-                        kernel(args...);
-                    });
+                pool.reserve(threads.x * cluster_size);
+                for (unsigned rank = 0; rank < cluster_size; rank++)
+                    for (unsigned t = 0; t < threads.x; t++)
+                        pool.emplace_back([&, rank, t] {
+                            block = &blocks[rank];
+                            threadIdx = dim3(t), blockIdx = dim3(bx0 + rank, by, bz), blockDim = threads, gridDim = grid;
+                            kernel(args...);
+                        });
                 for (auto& th : pool) th.join();
             }
+}
+
+template <typename Kernel, typename... Args>
+void launch(dim3 grid, dim3 threads, size_t smem_bytes, Kernel kernel, Args... args) {
+    launch_cluster(grid, threads, smem_bytes, 1, kernel, args...);  // every block is a cluster of its own
 }
 
 }  // namespace cuda_cpu
 
 #define WKV_LAUNCH(kernel, grid, threads, smem, stream, ...) cuda_cpu::launch(grid, threads, smem, kernel, __VA_ARGS__)
+#define WKV_LAUNCH_CLUSTER(kernel, grid, threads, smem, stream, cluster, ...) \
+    cuda_cpu::launch_cluster(grid, threads, smem, cluster, kernel, __VA_ARGS__)
 
 using std::max;
 using std::min;

@@ -1,0 +1,124 @@
+"""Time the chunked WKV-7 kernel at each split of a head's value rows over blocks, shape by shape.
+
+    python scripts/bench_wkv7_split.py                        # B x T = 32768 tokens at C = 4096, head 64
+    python scripts/bench_wkv7_split.py --shapes 1x32768 8x4096 --channels 2048 --head-size 32
+
+One block per (batch, head) leaves multiprocessors idle where B * H is small (B = 1, long T); the op
+then splits each head's value rows over 2 or 4 blocks (`value_split` picks how many). This prints,
+per shape and split, the median forward and forward + backward time (CUDA events) and marks the
+split the op picks by itself, so the rule can be checked against what is fastest on this GPU.
+Needs sm_90 or later for splits above 1 (the backward runs each head as a thread block cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rwkv_train.ops import kernels  # noqa: E402
+from rwkv_train.ops.wkv7_chunked_cuda import value_split, wkv7_chunked_cuda  # noqa: E402
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        B, T = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not BxT, e.g. 1x32768") from None
+    if B < 1 or T < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: B and T must be at least 1")
+    return B, T
+
+
+def median_ms(fn: Callable[[], None], repeats: int) -> float:
+    for _ in range(2):  # warm-up (and the build, on first use)
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def inputs(B: int, T: int, C: int, N: int) -> list[torch.Tensor]:
+    """r, lw, k, v, a, b as the model makes them (bf16 leaves, lw float32 in (-0.61, 0)); never zeros."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (B, T, C // N, N)
+
+    def randn(scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=g) * scale
+
+    kk = torch.nn.functional.normalize(randn(), dim=-1)
+    lw = -0.6065 * torch.sigmoid(randn())
+    xs = [randn(0.5), lw, randn(0.5), randn(), -kk, 0.5 * kk]
+    return [x.to(torch.float32 if i == 1 else torch.bfloat16).requires_grad_() for i, x in enumerate(xs)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(1, 32768), (2, 16384), (4, 8192), (8, 4096)],
+                        metavar="BxT", help="batch x sequence length (default: 1x32768 2x16384 4x8192 8x4096)")
+    parser.add_argument("--channels", type=int, default=4096, help="C = H x head size (default 4096)")
+    parser.add_argument("--head-size", type=int, default=64, choices=kernels.head_sizes("v7-chunked"))
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per cell (default 10)")
+    parser.add_argument("--out", type=Path, help="also write the table to OUT/bench_wkv7_split.md")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.channels % args.head_size:
+        parser.error(f"--channels {args.channels} is not a multiple of --head-size {args.head_size}")
+    if not torch.cuda.is_available():
+        print("bench_wkv7_split: needs a CUDA device", file=sys.stderr)
+        return 1
+    module = kernels.load("v7-chunked", args.head_size)
+    clusters = torch.cuda.get_device_capability()[0] >= 9
+    splits = list(module.splits) if clusters else [1]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    C, N = args.channels, args.head_size
+
+    lines = [f"Chunked WKV-7, C={C}, head {N}, {torch.cuda.get_device_name()} ({sms} multiprocessors); "
+             f"median of {args.repeats}, ms; * the op's own choice (value_split)", "",
+             "| B | T | blocks per head | blocks | forward | forward + backward |", "|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    for B, T in args.shapes:
+        xs = inputs(B, T, C, N)
+        dy = torch.randn(B, T, C // N, N, device="cuda", dtype=torch.bfloat16)
+        chosen = value_split(B * C // N, splits, sms)
+        for split in splits:
+            def forward(split=split) -> None:
+                with torch.no_grad():
+                    wkv7_chunked_cuda(*xs, split=split)
+
+            def both(split=split) -> None:
+                for x in xs:
+                    x.grad = None
+                wkv7_chunked_cuda(*xs, split=split)[0].backward(dy)
+
+            mark = " *" if split == chosen else ""
+            line = (f"| {B} | {T} | {split}{mark} | {B * C // N * split} | {median_ms(forward, args.repeats):.2f} "
+                    f"| {median_ms(both, args.repeats):.2f} |")
+            lines.append(line)
+            print(line, flush=True)
+        del xs, dy
+        torch.cuda.empty_cache()
+    if not clusters:
+        print("(compute capability below 9.0: no thread block clusters, so only one block per head)")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_wkv7_split.md").write_text("\n".join(lines) + "\n")
+        print(f"written: {args.out / 'bench_wkv7_split.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
