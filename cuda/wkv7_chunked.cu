@@ -163,10 +163,11 @@ constexpr bool is_row = std::is_same<Layout, row>::value;
 // C (+)= A B for the 16 x 16 tile of C at c; a, b point at the tile's first row of A and first
 // column of B (element (m, k) of A is a[m * lda + k] row-major, a[k * lda + m] column-major).
 // Alternate k steps go to two accumulators, added at the end: two dependent chains of half the
-// length, so a warp waits on the tensor cores' latency half as long.
+// length, so a warp waits on the tensor cores' latency half as long. Where c_t is given, the tile
+// is also stored transposed there (c_t[j * ldc_t + i] = C[i][j]).
 template <typename LA, typename LB>
 __device__ __forceinline__ void tile_mma(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int K,
-                                         bool accumulate) {
+                                         bool accumulate, float* c_t = nullptr, int ldc_t = 0) {
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     if (accumulate)
         wmma::load_matrix_sync(acc[0], c, ldc, wmma::mem_row_major);
@@ -185,19 +186,36 @@ __device__ __forceinline__ void tile_mma(float* c, int ldc, const bf16* a, int l
 #pragma unroll
         for (int i = 0; i < acc[0].num_elements; i++) acc[0].x[i] += acc[1].x[i];
     wmma::store_matrix_sync(c, acc[0], ldc, wmma::mem_row_major);
+    if (c_t) wmma::store_matrix_sync(c_t, acc[0], ldc_t, wmma::mem_col_major);
 }
 
-// C[rows x cols] (+)= A[rows x K] B[K x cols], row-major float C; the tiles are dealt out to the warps.
+// C[rows x cols] (+)= A[rows x K] B[K x cols], row-major float C, and where c_t is given C^T there
+// too; the tiles are dealt out to the warps.
 template <typename LA, typename LB>
 __device__ __forceinline__ void matmul(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int rows,
-                                       int cols, int K, bool accumulate) {
+                                       int cols, int K, bool accumulate, float* c_t = nullptr, int ldc_t = 0) {
     const int warp = threadIdx.x / 32, tiles_n = cols / 16, tiles = rows / 16 * tiles_n;
     for (int tile = warp; tile < tiles; tile += WARPS) {
         const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16;
         tile_mma<LA, LB>(c + m0 * ldc + n0, ldc, a + (is_row<LA> ? m0 * lda : m0), lda, b + (is_row<LB> ? n0 : n0 * ldb),
-                         ldb, K, accumulate);
+                         ldb, K, accumulate, c_t ? c_t + n0 * ldc_t + m0 : nullptr, ldc_t);
     }
 }
+
+// Named barrier `id` (1 to 15; __syncthreads is 0) between `count` threads, whole warps: arrive
+// (go on) and sync (wait until `count` threads have come). Shared-memory writes before an arrive are
+// visible after the sync it completes: a producer-consumer hand-over between warps.
+#ifdef WKV_CPU_EMULATION
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) { cuda_cpu::named_barrier(id, count, false); }
+__device__ __forceinline__ void named_barrier_sync(int id, int count) { cuda_cpu::named_barrier(id, count, true); }
+#else
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+#endif
 
 // Offsets into a [B, T, H, N] tensor for one block's batch b and head h: element (b, t, h, n) is
 // at(t, n), a step further is stride on. Worked out once per block, so an access costs an add.
@@ -646,14 +664,21 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             for (int j = 0; j < PER; j++) gdy[(L + tid / N * PER + j) * LDH + tid % N] = now.dy[j];
         if (c > 0) load_backward<VALUES>(in, dy, states, g, head, chunks, c - 1, T, part.v0, next);
         __syncthreads();
-        matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);   // left right^T
-        matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, VALUES, N, false);    // hat_a S^T
-        matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, VALUES, N, false); // ends dS^T
-        matmul<row, col>(MT, LDM, right, LDH, left, LDH, L2, L2, N, false);  // right left^T = M^T
+        matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false, MT, LDM);  // M = left right^T, and M^T
+        matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, VALUES, N, false);            // hat_a S^T
+        matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, VALUES, N, false);         // ends dS^T
         __syncthreads();
-        // Two threads per value channel: one solves for x, the other for g and dv (they are independent).
+        // Two threads per value channel: one solves for x, the other for g (they are independent); dv
+        // needs g, and its dy part does not. Where the two threads of a channel are in different warps
+        // (VALUES a multiple of 32), the x thread, which has less to do, also adds dv's dy part into
+        // P's free rows L.. and signals it on barrier 1; the g thread waits there only to add it.
+        // Otherwise the g thread does all of dv.
+        constexpr bool SHARED_DV = VALUES % 32 == 0;
         for (int u = tid; u < 2 * VALUES; u += THREADS) {
             const int i = u % VALUES;
+            float d[L];  // dy of channel i
+#pragma unroll
+            for (int s = 0; s < L; s++) d[s] = f32(gdy[(L + s) * LDH + i]);
             if (u < VALUES) {
                 float v[L], x[L];
 #pragma unroll
@@ -661,11 +686,15 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
                 solve_x(M, P, i, v, x);
 #pragma unroll
                 for (int t = 0; t < L; t++) xv[t * LDH + i] = to_bf16(x[t]);
+                if constexpr (SHARED_DV) {
+#pragma unroll
+                    for (int t = 0; t < L; t++)  // E[L+t] + sum_{s>=t} M_rk[s,t] dy_s; row L+t of MT is M's column L+t
+                        P[(L + t) * LDH + i] = row_dot(E[(L + t) * LDH + i], MT + (L + t) * LDM + L, d, t, L - 1);
+                    named_barrier_arrive(1, 2 * VALUES);
+                }
                 continue;
             }
-            float d[L], gg[L];
-#pragma unroll
-            for (int s = 0; s < L; s++) d[s] = f32(gdy[(L + s) * LDH + i]);
+            float gg[L];
             // Row t of MT = M^T holds M's column t: g_t = E[t] + sum_{s>=t} M_rb[s,t] dy_s + sum_{s>t}
             // M_ab[s,t] g_s from the last step back, g_{t+1} added last (one multiply-add per step
             // waits on the previous); then dv from all of g.
@@ -674,10 +703,15 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
                 const float* m = MT + t * LDM;
                 gg[t] = row_dot<true>(row_dot<true>(E[t * LDH + i], m + L, d, t, L - 1), m, gg, t + 1, L - 1);
             }
+            if constexpr (SHARED_DV) named_barrier_sync(1, 2 * VALUES);
 #pragma unroll
             for (int t = 0; t < L; t++) {
                 const float* m = MT + (L + t) * LDM;
-                const float acc = row_dot(row_dot(E[(L + t) * LDH + i], m, gg, t + 1, L - 1), m + L, d, t, L - 1);
+                float acc;
+                if constexpr (SHARED_DV)
+                    acc = row_dot(P[(L + t) * LDH + i], m, gg, t + 1, L - 1);
+                else
+                    acc = row_dot(row_dot(E[(L + t) * LDH + i], m, gg, t + 1, L - 1), m + L, d, t, L - 1);
                 if (t < steps) out.dv[g.at(t0 + t, part.v0 + i)] = to_bf16(acc);
                 gdy[t * LDH + i] = to_bf16(gg[t]);
             }
