@@ -791,49 +791,44 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
 }
 
 // Launches, shared by the torch binding below and the CPU emulation in tests/cuda_cpu. split: the
-// blocks per head (valid_split; above 1 needs clusters, so sm_90 or later).
+// blocks per head (above 1 needs clusters, so sm_90 or later); false, launching nothing, for a split
+// that is not valid_split.
 template <int SPLIT>
-inline void launch_forward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const float* s0, bf16* y,
+inline bool launch_forward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const float* s0, bf16* y,
                                  float* s_final, bf16* states) {
-    constexpr ForwardSmem F;
-    WKV_ALLOW_SMEM(forward_kernel<SPLIT>, F.bytes);
-    WKV_LAUNCH(forward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, F.bytes, stream, T, H, in, s0, y, s_final, states);
+    if constexpr (!valid_split(SPLIT)) {
+        return false;
+    } else {
+        constexpr ForwardSmem F;
+        WKV_ALLOW_SMEM(forward_kernel<SPLIT>, F.bytes);
+        WKV_LAUNCH(forward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, F.bytes, stream, T, H, in, s0, y, s_final, states);
+        return true;
+    }
 }
 
 template <int SPLIT>
-inline void launch_backward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const bf16* dy,
+inline bool launch_backward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const bf16* dy,
                                   const bf16* states, const float* ds_final, Grads out, float* ds0) {
-    constexpr BackwardSmem S;
-    WKV_ALLOW_SMEM(backward_kernel<SPLIT>, S.bytes);
-    if constexpr (SPLIT == 1)
-        WKV_LAUNCH(backward_kernel<1>, dim3(H, B), THREADS, S.bytes, stream, T, H, in, dy, states, ds_final, out, ds0);
-    else
-        WKV_LAUNCH_CLUSTER(backward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, S.bytes, stream, SPLIT, T, H, in, dy,
-                           states, ds_final, out, ds0);
-}
-
-// The launches for a run-time split: false, launching nothing, for one that is not valid_split.
-template <int SPLIT, typename... Args>
-inline bool forward_if_valid(Args... args) {
-    if constexpr (valid_split(SPLIT))
-        return launch_forward_split<SPLIT>(args...), true;
-    else
+    if constexpr (!valid_split(SPLIT)) {
         return false;
-}
-template <int SPLIT, typename... Args>
-inline bool backward_if_valid(Args... args) {
-    if constexpr (valid_split(SPLIT))
-        return launch_backward_split<SPLIT>(args...), true;
-    else
-        return false;
+    } else {
+        constexpr BackwardSmem S;
+        WKV_ALLOW_SMEM(backward_kernel<SPLIT>, S.bytes);
+        if constexpr (SPLIT == 1)
+            WKV_LAUNCH(backward_kernel<1>, dim3(H, B), THREADS, S.bytes, stream, T, H, in, dy, states, ds_final, out, ds0);
+        else
+            WKV_LAUNCH_CLUSTER(backward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, S.bytes, stream, SPLIT, T, H, in,
+                               dy, states, ds_final, out, ds0);
+        return true;
+    }
 }
 
 inline bool launch_forward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const float* s0, bf16* y,
                            float* s_final, bf16* states) {
     switch (split) {
-        case 1: return forward_if_valid<1>(stream, B, T, H, in, s0, y, s_final, states);
-        case 2: return forward_if_valid<2>(stream, B, T, H, in, s0, y, s_final, states);
-        case 4: return forward_if_valid<4>(stream, B, T, H, in, s0, y, s_final, states);
+        case 1: return launch_forward_split<1>(stream, B, T, H, in, s0, y, s_final, states);
+        case 2: return launch_forward_split<2>(stream, B, T, H, in, s0, y, s_final, states);
+        case 4: return launch_forward_split<4>(stream, B, T, H, in, s0, y, s_final, states);
         default: return false;
     }
 }
@@ -841,9 +836,9 @@ inline bool launch_forward(cudaStream_t stream, int split, int B, int T, int H, 
 inline bool launch_backward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const bf16* dy,
                             const bf16* states, const float* ds_final, Grads out, float* ds0) {
     switch (split) {
-        case 1: return backward_if_valid<1>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
-        case 2: return backward_if_valid<2>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
-        case 4: return backward_if_valid<4>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
+        case 1: return launch_backward_split<1>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
+        case 2: return launch_backward_split<2>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
+        case 4: return launch_backward_split<4>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
         default: return false;
     }
 }

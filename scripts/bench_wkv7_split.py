@@ -13,9 +13,7 @@ Needs sm_90 or later for splits above 1 (the backward runs each head as a thread
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,20 +34,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     return B, T
 
 
-def median_ms(fn: Callable[[], None], repeats: int) -> float:
-    for _ in range(2):  # warm-up (and the build, on first use)
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def inputs(B: int, T: int, C: int, N: int) -> list[torch.Tensor]:
     """r, lw, k, v, a, b as the model makes them (bf16 leaves, lw float32 in (-0.61, 0)); never zeros."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -62,6 +46,29 @@ def inputs(B: int, T: int, C: int, N: int) -> list[torch.Tensor]:
     lw = -0.6065 * torch.sigmoid(randn())
     xs = [randn(0.5), lw, randn(0.5), randn(), -kk, 0.5 * kk]
     return [x.to(torch.float32 if i == 1 else torch.bfloat16).requires_grad_() for i, x in enumerate(xs)]
+
+
+def time_shape(B: int, T: int, C: int, N: int, splits: list[int], chosen: int, repeats: int) -> list[str]:
+    """The table's rows for one shape, one per split (printed as they come); `chosen` is marked."""
+    xs = inputs(B, T, C, N)
+    dy = torch.randn(B, T, C // N, N, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for split in splits:
+        def forward(split=split) -> None:
+            with torch.no_grad():
+                wkv7_chunked_cuda(*xs, split=split)
+
+        def both(split=split) -> None:
+            for x in xs:
+                x.grad = None
+            wkv7_chunked_cuda(*xs, split=split)[0].backward(dy)
+
+        forward_ms = kernels.median_cuda_ms(forward, repeats, warmup=2)
+        both_ms = kernels.median_cuda_ms(both, repeats, warmup=2)
+        mark = " *" if split == chosen else ""
+        rows.append(f"| {B} | {T} | {split}{mark} | {B * C // N * split} | {forward_ms:.2f} | {both_ms:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,30 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     C, N = args.channels, args.head_size
 
-    lines = [f"Chunked WKV-7, C={C}, head {N}, {torch.cuda.get_device_name()} ({sms} multiprocessors); "
-             f"median of {args.repeats}, ms; * the op's own choice (value_split)", "",
+    title = (f"Chunked WKV-7, C={C}, head {N}, {torch.cuda.get_device_name()} ({sms} multiprocessors); "
+             f"median of {args.repeats}, ms; * the op's own choice (value_split)")
+    lines = [title, "",
              "| B | T | blocks per head | blocks | forward | forward + backward |", "|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     for B, T in args.shapes:
-        xs = inputs(B, T, C, N)
-        dy = torch.randn(B, T, C // N, N, device="cuda", dtype=torch.bfloat16)
-        chosen = value_split(B * C // N, splits, sms)
-        for split in splits:
-            def forward(split=split) -> None:
-                with torch.no_grad():
-                    wkv7_chunked_cuda(*xs, split=split)
-
-            def both(split=split) -> None:
-                for x in xs:
-                    x.grad = None
-                wkv7_chunked_cuda(*xs, split=split)[0].backward(dy)
-
-            mark = " *" if split == chosen else ""
-            line = (f"| {B} | {T} | {split}{mark} | {B * C // N * split} | {median_ms(forward, args.repeats):.2f} "
-                    f"| {median_ms(both, args.repeats):.2f} |")
-            lines.append(line)
-            print(line, flush=True)
-        del xs, dy
+        lines += time_shape(B, T, C, N, splits, value_split(B * C // N, splits, sms), args.repeats)
         torch.cuda.empty_cache()
     if not clusters:
         print("(compute capability below 9.0: no thread block clusters, so only one block per head)")

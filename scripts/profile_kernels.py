@@ -15,7 +15,6 @@ for. Inputs are random and shaped like the models' (never zeros).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rwkv_train.ops import kernels  # noqa: E402
 
 
 def _inputs(generation: str, B: int, T: int, C: int, N: int) -> tuple[list[torch.Tensor], Callable]:
@@ -97,15 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             name = e.key.split("(")[0].replace("wkv::", "").replace("wkv7c::", "").replace("(anonymous namespace)::", "")[:34]
             print(f"{generation:<10} {name:<34} {e.count:>5} {e.device_time_total / e.count / 1000:>9.3f}")
         kernels_ms = sum(e.device_time_total for e in rows) / args.repeats / 1000
-        times = []
-        for _ in range(args.repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        steps.append((generation, statistics.median(times), kernels_ms))
+        steps.append((generation, kernels.median_cuda_ms(step, args.repeats), kernels_ms))
     print()
     for generation, step_ms, kernels_ms in steps:
         print(f"{generation:<10} forward + backward {step_ms:.3f} ms: kernels {kernels_ms:.3f} ms, "

@@ -22,8 +22,9 @@ import fcntl
 import hashlib
 import logging
 import shutil
+import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -40,6 +41,7 @@ __all__ = [
     "cuda_dir",
     "head_sizes",
     "load",
+    "median_cuda_ms",
     "new_output",
     "nvcc_flags",
     "poisoned_outputs",
@@ -273,3 +275,19 @@ def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: 
     if _poison:
         out.fill_(float("nan"))
     return out
+
+
+def median_cuda_ms(fn: Callable[[], object], repeats: int, warmup: int = 0) -> float:
+    """The median GPU time of `fn` over `repeats` runs (CUDA events around each, synchronised), after
+    `warmup` untimed runs: what the benchmark scripts report."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
