@@ -70,7 +70,7 @@ class Wkv7ChunkedModule:
         self.head_size = self.lib.head_size()
         self.chunk_len = self.lib.chunk_len()
         self.log_decay_min = self.lib.log_decay_min()
-        self.splits = [split for split in (1, 2, 4) if (self.head_size // split) % 16 == 0]
+        self.splits = [split for split in (1, 2, 4) if self.lib.valid_split(split)]  # as the binding lists them
 
     def forward(self, r, lw, k, v, a, b, s0, y, s_final, states, split) -> None:
         B, T, H, _ = r.shape

@@ -9,6 +9,7 @@ extern "C" {
 int head_size() { return wkv7c::N; }
 int chunk_len() { return wkv7c::L; }
 float log_decay_min() { return wkv7c::LW_MIN; }
+int valid_split(int split) { return wkv7c::valid_split(split); }
 
 // split: blocks per head (1, 2 or 4 where the head size allows); returns 0 for any other.
 int forward(int split, int B, int T, int H, const bf16* r, const float* lw, const bf16* k, const bf16* v, const bf16* a,
