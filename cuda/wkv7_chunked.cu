@@ -327,6 +327,11 @@ constexpr int GROUPS = THREADS / N;  // threads per channel
 constexpr int PER = L / GROUPS;      // steps per thread
 static_assert(THREADS % N == 0 && L % GROUPS == 0 && PER % 2 == 0, "each thread builds whole steps of one channel");
 
+// Whether channel n (0 <= n < N) is one of the block's VALUES value channels (the first VALUES; the
+// block's v0 offsets them in global memory). Constant true with one block per head.
+template <int VALUES>
+__device__ __forceinline__ bool block_value(int n) { return VALUES == N || n < VALUES; }
+
 struct ChunkLoads {
     float lw[L];                                  // 0 past the end
     bf16 a[PER], r[PER], b[PER], k[PER], v[PER];  // 0 past the end
@@ -341,7 +346,7 @@ __device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& row
     for (int t = 0; t < L; t++, lw += rows.stride) x.lw[t] = t < steps ? *lw : 0.f;
     const int64_t at = rows.at(t0 + first, n);
     const bf16 *a = in.a + at, *r = in.r + at, *b = in.b + at, *k = in.k + at, *v = in.v + at + v0, zero = to_bf16(0.f);
-    const bool value = VALUES == N || n < VALUES;
+    const bool value = block_value<VALUES>(n);
 #pragma unroll
     for (int j = 0; j < PER; j++) {
         const bool live = first + j < steps;
@@ -392,7 +397,7 @@ __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* lef
         ends[t * LDH + n] = to_bf16(b * to_end);
         ends[(L + t) * LDH + n] = to_bf16(k * to_end);
         e_ex = e_in;
-        if (VALUES == N || n < VALUES) xv[(L + t) * LDH + n] = x.v[j];
+        if (block_value<VALUES>(n)) xv[(L + t) * LDH + n] = x.v[j];
         if (cum) cum[t * N + n] = c_in;
     }
     return clamped;
@@ -546,7 +551,7 @@ __device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, 
     load_saved<VALUES>(states + (head * chunks + c) * N * N + int64_t(v0) * N, l.start);
     load_chunk<VALUES>(in, rows, t0, steps, v0, l.x);
     const bf16 *d = dy + rows.at(t0 + first, v0 + n), zero = to_bf16(0.f);
-    const bool value = VALUES == N || n < VALUES;
+    const bool value = block_value<VALUES>(n);
 #pragma unroll
     for (int j = 0; j < PER; j++) l.dy[j] = first + j < steps && value ? d[j * rows.stride] : zero;
 }
@@ -659,7 +664,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         store_saved<VALUES>(now.start, Sh);
         const unsigned clamped_steps = chunk_factors<VALUES>(now.x, left, right, hat, ends, xv, decay, cum);
         if (tid < N) clamped[tid] = clamped_steps;  // kept here, not in registers through the chunk
-        if (VALUES == N || tid % N < VALUES)
+        if (block_value<VALUES>(tid % N))
 #pragma unroll
             for (int j = 0; j < PER; j++) gdy[(L + tid / N * PER + j) * LDH + tid % N] = now.dy[j];
         if (c > 0) load_backward<VALUES>(in, dy, states, g, head, chunks, c - 1, T, part.v0, next);
