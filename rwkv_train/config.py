@@ -147,9 +147,9 @@ class TrainConfig:
     """DeepSpeed offload: none, optimizer (ZeRO-2/3), or all (optimizer and parameters, ZeRO-3)."""
     grad_cp: Literal[False, True, "selective"] = False
     """Gradient checkpointing per block. true: the block's forward is recomputed in the backward (least
-    memory, about 30% more compute); selective: the matrix products' outputs are kept and only the rest
-    (elementwise work, norms, the WKV) is recomputed (memory between the two, no second pass of the
-    products)."""
+    memory, about 30% more compute); selective: the outputs of the projections (the products over at
+    least C / 2 terms) are kept and the rest (elementwise work, norms, the WKV, the low-rank LoRA
+    up-projections) is recomputed (memory between the two, no second pass of the large products)."""
     compile: bool = False
     """torch.compile each block (grad_cp included): fused elementwise work, faster steps on a GPU; the
     first step compiles for a minute or more."""

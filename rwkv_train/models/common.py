@@ -220,21 +220,36 @@ class RWKVModel(nn.Module):
 
     def run_block(self, block: nn.Module, *args):
         """block(*args), recomputed in backward instead of stored when gradient checkpointing is on
-        (grad_cp True), or all of it but the matrix products (grad_cp "selective")."""
+        (grad_cp True), or all of it but the full-width matrix products (grad_cp "selective")."""
         if self.grad_cp and self.training and torch.is_grad_enabled():
             if self.grad_cp == "selective":
-                return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, context_fn=_keep_products)
+                keep = functools.partial(keep_products, min_inner=self.dims.n_embd // 2)
+                return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, context_fn=keep)
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
 
-# The matrix products: what "selective" checkpointing keeps (the rest of a block is cheap to recompute).
+# The matrix products, of which "selective" checkpointing keeps the costly ones.
 PRODUCTS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default})
 
 
-def _products_policy(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy:
+def kept_product(op, args, min_inner: int) -> bool:
+    """Whether selective checkpointing keeps this op's output: a matrix product that sums over at least
+    min_inner terms. With min_inner = C / 2 that is every projection (inner C or the FFN's 4C), while the
+    low-rank ones (the LoRA up-projections, inner 32 to 320, whose outputs are C wide) are recomputed:
+    as many FLOPs as their down-projections, for C / d times less memory kept."""
+    if op not in PRODUCTS:
+        return False
+    left = args[1] if op is torch.ops.aten.addmm.default else args[0]
+    return left.shape[-1] >= min_inner
+
+
+def _products_policy(ctx, op, *args, min_inner: int, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy:
     policy = torch.utils.checkpoint.CheckpointPolicy
-    return policy.MUST_SAVE if op in PRODUCTS else policy.PREFER_RECOMPUTE
+    return policy.MUST_SAVE if kept_product(op, args, min_inner) else policy.PREFER_RECOMPUTE
 
 
-_keep_products = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, _products_policy)
+def keep_products(min_inner: int):
+    """The context_fn of selective checkpointing: keep the products `kept_product` names, recompute the rest."""
+    policy = functools.partial(_products_policy, min_inner=min_inner)
+    return torch.utils.checkpoint.create_selective_checkpoint_contexts(policy)
