@@ -14,8 +14,9 @@ from rwkv_train.compiling import compile_fn
 
 def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
     """The previous token's input at every position: `prev` (or zeros) at t=0.  x: (B, T, C)."""
-    first = torch.zeros_like(x[:, :1]) if prev is None else prev.unsqueeze(1).to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    if prev is None:  # a pad, not a cat with zeros: compiled, it fuses into the consumers as an index shift
+        return F.pad(x[:, :-1], (0, 0, 1, 0))
+    return torch.cat([prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
 
 
 def layer_ramps(layer_id: int, n_layer: int) -> tuple[float, float]:
