@@ -3,6 +3,8 @@
     python scripts/bench_train.py                                 # 0.1B and 1.5B at ctx_len 4096
     python scripts/bench_train.py --micro-batch 16 8 --steps 20   # fixed micro-batches, longer timing
     python scripts/bench_train.py --kernel torch --grad-cp on     # the PyTorch WKV, checkpointing forced on
+    python scripts/bench_train.py --configs configs/rwkv7-1.5b.yaml --kernel cuda-chunked --compile blocks \
+        --grad-cp on selective off                                # one row per checkpointing mode
 
 Each config is built as training builds it (rwkv_train.models.build_model, the reference init) on the
 GPU, with the weights of one of the two ways `train.precision: bf16` trains:
@@ -82,9 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel", choices=("cuda", "cuda-chunked", "torch"), default="cuda",
                    help="WKV backend (model.kernel); for RWKV-7, cuda is the sequential kernel (model.wkv7_chunked=false) "
                         "and cuda-chunked the chunked one (model.kernel=cuda, model.wkv7_chunked=true)")
-    p.add_argument("--grad-cp", choices=("on", "off", "selective"), default=None,
-                   help="gradient checkpointing per block: on, off, or selective (keep the matrix products' "
-                        "outputs, recompute the rest); default: each config's train.grad_cp")
+    p.add_argument("--grad-cp", choices=("on", "off", "selective"), nargs="+", default=[None],
+                   help="gradient checkpointing per block: on, off, or selective (keep the projections' outputs, "
+                        "recompute the rest); several: each config once per mode. Default: each config's train.grad_cp")
     p.add_argument("--weights", choices=("bf16", "fp32"), default="bf16",
                    help="bf16: bf16 model with float32 master weights (DeepSpeed bf16, the presets' strategy); "
                         "fp32: float32 weights under bf16 autocast (Lightning bf16-mixed). Default bf16")
@@ -199,10 +201,10 @@ def resolve(path: str) -> Path:
     return given if given.exists() or given.is_absolute() else REPO / given
 
 
-def bench_config(path: str, micro_batch: int | None, args: argparse.Namespace) -> Result:
+def bench_config(path: str, micro_batch: int | None, grad_cp: str | None, args: argparse.Namespace) -> Result:
     from rwkv_train.flops import flops_per_token, mfu, peak_flops
 
-    cfg = load_bench_config(path, args.ctx_len, args.kernel, args.grad_cp)
+    cfg = load_bench_config(path, args.ctx_len, args.kernel, grad_cp)
     per_token = flops_per_token(cfg.model, cfg.data.ctx_len)
     bench = Bench(cfg, args.weights, args.compile)
     result = Result(config=Path(path).stem, params=bench.params, micro_batch=None, ctx_len=cfg.data.ctx_len,
@@ -292,11 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for i, path in enumerate(args.configs):
         micro_batch = None if args.micro_batch is None else args.micro_batch[min(i, len(args.micro_batch) - 1)]
-        try:
-            results.append(bench_config(path, micro_batch, args))
-        except UserError as err:
-            print(f"error: {path}: {err}", file=sys.stderr)
-            return 1
+        for grad_cp in args.grad_cp:
+            try:
+                results.append(bench_config(path, micro_batch, grad_cp, args))
+            except UserError as err:
+                print(f"error: {path}: {err}", file=sys.stderr)
+                return 1
 
     rows = table_rows(results)
     print()

@@ -160,3 +160,6 @@ def test_bench_train_settings_become_the_config_training_would_load():
     assert (cfg.model.kernel, cfg.model.wkv7_chunked, cfg.train.grad_cp) == ("cuda", True, True)
     cfg = bench_train.load_bench_config("configs/rwkv7-0.1b.yaml", 4096, "torch", None)
     assert (cfg.model.kernel, cfg.model.wkv7_chunked, cfg.train.grad_cp) == ("torch", "auto", False)
+    # --grad-cp takes several modes (a row each); without it, the config's own
+    assert bench_train.parse_args(["--grad-cp", "on", "selective", "off"]).grad_cp == ["on", "selective", "off"]
+    assert bench_train.parse_args([]).grad_cp == [None]
