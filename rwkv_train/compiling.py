@@ -27,13 +27,20 @@ def inductor_options() -> dict[str, Any]:
     return {"triton.mix_order_reduction": False} if hasattr(inductor_config.triton, "mix_order_reduction") else {}
 
 
-def compile_fn(fn: Callable, backend: str = "inductor") -> Callable:
+def compile_fn(fn: Callable, backend: str = "inductor", autotune: bool = False) -> Callable:
     """torch.compile(fn) with inductor_options() when the backend is inductor.
 
     `backend`: "inductor" (fused kernels), "aot_eager" (traced forward and backward run by eager
     PyTorch: checks the capture without code generation) or "eager" (capture only).
+    `autotune`: inductor's max_autotune, which times its own matrix-product kernels against the
+    library's for each shape, with the neighbouring elementwise work fused into them (a GPU's
+    compile then takes minutes longer).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown compile backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
-    options = inductor_options() if backend == "inductor" else None
+    if autotune and backend != "inductor":
+        raise ValueError(f"autotune is an inductor setting; the {backend!r} backend has none")
+    options = inductor_options() if backend == "inductor" else {}
+    if autotune:
+        options["max_autotune"] = True
     return torch.compile(fn, backend=backend, options=options or None)

@@ -20,7 +20,9 @@ back every step, as the trainer does. Batches are uniformly random token ids.
 --compile loss compiles the whole training loss with torch.compile; --compile blocks compiles the call
 of each block, gradient checkpointing included, as `train.compile: true` does (one graph for layer 0,
 one shared by the others; the embedding, the head and its fused loss stay eager). Both use
-rwkv_train.compiling's inductor settings.
+rwkv_train.compiling's inductor settings. --compile blocks-autotune adds inductor's max_autotune: each
+matrix product's shape is timed against inductor's own product kernels, which can take the
+neighbouring elementwise work (the lerps before, relu^2 after) into the same kernel.
 
 A step is forward + backward + optimiser step on one micro-batch of micro_batch x ctx_len tokens.
 Without --micro-batch, the largest of 1, 2, 4, 8, 16 that runs a whole step without running out of
@@ -90,8 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", choices=("bf16", "fp32"), default="bf16",
                    help="bf16: bf16 model with float32 master weights (DeepSpeed bf16, the presets' strategy); "
                         "fp32: float32 weights under bf16 autocast (Lightning bf16-mixed). Default bf16")
-    p.add_argument("--compile", choices=("off", "loss", "blocks"), default="off",
-                   help="torch.compile the whole training loss, or each block; default off")
+    p.add_argument("--compile", choices=("off", "loss", "blocks", "blocks-autotune"), default="off",
+                   help="torch.compile the whole training loss, or each block (blocks-autotune: with inductor's "
+                        "max_autotune, its own matrix-product kernels with the elementwise work fused in where they "
+                        "are faster); default off")
     p.add_argument("--out", type=Path, default=REPO / "out" / "bench_train", help="folder for bench_train.md/.csv")
     args = p.parse_args(argv)
     if args.micro_batch is not None and len(args.micro_batch) not in (1, len(args.configs)):
@@ -131,8 +135,8 @@ class Bench:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if weights == "fp32" else nullcontext()
         self.compute.grad_cp = cfg.train.grad_cp
         self.compute.train()
-        if compile_mode == "blocks":
-            self.compute.compile_blocks()  # what train.compile runs
+        if compile_mode.startswith("blocks"):
+            self.compute.compile_blocks(autotune=compile_mode == "blocks-autotune")  # train.compile runs "blocks"
         self.loss_fn: Callable = compile_fn(self.compute.loss) if compile_mode == "loss" else self.compute.loss
         self.params = sum(p.numel() for p in self.model.parameters())
 
@@ -286,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     weights = ("bf16 weights, float32 master weights" if args.weights == "bf16"
                else "float32 weights under bf16 autocast")
-    compiled = {"off": "", "loss": ", torch.compile of the loss", "blocks": ", torch.compile of each block"}
+    compiled = {"off": "", "loss": ", torch.compile of the loss", "blocks": ", torch.compile of each block",
+                "blocks-autotune": ", torch.compile of each block with max_autotune"}
     notes = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {weights}, fused AdamW, "
              f"WKV kernel {args.kernel}{compiled[args.compile]}; "
              f"{args.warmup} warm-up + {args.steps} timed steps per config")

@@ -66,3 +66,8 @@ def test_training_with_compile_follows_the_eager_run(tmp_path, corpus):
         losses[name] = [float(r["loss"]) for r in rows if r["loss"]]
     assert len(losses["eager"]) == 4
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+def test_compile_fn_autotune_is_an_inductor_setting():
+    with pytest.raises(ValueError, match="autotune is an inductor setting"):
+        compile_fn(lambda x: x, backend="aot_eager", autotune=True)

@@ -213,11 +213,12 @@ class RWKVModel(nn.Module):
             new_state.append(s)
         return self.ln_out(x), new_state
 
-    def compile_blocks(self, backend: str = "inductor") -> None:
+    def compile_blocks(self, backend: str = "inductor", autotune: bool = False) -> None:
         """torch.compile each block's call, gradient checkpointing included, so the recomputation in
         backward runs compiled code too. Blocks branch on `is_first`, not on their index, so layer 0
-        gets one graph and layers 1..n-1 share another. The embedding and the head stay eager."""
-        self.run_block = compile_fn(type(self).run_block.__get__(self), backend)
+        gets one graph and layers 1..n-1 share another. The embedding and the head stay eager.
+        `autotune`: see `rwkv_train.compiling.compile_fn`."""
+        self.run_block = compile_fn(type(self).run_block.__get__(self), backend, autotune)
 
     def run_block(self, block: nn.Module, *args):
         """block(*args), recomputed in backward instead of stored when gradient checkpointing is on
