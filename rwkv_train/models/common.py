@@ -237,9 +237,9 @@ PRODUCTS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, t
 
 def kept_product(op, args, min_inner: int) -> bool:
     """Whether selective checkpointing keeps this op's output: a matrix product that sums over at least
-    min_inner terms. With min_inner = C / 2 that is every projection (inner C or the FFN's 4C), while the
-    low-rank ones (the LoRA up-projections, inner 32 to 320, whose outputs are C wide) are recomputed:
-    as many FLOPs as their down-projections, for C / d times less memory kept."""
+    min_inner terms. With min_inner = C / 2 that is every projection (inner C or the FFN's 4C). The
+    LoRA up-projections (inner d = 32 to 320) are recomputed: they cost as few FLOPs as the
+    down-projections (2 C d per token), but their outputs are C wide where the downs' are d wide."""
     if op not in PRODUCTS:
         return False
     left = args[1] if op is torch.ops.aten.addmm.default else args[0]
