@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rwkv_train.models.v7 import DECAY_SCALE  # noqa: E402
 from rwkv_train.ops import kernels  # noqa: E402
 from rwkv_train.ops.wkv7_chunked_cuda import value_split, wkv7_chunked_cuda  # noqa: E402
 
@@ -43,7 +44,7 @@ def inputs(B: int, T: int, C: int, N: int) -> list[torch.Tensor]:
         return torch.randn(*shape, device="cuda", generator=g) * scale
 
     kk = torch.nn.functional.normalize(randn(), dim=-1)
-    lw = -0.6065 * torch.sigmoid(randn())
+    lw = -DECAY_SCALE * torch.sigmoid(randn())
     xs = [randn(0.5), lw, randn(0.5), randn(), -kk, 0.5 * kk]
     return [x.to(torch.float32 if i == 1 else torch.bfloat16).requires_grad_() for i, x in enumerate(xs)]
 

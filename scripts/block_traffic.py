@@ -39,21 +39,26 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(REPO))
 
+from rwkv_train.ops.wkv7_chunked_cuda import CHUNK_LEN  # noqa: E402
+
 MODES = {"off": False, "on": True, "selective": "selective"}
-CHUNK = 16  # the chunked kernel's chunk length: one saved state per CHUNK steps
+
+
+def _outputs(r: Tensor) -> tuple[Tensor, Tensor]:
+    """y and the chunk start states (one per CHUNK_LEN steps), uninitialised, shaped as the chunked kernel's."""
+    B, T, H, N = r.shape
+    return torch.empty_like(r), r.new_empty((B, H, (T + CHUNK_LEN - 1) // CHUNK_LEN, N, N))
 
 
 @torch.library.custom_op("rwkv_train_bench::wkv7_stand_in", mutates_args=())
 def wkv7_stand_in(r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """y and the chunk start states, uninitialised: the chunked kernel's outputs without its work."""
-    B, T, H, N = r.shape
-    return torch.empty_like(r), r.new_empty((B, H, (T + CHUNK - 1) // CHUNK, N, N))
+    """The chunked kernel's outputs without its work."""
+    return _outputs(r)
 
 
 @wkv7_stand_in.register_fake
 def _(r, lw, k, v, a, b):
-    B, T, H, N = r.shape
-    return torch.empty_like(r), r.new_empty((B, H, (T + CHUNK - 1) // CHUNK, N, N))
+    return _outputs(r)
 
 
 @torch.library.custom_op("rwkv_train_bench::wkv7_stand_in_backward", mutates_args=())

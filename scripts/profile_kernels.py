@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rwkv_train.models.v7 import DECAY_SCALE  # noqa: E402
 from rwkv_train.ops import kernels  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def _inputs(generation: str, B: int, T: int, C: int, N: int) -> tuple[list[torch
     from rwkv_train.ops.wkv7_cuda import wkv7_cuda
 
     op = wkv7_chunked_cuda if generation == "v7-chunked" else wkv7_cuda
-    lw = leaf(-0.6065 * torch.sigmoid(torch.randn(B, T, H, N, device=dev, generator=g)), torch.float32)
+    lw = leaf(-DECAY_SCALE * torch.sigmoid(torch.randn(B, T, H, N, device=dev, generator=g)), torch.float32)
     kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, device=dev, generator=g), dim=-1)
     xs = [randn(B, T, H, N, scale=0.5), lw, randn(B, T, H, N, scale=0.5), randn(B, T, H, N), leaf(-kk), leaf(0.5 * kk)]
     return xs, lambda r, lw, k, v, a, b: op(r, lw, k, v, a, b)[0]
