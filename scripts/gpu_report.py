@@ -1,7 +1,7 @@
 """Every GPU check and benchmark of the CUDA kernels in one run, summed up in one table.
 
     python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
-    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, profile, splits, kernels,
+    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, racecheck, profile, splits, kernels,
                                                       # train, train-chunked, train-compiled, train-modes, train-autotune)
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
     python scripts/gpu_report.py --generations v7-chunked --skip kernels train-chunked train-compiled train-modes \
@@ -11,6 +11,7 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   build      scripts/build_kernels.py: every kernel built once, in parallel
   tests      pytest tests/test_kernels_cuda.py: every kernel against the float64 reference
   sanitizer  compute-sanitizer memcheck over scripts/sanitize_kernels.py
+  racecheck  compute-sanitizer racecheck over the same: shared-memory hazards between threads
   profile    scripts/profile_kernels.py: per-kernel time of both v7 kernels
   splits     scripts/bench_wkv7_split.py: the chunked v7 kernel at 1, 2 and 4 blocks per head, B=1 to 8
   kernels    scripts/bench_kernels.py (forward + backward times against RWKV-LM and fla)
@@ -19,7 +20,7 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   train-compiled the same with the chunked kernel and compiled blocks (--compile blocks, train.compile)
   train-modes    1.5B as train-compiled, with selective checkpointing and with none (--grad-cp selective off)
   train-autotune 1.5B selective at micro-batch 8, compiled with max_autotune (--compile blocks-autotune)
---generations narrows the builds, tests, sanitizer, profile and kernel benchmark to those kernels
+--generations narrows the builds, tests, sanitizers, profile and kernel benchmark to those kernels
 (v7-chunked is the chunked RWKV-7 kernel; the kernel benchmark times both RWKV-7 kernels for either),
 and keeps a training step (and splits) only where its kernel is chosen (train: v7; the others: v7-chunked).
 The summary (step, result, the line that says how it went, seconds) is printed and written to
@@ -45,7 +46,7 @@ except ImportError:  # run from a checkout without installing the package
 
 from rwkv_train.ops import kernels
 
-STEPS = ("build", "tests", "sanitizer", "profile", "splits", "kernels", "train", "train-chunked", "train-compiled",
+STEPS = ("build", "tests", "sanitizer", "racecheck", "profile", "splits", "kernels", "train", "train-chunked", "train-compiled",
          "train-modes", "train-autotune")
 GENERATIONS = tuple(kernels.SOURCES)  # v4, v5, v6, v7, v7-chunked
 # pytest -k expressions that pick one kernel's tests out of tests/test_kernels_cuda.py by their ids
@@ -91,6 +92,8 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
              r"\d+ (passed|failed|error)"),
         Step("sanitizer", [kernels.cuda_tool("compute-sanitizer") or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", py,
                            "scripts/sanitize_kernels.py", *sanitize], 900, r"ERROR SUMMARY"),
+        Step("racecheck", [kernels.cuda_tool("compute-sanitizer") or "compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "1",
+                           py, "scripts/sanitize_kernels.py", *sanitize], 900, r"RACECHECK SUMMARY"),
         Step("profile", [py, "scripts/profile_kernels.py", "--generations", *profiled], 600,
              rf"^{profiled[-1]} +forward \+ backward"),
         Step("splits", [py, "scripts/bench_wkv7_split.py", "--out", str(out / "splits")], 600, r"written:|error",

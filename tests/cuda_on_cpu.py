@@ -5,6 +5,11 @@ std::thread (barriers for __syncthreads, the wmma tiles computed exactly); a sma
 file gives its launches a C interface. `build` compiles one with g++ (a few seconds, cached by the
 digest of every source involved) and `Wkv7ChunkedOnCpu` calls the chunked WKV-7 kernel's forward and
 backward on CPU tensors with the CUDA op's contract.
+
+`build_program` compiles a driver with a main under one of g++'s sanitizers instead: ThreadSanitizer
+sees each CUDA thread's shared-memory accesses and the barriers between them, so a missing barrier is
+reported as a data race whatever the timing of the run; AddressSanitizer reports an access outside an
+input, an output or the block's shared memory.
 """
 
 from __future__ import annotations
@@ -29,25 +34,64 @@ def compiler_problem() -> str | None:
     return None if shutil.which("g++") else "g++ is not installed (apt install g++)"
 
 
-def build(driver: str, kernel: str, head_size: int) -> ctypes.CDLL:
-    """Compile tests/cuda_cpu/<driver> (which includes cuda/<kernel>) for one head size; cached."""
-    sources = [EMULATION / driver, REPO / "cuda" / kernel, *sorted(EMULATION.glob("*.h"))]
-    flags = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-fno-strict-aliasing",
-             "-DWKV_KERNELS_ONLY", f"-DHEAD_SIZE={head_size}", f"-I{EMULATION}", "-include", "cuda_cpu.h"]  # fmt: skip
+SANITIZERS = {
+    # A data race: two threads touch the same bytes, one of them writing, with no barrier between.
+    "thread": ["-fsanitize=thread"],
+    # Out-of-bounds or freed memory (global or shared), and undefined behaviour (overflow, bad shifts).
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"],
+}
+
+
+def _flags(head_size: int) -> list[str]:
+    return ["-std=c++20", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-fno-strict-aliasing", "-DWKV_KERNELS_ONLY",
+            f"-DHEAD_SIZE={head_size}", f"-I{EMULATION}", "-include", "cuda_cpu.h"]  # fmt: skip
+
+
+def _compiled(source: Path, flags: list[str], suffix: str) -> Path:
+    """g++ flags source -o <cached file>: cached by the digest of the flags and of every file the build
+    can include (the emulation's headers and drivers, the kernel sources)."""
+    emulation, kernels = sorted(EMULATION.glob("*.[hc]*")), sorted((REPO / "cuda").glob("*.cu*"))
     digest = hashlib.sha256(" ".join(flags).encode())
-    for source in sources:
-        digest.update(source.read_bytes())
+    for path in (source, *emulation, *kernels):
+        digest.update(path.read_bytes())
     cache = Path(tempfile.gettempdir()) / f"rwkv_train_cuda_cpu_{os.getuid()}"
     cache.mkdir(exist_ok=True)
-    target = cache / f"{Path(driver).stem}_h{head_size}_{digest.hexdigest()[:12]}.so"
+    target = cache / f"{source.stem}_{digest.hexdigest()[:12]}{suffix}"
     if not target.exists():
         partial = target.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run(["g++", *flags, str(EMULATION / driver), "-o", str(partial)], capture_output=True, text=True)
+        result = subprocess.run(["g++", *flags, str(source), "-o", str(partial)], capture_output=True, text=True, check=False)
         if result.returncode != 0:
             partial.unlink(missing_ok=True)
-            raise RuntimeError(f"building the CPU emulation of cuda/{kernel} failed:\n{result.stderr[-4000:]}")
-        partial.replace(target)  # atomic: a parallel build never sees half a library
-    return ctypes.CDLL(str(target))
+            raise RuntimeError(f"building {source.name} for the CPU emulation failed:\n{result.stderr[-4000:]}")
+        partial.replace(target)  # atomic: a parallel build never sees half a file
+    return target
+
+
+def build(driver: str, head_size: int) -> ctypes.CDLL:
+    """Compile tests/cuda_cpu/<driver> (which includes its kernel from cuda/) for one head size as a
+    library; cached."""
+    flags = ["-O2", "-fPIC", "-shared", *_flags(head_size)]
+    return ctypes.CDLL(str(_compiled(EMULATION / driver, flags, ".so")))
+
+
+def sanitizer_problem(sanitizer: str) -> str | None:
+    """Why g++ cannot build programs with this sanitizer here, or None."""
+    if problem := compiler_problem():
+        return problem
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "probe.cpp"
+        source.write_text("int main() { return 0; }\n")
+        command = ["g++", *SANITIZERS[sanitizer], str(source), "-o", str(Path(tmp) / "probe")]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    runtime = {"thread": "libtsan2", "address": "libasan8 libubsan1"}[sanitizer]
+    return None if result.returncode == 0 else f"g++ cannot link -fsanitize={sanitizer} (apt install {runtime})"
+
+
+def build_program(source: str, head_size: int, sanitizer: str) -> Path:
+    """Compile tests/cuda_cpu/<source>, a program with a main, for one head size under a sanitizer of
+    SANITIZERS; returns the executable's path (cached)."""
+    flags = ["-O1", "-g", *SANITIZERS[sanitizer], *_flags(head_size)]
+    return _compiled(EMULATION / source, flags, f"_{sanitizer}")
 
 
 def _ptr(x: Tensor) -> ctypes.c_void_p:
@@ -65,7 +109,7 @@ class Wkv7ChunkedModule:
     given), on the CPU emulation: what `kernels.load("v7-chunked", N)` returns on a GPU."""
 
     def __init__(self, head_size: int):
-        self.lib = build("wkv7_chunked.cpp", "wkv7_chunked.cu", head_size)
+        self.lib = build("wkv7_chunked.cpp", head_size)
         self.lib.log_decay_min.restype = ctypes.c_float
         self.head_size = self.lib.head_size()
         self.chunk_len = self.lib.chunk_len()

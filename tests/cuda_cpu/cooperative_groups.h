@@ -17,7 +17,7 @@ struct cluster_group {
     T* map_shared_rank(T* p, unsigned rank) const {
         const cuda_cpu::Block* self = cuda_cpu::block;
         const auto* at = reinterpret_cast<const unsigned char*>(p);
-        if (at < self->smem_base || at >= self->smem.data() + self->smem.size())
+        if (at < self->smem_base || at >= self->smem_base + self->smem_bytes)
             cuda_cpu::fail("map_shared_rank: the pointer is not into this block's shared memory");
         if (rank >= num_blocks()) cuda_cpu::fail("map_shared_rank: no block of that rank in this cluster");
         return reinterpret_cast<T*>(self->cluster->blocks[rank]->smem_base + (at - self->smem_base));

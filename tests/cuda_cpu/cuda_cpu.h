@@ -8,8 +8,10 @@
 // (cooperative_groups::this_cluster(), in cooperative_groups.h beside this file). The
 // tensor-core API the kernels use (nvcuda::wmma, bf16 operands, float accumulators) is computed
 // exactly from the tiles it names, with the alignment and leading-dimension rules of the real one
-// checked. What it cannot show: timing, register pressure, or a race that a barrier hides here;
-// it shows the arithmetic, the indexing and the order of the barriers.
+// checked. What it cannot show: timing or register pressure; it shows the arithmetic, the indexing
+// and the order of the barriers. A run can get a race right by luck of timing: built with
+// -fsanitize=thread (tests/cuda_on_cpu.py's build_program) every access the barriers leave unordered
+// is reported instead, and with -fsanitize=address every access outside shared memory's exact size.
 #pragma once
 
 #include <algorithm>
@@ -22,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -49,14 +52,21 @@ namespace cuda_cpu {
 
 struct Cluster;
 
+// Shared memory: exactly the bytes the launch asked for, 128-byte aligned as the hardware aligns it,
+// so an address sanitizer reports an access past its end.
+struct SharedFree {
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+};
+
 struct Block {
     int threads = 0;
     Cluster* cluster = nullptr;  // the cluster it runs in, and its rank there
     unsigned rank = 0;
     std::unique_ptr<std::barrier<>> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
-    std::vector<unsigned char> smem;
-    unsigned char* smem_base = nullptr;  // smem.data() rounded up to 128 bytes, as the hardware aligns it
+    std::unique_ptr<unsigned char[], SharedFree> smem;
+    unsigned char* smem_base = nullptr;  // smem.get()
+    size_t smem_bytes = 0;
     std::vector<int> votes;
     // Named barriers 1..15 (bar.arrive / bar.sync id, count), each made on first use with its count.
     std::mutex named_made;
@@ -155,8 +165,10 @@ void launch_cluster(dim3 grid, dim3 threads, size_t smem_bytes, unsigned cluster
                     blk.all = std::make_unique<std::barrier<>>(threads.x);
                     for (unsigned w = 0; w < threads.x / 32; w++) blk.warps.push_back(std::make_unique<std::barrier<>>(32));
                     // Garbage, not zeros, so a kernel that reads shared memory it never wrote shows it.
-                    blk.smem.assign(smem_bytes + 128, 0xFF);
-                    blk.smem_base = blk.smem.data() + (128 - reinterpret_cast<uintptr_t>(blk.smem.data()) % 128) % 128;
+                    void* bytes = ::operator new[](std::max<size_t>(smem_bytes, 1), std::align_val_t(128));
+                    blk.smem.reset(static_cast<unsigned char*>(bytes));
+                    blk.smem_base = blk.smem.get(), blk.smem_bytes = smem_bytes;
+                    std::memset(blk.smem_base, 0xFF, smem_bytes);
                     blk.votes.assign(threads.x, 0);
                     cl.blocks.push_back(&blk);
                 }
