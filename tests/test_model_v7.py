@@ -10,7 +10,7 @@ import torch
 from rwkv_train.config import ModelConfig
 from rwkv_train.models import build_model
 from rwkv_train.models.common import Head, cross_entropy_l2wrap
-from rwkv_train.models.v7 import RWKV7Dims
+from rwkv_train.models.v7 import RWKV7Dims, head_norm
 
 TINY = ModelConfig(n_layer=3, n_embd=64, head_size=32, vocab_size=97)
 
@@ -67,6 +67,30 @@ def test_gradient_flows_into_the_initial_state():
         down = model(idx[:, 10:], state)[0].square().mean()
     central = (up - down).item() / (2 * eps)
     assert central == pytest.approx(wkv.grad[0, 0, 1, 2].item(), rel=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_head_norm_is_group_norm_over_heads(dtype):
+    """head_norm over (..., H, N) gives what nn.GroupNorm(H, H * N) gives over the flattened channels, with
+    an affine that differs per channel, and the same gradients for the input, weight and bias."""
+    H, N, eps = 4, 16, 64e-5
+    g = torch.Generator().manual_seed(5)
+    norm = torch.nn.GroupNorm(H, H * N, eps=eps).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(H * N, generator=g))
+        norm.bias.copy_(torch.randn(H * N, generator=g))
+    y = (3 * torch.randn(2, 5, H, N, generator=g) + 1).to(dtype).requires_grad_()
+    ours = head_norm(y, norm)
+    assert ours.dtype == torch.promote_types(dtype, torch.float32)
+    theirs = norm(y.reshape(-1, H * N)).view(2, 5, H, N)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]  # bf16: GroupNorm rounds its output
+    torch.testing.assert_close(ours.to(dtype), theirs, rtol=tol, atol=tol)
+    if dtype == torch.float64:
+        upstream = torch.randn(2, 5, H, N, generator=g, dtype=dtype)
+        ours_grads = torch.autograd.grad(ours, (y, norm.weight, norm.bias), upstream)
+        theirs_grads = torch.autograd.grad(theirs, (y, norm.weight, norm.bias), upstream)
+        for a, b in zip(ours_grads, theirs_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_names_and_shapes_follow_the_reference():
