@@ -15,6 +15,7 @@ input, an output or the block's shared memory.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -74,6 +75,7 @@ def build(driver: str, head_size: int) -> ctypes.CDLL:
     return ctypes.CDLL(str(_compiled(EMULATION / driver, flags, ".so")))
 
 
+@functools.cache
 def sanitizer_problem(sanitizer: str) -> str | None:
     """Why g++ cannot build programs with this sanitizer here, or None."""
     if problem := compiler_problem():
@@ -81,10 +83,17 @@ def sanitizer_problem(sanitizer: str) -> str | None:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "probe.cpp"
         source.write_text("int main() { return 0; }\n")
-        command = ["g++", *SANITIZERS[sanitizer], str(source), "-o", str(Path(tmp) / "probe")]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-    runtime = {"thread": "libtsan2", "address": "libasan8 libubsan1"}[sanitizer]
-    return None if result.returncode == 0 else f"g++ cannot link -fsanitize={sanitizer} (apt install {runtime})"
+        probe = Path(tmp) / "probe"
+        built = subprocess.run(["g++", *SANITIZERS[sanitizer], str(source), "-o", str(probe)], capture_output=True,
+                               text=True, check=False)  # fmt: skip
+        if built.returncode != 0:
+            runtime = {"thread": "libtsan2", "address": "libasan8 libubsan1"}[sanitizer]
+            return f"g++ cannot link -fsanitize={sanitizer} (apt install {runtime})"
+        # ThreadSanitizer refuses to start under some kernels' address-space randomisation
+        ran = subprocess.run([str(probe)], capture_output=True, text=True, check=False)
+    if ran.returncode != 0:
+        return f"a -fsanitize={sanitizer} program does not start here: {(ran.stderr.strip() or '?').splitlines()[0]}"
+    return None
 
 
 def build_program(source: str, head_size: int, sanitizer: str) -> Path:
