@@ -86,14 +86,17 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
         sanitize = chosen
         bench = ["--generations", *dict.fromkeys(g.removesuffix("-chunked") for g in chosen)]
     profiled = chosen if narrow else ["v7", "v7-chunked"]
+
+    def sanitizer(tool: str) -> list[str]:  # compute-sanitizer's `tool` over sanitize_kernels.py
+        return [kernels.cuda_tool("compute-sanitizer") or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1", py,
+                "scripts/sanitize_kernels.py", *sanitize]
+
     steps = [
         Step("build", [py, "scripts/build_kernels.py", "--jobs", str(jobs), *build], 900, r"(built|failed|ok)"),
         Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py", *tests], 900,
              r"\d+ (passed|failed|error)"),
-        Step("sanitizer", [kernels.cuda_tool("compute-sanitizer") or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", py,
-                           "scripts/sanitize_kernels.py", *sanitize], 900, r"ERROR SUMMARY"),
-        Step("racecheck", [kernels.cuda_tool("compute-sanitizer") or "compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "1",
-                           py, "scripts/sanitize_kernels.py", *sanitize], 900, r"RACECHECK SUMMARY"),
+        Step("sanitizer", sanitizer("memcheck"), 900, r"ERROR SUMMARY"),
+        Step("racecheck", sanitizer("racecheck"), 900, r"RACECHECK SUMMARY"),
         Step("profile", [py, "scripts/profile_kernels.py", "--generations", *profiled], 600,
              rf"^{profiled[-1]} +forward \+ backward"),
         Step("splits", [py, "scripts/bench_wkv7_split.py", "--out", str(out / "splits")], 600, r"written:|error",
