@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -22,9 +21,10 @@ from tests import cuda_on_cpu
 from tests.conftest import REPO, run_cli
 
 _spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_kernels"] = bench  # its dataclasses look their module up there
-_spec.loader.exec_module(bench)
+_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_script)  # puts scripts/ on the path, where its kernel_bench package is
+
+from kernel_bench import jobs, plan, report, runner, variants  # noqa: E402
 
 GENERATIONS = ("v4", "v5", "v6", "v7")
 
@@ -83,9 +83,9 @@ def test_without_cuda_it_says_what_to_run_instead():
 
 @pytest.mark.parametrize("generation", GENERATIONS)
 def test_inputs_are_model_like_and_every_variant_sees_the_same_decay(generation):
-    shape = bench.Shape(2, 24, 128, 64)
-    x = bench.make_inputs(generation, shape, seed=5, device="cpu")
-    again = bench.make_inputs(generation, shape, seed=5, device="cpu")
+    shape = jobs.Shape(2, 24, 128, 64)
+    x = variants.make_inputs(generation, shape, seed=5, device="cpu")
+    again = variants.make_inputs(generation, shape, seed=5, device="cpu")
     assert all(torch.equal(x[k], again[k]) for k in x)  # a row's inputs are the same in every process
     for name, t in x.items():
         assert torch.isfinite(t).all() and (t != 0).float().mean() > 0.99, name  # never zeros
@@ -114,9 +114,9 @@ def test_inputs_are_model_like_and_every_variant_sees_the_same_decay(generation)
 
 
 def _task(generation: str, shape, variant_key: str, label: str, anchor=None):
-    row = bench.Row(generation, shape)
-    job = bench.Job(row, bench.Variant(variant_key, "ours-cuda" if "cuda" in variant_key else "ours-torch", label))
-    return bench.Task(job, "time", anchor=anchor, warmup=1, repeats=1, max_seconds=60, seed=row.seed(0), device="cpu")
+    row = jobs.Row(generation, shape)
+    job = jobs.Job(row, jobs.Variant(variant_key, "ours-cuda" if "cuda" in variant_key else "ours-torch", label))
+    return jobs.Task(job, "time", anchor=anchor, warmup=1, repeats=1, max_seconds=60, seed=row.seed(0), device="cpu")
 
 
 @pytest.mark.skipif(cuda_on_cpu.compiler_problem() is not None, reason=str(cuda_on_cpu.compiler_problem()))
@@ -128,33 +128,33 @@ def test_chunked_variant_passes_the_benchmarks_output_check_on_the_emulated_kern
         return modules.setdefault(head_size, cuda_on_cpu.Wkv7ChunkedModule(head_size))
 
     monkeypatch.setattr(kernels, "load", load)
-    shape = bench.Shape(1, 40, 64, 32)  # T = 40: the kernel pads its last chunk
-    inputs = bench.make_inputs("v7", shape, seed=3, device="cpu")
-    anchor = bench.measure(_task("v7", shape, "v7:ours-torch", "wkv7 torch"), inputs, None)
+    shape = jobs.Shape(1, 40, 64, 32)  # T = 40: the kernel pads its last chunk
+    inputs = variants.make_inputs("v7", shape, seed=3, device="cpu")
+    anchor = runner.measure(_task("v7", shape, "v7:ours-torch", "wkv7 torch"), inputs, None)
     assert anchor.nan == "" and anchor.fingerprint.shape == (1, 40, 64)
 
-    got = bench.measure(_task("v7", shape, "v7:ours-cuda-chunked", "wkv7_chunked_cuda", anchor.fingerprint), inputs,
+    got = runner.measure(_task("v7", shape, "v7:ours-cuda-chunked", "wkv7_chunked_cuda", anchor.fingerprint), inputs,
                         None)
     assert modules, "the chunked variant did not run the (emulated) kernel"
     assert got.nan == "", got.nan  # every gradient buffer written, though poisoned with NaN first
     assert got.rel_err is not None and got.rel_err < 1e-2  # bf16 operands against the float32 PyTorch backend
-    assert got.median_ms > 0 and got.runs == 1 and bench.check_problem(got) == ""
+    assert got.median_ms > 0 and got.runs == 1 and report.check_problem(got) == ""
 
     # The check has teeth: a variant whose y is 10% off is flagged, and so is one that leaves NaN behind.
-    wrong_y = bench.Result(got.row, got.variant, got.column, got.label, median_ms=1.0, anchor="wkv7 torch",
+    wrong_y = jobs.Result(got.row, got.variant, got.column, got.label, median_ms=1.0, anchor="wkv7 torch",
                            rel_err=float(np.linalg.norm(1.1 * anchor.fingerprint - anchor.fingerprint)
                                          / np.linalg.norm(anchor.fingerprint)))
-    assert "differs from wkv7 torch's by 0.1" in bench.check_problem(wrong_y)
-    assert "NaN left in grad2" in bench.check_problem(bench.Result("r", "v", "c", "l", nan="grad2"))
+    assert "differs from wkv7 torch's by 0.1" in report.check_problem(wrong_y)
+    assert "NaN left in grad2" in report.check_problem(jobs.Result("r", "v", "c", "l", nan="grad2"))
 
 
 def test_table_cells_name_the_fastest_kernel_and_footnote_failures():
-    shape = bench.Shape(8, 4096, 4096, 64)
-    plan = bench.make_plan(["v7"], [shape], list(bench.COLUMNS), REPO / "no-copy")
-    row = plan.rows[0].key
+    shape = jobs.Shape(8, 4096, 4096, 64)
+    the_plan = plan.make_plan(["v7"], [shape], list(jobs.COLUMNS), REPO / "no-copy")
+    row = the_plan.rows[0].key
 
     def result(column, label, ms=None, status="ok", **kw):
-        return bench.Result(row, "", column, label, status=status, median_ms=ms, **kw)
+        return jobs.Result(row, "", column, label, status=status, median_ms=ms, **kw)
 
     results = [
         result("ours-torch", "wkv7 torch", 109.0),
@@ -165,7 +165,7 @@ def test_table_cells_name_the_fastest_kernel_and_footnote_failures():
         result("rwkv-lm", "RWKV-v7/train_temp wkv7_cuda.cu", None, status="error", message="illegal address"),
         result("fla", "fla chunk_rwkv7", None, status="OOM"),
     ]
-    table, notes = bench.summarize(plan, results, list(bench.COLUMNS))
+    table, notes = report.summarize(the_plan, results, list(jobs.COLUMNS))
     cells = table[0]["cells"]
     assert cells["ours-torch"] == "109"
     assert cells["ours-cuda"] == "8.5 (wkv7_chunked_cuda)"
@@ -174,9 +174,9 @@ def test_table_cells_name_the_fastest_kernel_and_footnote_failures():
     flagged = "RWKV-v7/train_temp rwkv7_clampw_v3_for_h100.cu: y differs from wkv7 torch's by 0.2 (relative)"
     assert notes.items == [flagged]
     assert table[0]["speedup"] == pytest.approx(12.5 / 8.5)
-    rendered = bench.render_text(table, list(bench.COLUMNS), 64)
+    rendered = report.render_text(table, list(jobs.COLUMNS), 64)
     assert rendered[0][-1] == "speed-up vs RWKV-LM" and rendered[1][-1] == "1.47x"
 
     # a column whose only variant failed shows the failure with its reason as a note
-    table, notes = bench.summarize(plan, [results[5]], ["rwkv-lm"])
+    table, notes = report.summarize(the_plan, [results[5]], ["rwkv-lm"])
     assert table[0]["cells"]["rwkv-lm"] == "error [1]" and "illegal address" in notes.items[0]
