@@ -31,6 +31,10 @@ memory is used (tried from the largest down). Then --warmup steps, then --steps 
 tokens/s is of this one GPU; MFU is tokens/s x training FLOPs per token (rwkv_train.flops: 6 x matrix
 parameters + the WKV recurrence, gradient-checkpoint recomputation not counted) over the GPU's dense
 bf16 peak. The table is printed and written to --out as bench_train.md and bench_train.csv.
+
+--device cpu runs the same steps on the CPU with the PyTorch WKV, to check the script and a config
+without a GPU (no peak memory or MFU there), e.g.
+    python scripts/bench_train.py --device cpu --configs configs/demo.yaml --ctx-len 64 --micro-batch 2 --steps 1
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "max_autotune, its own matrix-product kernels with the elementwise work fused in where they "
                         "are faster); default off")
     p.add_argument("--out", type=Path, default=REPO / "out" / "bench_train", help="folder for bench_train.md/.csv")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: check the script and a config without a GPU (needs --kernel torch; no memory or MFU)")
     args = p.parse_args(argv)
     if args.micro_batch is not None and len(args.micro_batch) not in (1, len(args.configs)):
         p.error(f"--micro-batch takes one value or one per config ({len(args.configs)}), got {len(args.micro_batch)}")
@@ -104,6 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--micro-batch values must be positive")
     if args.steps < 1 or args.warmup < 0 or args.ctx_len < 1:
         p.error("--steps and --ctx-len must be positive, --warmup 0 or more")
+    if args.device == "cpu" and args.kernel != "torch":
+        p.error(f"--device cpu runs the PyTorch WKV: pass --kernel torch (got --kernel {args.kernel})")
     return args
 
 
@@ -115,15 +123,15 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 class Bench:
-    """One config's model, optimiser and step function on the GPU."""
+    """One config's model, optimiser and step function on the GPU (or the CPU, to check the script)."""
 
-    def __init__(self, cfg, weights: str, compile_mode: str):
+    def __init__(self, cfg, weights: str, compile_mode: str, device: str = "cuda"):
         from rwkv_train.compiling import compile_fn
         from rwkv_train.models import build_model
         from rwkv_train.module import RWKVModule
 
-        self.cfg = cfg
-        self.model = build_model(cfg.model, device="cuda")  # float32: the weights the optimiser steps
+        self.cfg, self.device = cfg, device
+        self.model = build_model(cfg.model, device=device)  # float32: the weights the optimiser steps
         # The real optimiser: parameter groups, fused AdamW and LR schedule of the training module.
         optimizers = RWKVModule(cfg, self.model, total_steps=1000).configure_optimizers()
         self.optimizer = optimizers["optimizer"]
@@ -132,7 +140,7 @@ class Bench:
         self.compute = copy.deepcopy(self.model).to(torch.bfloat16) if weights == "bf16" else self.model
         self.masters = list(self.model.parameters())
         self.copies = list(self.compute.parameters())
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if weights == "fp32" else nullcontext()
+        self.autocast = torch.autocast(device, dtype=torch.bfloat16) if weights == "fp32" else nullcontext()
         self.compute.grad_cp = cfg.train.grad_cp
         self.compute.train()
         if compile_mode.startswith("blocks"):
@@ -143,7 +151,7 @@ class Bench:
     def step(self, micro_batch: int) -> float:
         """Forward + backward + optimiser step on random tokens; returns the loss (a sync, as in training)."""
         ctx_len, vocab = self.cfg.data.ctx_len, self.cfg.model.vocab_size
-        tokens = torch.randint(0, vocab, (micro_batch, ctx_len + 1), device="cuda")
+        tokens = torch.randint(0, vocab, (micro_batch, ctx_len + 1), device=self.device)
         idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         with self.autocast:
             loss = self.loss_fn(idx, targets)
@@ -183,7 +191,13 @@ class Bench:
 
 def release_memory() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def load_bench_config(path: str, ctx_len: int, kernel: str, grad_cp: str | None):
@@ -210,10 +224,11 @@ def bench_config(path: str, micro_batch: int | None, grad_cp: str | None, args: 
 
     cfg = load_bench_config(path, args.ctx_len, args.kernel, grad_cp)
     per_token = flops_per_token(cfg.model, cfg.data.ctx_len)
-    bench = Bench(cfg, args.weights, args.compile)
+    cuda = args.device == "cuda"
+    bench = Bench(cfg, args.weights, args.compile, args.device)
     result = Result(config=Path(path).stem, params=bench.params, micro_batch=None, ctx_len=cfg.data.ctx_len,
                     grad_cp=cfg.train.grad_cp, kernel=args.kernel, weights=args.weights, compiled=args.compile,
-                    gflop_per_token=round(per_token / 1e9, 6), device=torch.cuda.get_device_name())
+                    gflop_per_token=round(per_token / 1e9, 6), device=torch.cuda.get_device_name() if cuda else "cpu")
     try:
         candidates = [micro_batch] if micro_batch is not None else list(MICRO_BATCHES)
         chosen = next((b for b in candidates if bench.fits(b)), None)
@@ -222,22 +237,23 @@ def bench_config(path: str, micro_batch: int | None, grad_cp: str | None, args: 
             return result
         result.micro_batch = chosen
         print(f"{result.config}: micro-batch {chosen} x {cfg.data.ctx_len}, timing {args.steps} steps", flush=True)
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
             bench.step(chosen)
-        torch.cuda.synchronize()
+        synchronize(args.device)
         start = time.perf_counter()
         for _ in range(args.steps):
             bench.step(chosen)
-        torch.cuda.synchronize()
+        synchronize(args.device)
         elapsed = time.perf_counter() - start
     finally:
         bench.close()
     tokens_per_s = chosen * cfg.data.ctx_len * args.steps / elapsed
-    achieved = mfu(tokens_per_s, per_token, peak_flops(torch.cuda.current_device()))
+    achieved = mfu(tokens_per_s, per_token, peak_flops(torch.cuda.current_device())) if cuda else None
     result.tokens_per_s = round(tokens_per_s, 1)
     result.step_s = round(elapsed / args.steps, 4)
-    result.peak_mem_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    result.peak_mem_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
     result.mfu = None if achieved is None else round(achieved, 4)
     return result
 
@@ -256,7 +272,7 @@ def table_rows(results: list[Result]) -> list[tuple[str, ...]]:
             str(r.ctx_len),
             {True: "on", False: "off"}.get(r.grad_cp, r.grad_cp),
             f"{r.tokens_per_s:,.0f}" if ran else "-",
-            f"{r.peak_mem_gib:.1f}" if ran else "-",
+            f"{r.peak_mem_gib:.1f}" if r.peak_mem_gib is not None else "-",
             f"{100 * r.mfu:.1f}" if r.mfu is not None else "-",
         ))
     return rows
@@ -280,10 +296,11 @@ def format_markdown(rows: list[tuple[str, ...]], notes: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("error: bench_train.py measures GPU training and needs a CUDA device, but torch.cuda.is_available() "
               "is False: run it on a machine with an NVIDIA GPU and a CUDA build of torch "
-              "(for CPU throughput use scripts/bench_generations_cpu.py)", file=sys.stderr)
+              "(for CPU throughput use scripts/bench_generations_cpu.py; --device cpu checks this script)",
+              file=sys.stderr)
         return 1
     from rwkv_train.errors import UserError
 
@@ -292,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                else "float32 weights under bf16 autocast")
     compiled = {"off": "", "loss": ", torch.compile of the loss", "blocks": ", torch.compile of each block",
                 "blocks-autotune": ", torch.compile of each block with max_autotune"}
-    notes = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {weights}, fused AdamW, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (a check of the script, not a benchmark)"
+    optimiser = "fused AdamW" if args.device == "cuda" else "AdamW"
+    notes = (f"{where}, torch {torch.__version__}, {weights}, {optimiser}, "
              f"WKV kernel {args.kernel}{compiled[args.compile]}; "
              f"{args.warmup} warm-up + {args.steps} timed steps per config")
     print(notes, flush=True)

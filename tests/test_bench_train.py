@@ -1,0 +1,63 @@
+"""scripts/bench_train.py without a GPU: `--device cpu` runs the benchmark's own training step (bf16
+weights with float32 masters, or float32 weights under autocast) for every checkpointing mode, so the
+script is checked before a GPU session depends on it."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli, tiny_config
+
+_spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+bench_train = importlib.util.module_from_spec(_spec)
+sys.modules["bench_train"] = bench_train  # its dataclasses look their module up there
+_spec.loader.exec_module(bench_train)
+
+
+def test_cpu_run_times_each_checkpointing_mode_and_writes_the_table(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path / "unused-corpus")
+    out = tmp_path / "bench"
+    result = run_cli("scripts/bench_train.py", "--device", "cpu", "--kernel", "torch", "--configs", str(cfg),
+                     "--ctx-len", "24", "--micro-batch", "2", "--warmup", "1", "--steps", "2",
+                     "--grad-cp", "off", "on", "selective", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "bench_train.csv").open()))
+    assert [r["grad_cp"] for r in rows] == ["False", "True", "selective"]
+    for r in rows:
+        assert (r["micro_batch"], r["ctx_len"], r["device"], r["kernel"]) == ("2", "24", "cpu", "torch")
+        assert float(r["tokens_per_s"]) == pytest.approx(2 * 24 / float(r["step_s"]), rel=1e-2)
+        assert r["peak_mem_gib"] == "" and r["mfu"] == ""  # neither is measured on the CPU
+    assert "CPU (a check of the script, not a benchmark)" in (out / "bench_train.md").read_text()
+
+
+def test_cpu_runs_need_the_pytorch_kernel(tmp_path):
+    result = run_cli("scripts/bench_train.py", "--device", "cpu", "--out", str(tmp_path / "bench"))
+    assert result.returncode == 2 and "pass --kernel torch" in result.stderr
+    assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp32"])
+def test_a_bench_step_trains_the_float32_weights_the_optimiser_holds(tmp_path, weights):
+    cfg = bench_train.load_bench_config(str(tiny_config(tmp_path, tmp_path / "unused-corpus")), 24, "torch", "on")
+    torch.manual_seed(0)
+    bench = bench_train.Bench(cfg, weights, "off", device="cpu")
+    start = [p.detach().clone() for p in bench.masters]
+    assert all(p.dtype == torch.float32 for p in bench.masters)
+    losses = [bench.step(2) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    moved = [not torch.equal(p, p0) for p, p0 in zip(bench.masters, start)]
+    assert sum(moved) == len(moved)  # every parameter has a gradient and is stepped
+    assert all(p.grad is None for p in bench.masters)  # gradients cleared for the next step
+    if weights == "bf16":
+        # the model runs on a bf16 copy, refreshed from the stepped float32 masters after each step
+        assert all(c.dtype == torch.bfloat16 for c in bench.copies)
+        for copy_, master in zip(bench.copies, bench.masters):
+            assert torch.equal(copy_, master.to(torch.bfloat16))
+            assert copy_.grad is None
+    else:
+        assert bench.compute is bench.model
