@@ -87,9 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"of {', '.join(map(str, sorted(MICRO_BATCHES)))} that fits")
     p.add_argument("--steps", type=int, default=10, help="timed steps per config (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
-    p.add_argument("--kernel", choices=("cuda", "cuda-chunked", "torch"), default="cuda",
+    p.add_argument("--kernel", choices=("cuda", "cuda-chunked", "torch"), default=None,
                    help="WKV backend (model.kernel); for RWKV-7, cuda is the sequential kernel (model.wkv7_chunked=false) "
-                        "and cuda-chunked the chunked one (model.kernel=cuda, model.wkv7_chunked=true)")
+                        "and cuda-chunked the chunked one (model.kernel=cuda, model.wkv7_chunked=true). "
+                        "Default: cuda, and torch with --device cpu")
     p.add_argument("--grad-cp", choices=("on", "off", "selective"), nargs="+", default=[None],
                    help="gradient checkpointing per block: on, off, or selective (keep the projections' outputs, "
                         "recompute the rest); several: each config once per mode. Default: each config's train.grad_cp")
@@ -102,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "are faster); default off")
     p.add_argument("--out", type=Path, default=REPO / "out" / "bench_train", help="folder for bench_train.md/.csv")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: check the script and a config without a GPU (needs --kernel torch; no memory or MFU)")
+                   help="cpu: check the script and a config without a GPU (the PyTorch WKV; no memory or MFU)")
     args = p.parse_args(argv)
     if args.micro_batch is not None and len(args.micro_batch) not in (1, len(args.configs)):
         p.error(f"--micro-batch takes one value or one per config ({len(args.configs)}), got {len(args.micro_batch)}")
@@ -110,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--micro-batch values must be positive")
     if args.steps < 1 or args.warmup < 0 or args.ctx_len < 1:
         p.error("--steps and --ctx-len must be positive, --warmup 0 or more")
+    if args.kernel is None:
+        args.kernel = "torch" if args.device == "cpu" else "cuda"
     if args.device == "cpu" and args.kernel != "torch":
         p.error(f"--device cpu runs the PyTorch WKV: pass --kernel torch (got --kernel {args.kernel})")
     return args

@@ -22,7 +22,7 @@ _spec.loader.exec_module(bench_train)
 def test_cpu_run_times_each_checkpointing_mode_and_writes_the_table(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path / "unused-corpus")
     out = tmp_path / "bench"
-    result = run_cli("scripts/bench_train.py", "--device", "cpu", "--kernel", "torch", "--configs", str(cfg),
+    result = run_cli("scripts/bench_train.py", "--device", "cpu", "--configs", str(cfg),  # the PyTorch WKV by default
                      "--ctx-len", "24", "--micro-batch", "2", "--warmup", "1", "--steps", "2",
                      "--grad-cp", "off", "on", "selective", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -35,8 +35,8 @@ def test_cpu_run_times_each_checkpointing_mode_and_writes_the_table(tmp_path):
     assert "CPU (a check of the script, not a benchmark)" in (out / "bench_train.md").read_text()
 
 
-def test_cpu_runs_need_the_pytorch_kernel(tmp_path):
-    result = run_cli("scripts/bench_train.py", "--device", "cpu", "--out", str(tmp_path / "bench"))
+def test_cpu_runs_refuse_a_cuda_kernel(tmp_path):
+    result = run_cli("scripts/bench_train.py", "--device", "cpu", "--kernel", "cuda", "--out", str(tmp_path / "bench"))
     assert result.returncode == 2 and "pass --kernel torch" in result.stderr
     assert not (tmp_path / "bench").exists()
 
