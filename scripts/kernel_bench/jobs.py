@@ -16,6 +16,7 @@ DEFAULT_SHAPES = ("8x4096x4096", "1x32768x4096")
 V7_DECAY_SCALE = math.exp(-0.5)  # RWKV-7's decay is exp(-e^-0.5 sigmoid(z)): log-decays in (-0.61, 0)
 REF_V7_CHUNK = 16  # RWKV-LM's v7 kernels save the state every 16 steps, so T % 16 == 0
 
+
 @dataclass(frozen=True)
 class Shape:
     B: int
@@ -122,10 +123,8 @@ class Result:
     info: dict[str, str] = field(default_factory=dict)
 
 
-
 @dataclass
 class Plan:
     rows: list[Row]
     jobs: list[Job]
     builds: dict[str, BuildSpec]
-

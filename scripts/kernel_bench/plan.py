@@ -64,5 +64,3 @@ def make_plan(generations: list[str], shapes: list[Shape], columns: list[str], r
                         builds[spec.key] = spec
                         jobs.append(Job(row, variant))
     return Plan(rows, jobs, builds)
-
-

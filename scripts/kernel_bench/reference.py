@@ -61,7 +61,6 @@ def reference_variants(generation: str, shape: Shape, ref: Path) -> list[tuple[V
     return [(Variant(key, "rwkv-lm", f"RWKV-v7/train_temp {source}", spec.key), spec) for key, source, spec in kernels]
 
 
-
 def load_reference(name: str, spec: BuildSpec, flags: tuple[str, ...]) -> Any:
     """Build or load one RWKV-LM extension; its ops object (a module, or torch.ops.<namespace>)."""
     from torch.utils.cpp_extension import load
@@ -74,7 +73,6 @@ def load_reference(name: str, spec: BuildSpec, flags: tuple[str, ...]) -> Any:
         verbose=False,
     )
     return module if spec.python_module else getattr(torch.ops, spec.namespace)
-
 
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -182,5 +180,3 @@ class _RwkvLm7(torch.autograd.Function):
         first, d_first = ((w, r), (dw, dr)) if ctx.w_first else ((r, w), (dr, dw))
         ctx.ops.backward(*first, k, v, a, b, dy.contiguous(), s, sa, *d_first, dk, dv, da, db)
         return None, None, dr, dw, dk, dv, da, db
-
-

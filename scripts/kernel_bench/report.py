@@ -256,5 +256,3 @@ def _column_notes() -> list[str]:
             "anywhere (RWKV-LM's training kernels have neither)."
         ),
     ]
-
-

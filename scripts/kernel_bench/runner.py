@@ -412,5 +412,3 @@ def run_plan(plan: Plan, args: argparse.Namespace) -> tuple[list[Result], dict[s
             pool.terminate()
     log(f"done after {time.perf_counter() - started:.0f} s")
     return [results[i] for i in range(len(plan.jobs))], builds, env
-
-

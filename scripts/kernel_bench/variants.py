@@ -60,7 +60,6 @@ def make_inputs(generation: str, shape: Shape, seed: int, device: str) -> dict[s
     return x
 
 
-
 Prepared = tuple[Callable[[], Tensor], list[Tensor]]
 
 
@@ -226,5 +225,3 @@ PREPARE: dict[str, Callable[[dict[str, Tensor], Any], Prepared]] = {
     "v7:rwkvlm-wkv7": _v7_rwkvlm_wkv7,
     "v7:fla": lambda x, _: _v7_fla(x),
 }
-
-
