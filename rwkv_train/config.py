@@ -145,11 +145,14 @@ class TrainConfig:
     """DeepSpeed ZeRO stage (1, 2 or 3) when strategy is deepspeed."""
     offload: Offload = "none"
     """DeepSpeed offload: none, optimizer (ZeRO-2/3), or all (optimizer and parameters, ZeRO-3)."""
-    grad_cp: Literal[False, True, "selective"] = False
+    grad_cp: Literal[False, True, "selective", "selective-wkv"] = False
     """Gradient checkpointing per block. true: the block's forward is recomputed in the backward (least
     memory, about 30% more compute); selective: the outputs of the projections (the products over at
     least C / 2 terms) are kept and the rest (elementwise work, norms, the WKV, the low-rank LoRA
-    up-projections) is recomputed (memory between the two, no second pass of the large products)."""
+    up-projections) is recomputed (memory between the two, no second pass of the large products);
+    selective-wkv: as selective, and the CUDA WKV kernel's outputs are kept too, so its forward runs
+    once (RWKV-7's chunked kernel: y and a bf16 state per 16 tokens, about 5 C values per token more at
+    head size 64; with the PyTorch backend the same as selective)."""
     compile: bool = False
     """torch.compile each block (grad_cp included): fused elementwise work, faster steps on a GPU; the
     first step compiles for a minute or more."""

@@ -4,7 +4,7 @@
     python scripts/bench_train.py --micro-batch 16 8 --steps 20   # fixed micro-batches, longer timing
     python scripts/bench_train.py --kernel torch --grad-cp on     # the PyTorch WKV, checkpointing forced on
     python scripts/bench_train.py --configs configs/rwkv7-1.5b.yaml --kernel cuda-chunked --compile blocks \
-        --grad-cp on selective off                                # one row per checkpointing mode
+        --grad-cp on selective selective-wkv off                  # one row per checkpointing mode
 
 Each config is built as training builds it (rwkv_train.models.build_model, the reference init) on the
 GPU, with the weights of one of the two ways `train.precision: bf16` trains:
@@ -24,9 +24,13 @@ rwkv_train.compiling's inductor settings. --compile blocks-autotune adds inducto
 matrix product's shape is timed against inductor's own product kernels, which can take the
 neighbouring elementwise work (the lerps before, relu^2 after) into the same kernel.
 
-A step is forward + backward + optimiser step on one micro-batch of micro_batch x ctx_len tokens.
-Without --micro-batch, the largest of 1, 2, 4, 8, 16 that runs a whole step without running out of
-memory is used (tried from the largest down). Then --warmup steps, then --steps timed steps.
+A step is forward + backward on --accumulate micro-batches of micro_batch x ctx_len tokens (default
+one), then the optimiser step. With accumulation the gradients are summed in the float32 master
+weights' .grad between micro-batches, as DeepSpeed's bf16 mode and Lightning's accumulation do, so the
+optimiser's cost (the master update, the clip, the copy back to bf16) is shared by more tokens: what
+training with train.accumulate > 1, or a ZeRO run that steps only its share of the optimiser, sees.
+Without --micro-batch, the largest of 1, 2, 4, 6, 8, 12, 16 that runs a whole step without running
+out of memory is used (tried from the largest down). Then --warmup steps, then --steps timed steps.
 
 tokens/s is of this one GPU; MFU is tokens/s x training FLOPs per token (rwkv_train.flops: 6 x matrix
 parameters + the WKV recurrence, gradient-checkpoint recomputation not counted) over the GPU's dense
@@ -57,7 +61,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
     sys.path.insert(0, str(REPO))
 
 DEFAULT_CONFIGS = ["configs/rwkv7-0.1b.yaml", "configs/rwkv7-1.5b.yaml"]
-MICRO_BATCHES = (16, 8, 4, 2, 1)  # tried in this order when --micro-batch is not given
+MICRO_BATCHES = (16, 12, 8, 6, 4, 2, 1)  # tried in this order when --micro-batch is not given
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Result:
     params: int
     micro_batch: int | None  # None: not even 1 fits
     ctx_len: int
+    accumulate: int
     grad_cp: bool | str
     kernel: str
     weights: str
@@ -85,15 +90,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, nargs="+", default=None,
                    help="micro-batch per config, in --configs order (one value: for all); default: the largest "
                         f"of {', '.join(map(str, sorted(MICRO_BATCHES)))} that fits")
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per optimiser step, their gradients summed in float32 (default 1)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per config (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
     p.add_argument("--kernel", choices=("cuda", "cuda-chunked", "torch"), default=None,
                    help="WKV backend (model.kernel); for RWKV-7, cuda is the sequential kernel (model.wkv7_chunked=false) "
                         "and cuda-chunked the chunked one (model.kernel=cuda, model.wkv7_chunked=true). "
                         "Default: cuda, and torch with --device cpu")
-    p.add_argument("--grad-cp", choices=("on", "off", "selective"), nargs="+", default=[None],
-                   help="gradient checkpointing per block: on, off, or selective (keep the projections' outputs, "
-                        "recompute the rest); several: each config once per mode. Default: each config's train.grad_cp")
+    p.add_argument("--grad-cp", choices=("on", "off", "selective", "selective-wkv"), nargs="+", default=[None],
+                   help="gradient checkpointing per block: on, off, selective (keep the projections' outputs, "
+                        "recompute the rest) or selective-wkv (and keep the WKV kernel's outputs); several: each "
+                        "config once per mode. Default: each config's train.grad_cp")
     p.add_argument("--weights", choices=("bf16", "fp32"), default="bf16",
                    help="bf16: bf16 model with float32 master weights (DeepSpeed bf16, the presets' strategy); "
                         "fp32: float32 weights under bf16 autocast (Lightning bf16-mixed). Default bf16")
@@ -109,8 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--micro-batch takes one value or one per config ({len(args.configs)}), got {len(args.micro_batch)}")
     if args.micro_batch is not None and min(args.micro_batch) < 1:
         p.error("--micro-batch values must be positive")
-    if args.steps < 1 or args.warmup < 0 or args.ctx_len < 1:
-        p.error("--steps and --ctx-len must be positive, --warmup 0 or more")
+    if args.steps < 1 or args.warmup < 0 or args.ctx_len < 1 or args.accumulate < 1:
+        p.error("--steps, --accumulate and --ctx-len must be positive, --warmup 0 or more")
     if args.kernel is None:
         args.kernel = "torch" if args.device == "cpu" else "cuda"
     if args.device == "cpu" and args.kernel != "torch":
@@ -151,18 +159,23 @@ class Bench:
         self.loss_fn: Callable = compile_fn(self.compute.loss) if compile_mode == "loss" else self.compute.loss
         self.params = sum(p.numel() for p in self.model.parameters())
 
-    def step(self, micro_batch: int) -> float:
-        """Forward + backward + optimiser step on random tokens; returns the loss (a sync, as in training)."""
+    def step(self, micro_batch: int, accumulate: int = 1) -> float:
+        """Forward + backward on `accumulate` micro-batches of random tokens, then the optimiser step;
+        returns the summed loss (a sync, as in training)."""
         ctx_len, vocab = self.cfg.data.ctx_len, self.cfg.model.vocab_size
-        tokens = torch.randint(0, vocab, (micro_batch, ctx_len + 1), device=self.device)
-        idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        with self.autocast:
-            loss = self.loss_fn(idx, targets)
-        loss.backward()
-        if self.compute is not self.model:  # the bf16 gradients to the float32 master weights
-            for master, copy_ in zip(self.masters, self.copies):
-                master.grad = None if copy_.grad is None else copy_.grad.float()
-                copy_.grad = None
+        losses = []
+        for _ in range(accumulate):
+            tokens = torch.randint(0, vocab, (micro_batch, ctx_len + 1), device=self.device)
+            idx, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+            with self.autocast:
+                loss = self.loss_fn(idx, targets) / accumulate
+            loss.backward()
+            losses.append(loss.detach())
+            if self.compute is not self.model:  # the bf16 gradients summed into the float32 master weights'
+                for master, copy_ in zip(self.masters, self.copies):
+                    if copy_.grad is not None:
+                        master.grad = copy_.grad.float() if master.grad is None else master.grad.add_(copy_.grad)
+                        copy_.grad = None
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.masters, self.cfg.optim.grad_clip)
         self.optimizer.step()
@@ -171,12 +184,12 @@ class Bench:
         if self.compute is not self.model:
             with torch.no_grad():
                 torch._foreach_copy_(self.copies, self.masters)
-        return loss.item()
+        return torch.stack(losses).sum().item()
 
-    def fits(self, micro_batch: int) -> bool:
+    def fits(self, micro_batch: int, accumulate: int = 1) -> bool:
         """Whether one whole step runs at this micro-batch; memory is released after a failure."""
         try:
-            self.step(micro_batch)
+            self.step(micro_batch, accumulate)
             return True
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not is_out_of_memory(err):
@@ -230,29 +243,30 @@ def bench_config(path: str, micro_batch: int | None, grad_cp: str | None, args: 
     cuda = args.device == "cuda"
     bench = Bench(cfg, args.weights, args.compile, args.device)
     result = Result(config=Path(path).stem, params=bench.params, micro_batch=None, ctx_len=cfg.data.ctx_len,
-                    grad_cp=cfg.train.grad_cp, kernel=args.kernel, weights=args.weights, compiled=args.compile,
+                    accumulate=args.accumulate, grad_cp=cfg.train.grad_cp, kernel=args.kernel, weights=args.weights, compiled=args.compile,
                     gflop_per_token=round(per_token / 1e9, 6), device=torch.cuda.get_device_name() if cuda else "cpu")
     try:
         candidates = [micro_batch] if micro_batch is not None else list(MICRO_BATCHES)
-        chosen = next((b for b in candidates if bench.fits(b)), None)
+        chosen = next((b for b in candidates if bench.fits(b, args.accumulate)), None)
         if chosen is None:
             print(f"{result.config}: out of memory at micro-batch {candidates[-1]}", file=sys.stderr)
             return result
         result.micro_batch = chosen
-        print(f"{result.config}: micro-batch {chosen} x {cfg.data.ctx_len}, timing {args.steps} steps", flush=True)
+        print(f"{result.config}: micro-batch {chosen} x {cfg.data.ctx_len}, {args.accumulate} per step, "
+              f"timing {args.steps} steps", flush=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
-            bench.step(chosen)
+            bench.step(chosen, args.accumulate)
         synchronize(args.device)
         start = time.perf_counter()
         for _ in range(args.steps):
-            bench.step(chosen)
+            bench.step(chosen, args.accumulate)
         synchronize(args.device)
         elapsed = time.perf_counter() - start
     finally:
         bench.close()
-    tokens_per_s = chosen * cfg.data.ctx_len * args.steps / elapsed
+    tokens_per_s = chosen * args.accumulate * cfg.data.ctx_len * args.steps / elapsed
     achieved = mfu(tokens_per_s, per_token, peak_flops(torch.cuda.current_device())) if cuda else None
     result.tokens_per_s = round(tokens_per_s, 1)
     result.step_s = round(elapsed / args.steps, 4)
@@ -261,7 +275,7 @@ def bench_config(path: str, micro_batch: int | None, grad_cp: str | None, args: 
     return result
 
 
-HEADER = ("config", "params", "micro-batch", "ctx", "grad-cp", "tokens/s", "peak mem GiB", "MFU %")
+HEADER = ("config", "params", "micro-batch", "ctx", "accumulate", "grad-cp", "tokens/s", "peak mem GiB", "MFU %")
 
 
 def table_rows(results: list[Result]) -> list[tuple[str, ...]]:
@@ -273,6 +287,7 @@ def table_rows(results: list[Result]) -> list[tuple[str, ...]]:
             f"{r.params / 1e9:.2f}B" if r.params >= 1e9 else f"{r.params / 1e6:.1f}M",
             str(r.micro_batch) if r.micro_batch else "OOM",
             str(r.ctx_len),
+            str(r.accumulate),
             {True: "on", False: "off"}.get(r.grad_cp, r.grad_cp),
             f"{r.tokens_per_s:,.0f}" if ran else "-",
             f"{r.peak_mem_gib:.1f}" if r.peak_mem_gib is not None else "-",
@@ -316,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     optimiser = "fused AdamW" if args.device == "cuda" else "AdamW"
     notes = (f"{where}, torch {torch.__version__}, {weights}, {optimiser}, "
              f"WKV kernel {args.kernel}{compiled[args.compile]}; "
-             f"{args.warmup} warm-up + {args.steps} timed steps per config")
+             f"{args.warmup} warm-up + {args.steps} timed steps per config, "
+             f"{args.accumulate} micro-batch{'es' if args.accumulate > 1 else ''} per optimiser step")
     print(notes, flush=True)
     results = []
     for i, path in enumerate(args.configs):

@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 
 from rwkv_train.ops.wkv7_chunked_cuda import CHUNK_LEN  # noqa: E402
 
-MODES = {"off": False, "on": True, "selective": "selective"}
+MODES = {"off": False, "on": True, "selective": "selective", "selective-wkv": "selective-wkv"}
 
 
 def _outputs(r: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,7 +50,8 @@ def _outputs(r: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(r), r.new_empty((B, H, (T + CHUNK_LEN - 1) // CHUNK_LEN, N, N))
 
 
-@torch.library.custom_op("rwkv_train_bench::wkv7_stand_in", mutates_args=())
+# Named as the CUDA kernels' ops are (rwkv_train::*_forward), so grad_cp "selective-wkv" keeps its outputs.
+@torch.library.custom_op("rwkv_train::block_traffic_wkv7_forward", mutates_args=())
 def wkv7_stand_in(r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """The chunked kernel's outputs without its work."""
     return _outputs(r)
@@ -61,7 +62,7 @@ def _(r, lw, k, v, a, b):
     return _outputs(r)
 
 
-@torch.library.custom_op("rwkv_train_bench::wkv7_stand_in_backward", mutates_args=())
+@torch.library.custom_op("rwkv_train::block_traffic_wkv7_backward", mutates_args=())
 def wkv7_stand_in_backward(
     r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, states: Tensor, dy: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -2,10 +2,11 @@
 
     python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
     python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, racecheck, profile, splits, kernels,
-                                                      # train, train-chunked, train-compiled, train-modes, train-autotune)
+                                                      # train, train-chunked, train-compiled, train-modes, train-autotune,
+                                                      # train-accumulate)
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
     python scripts/gpu_report.py --generations v7-chunked --skip kernels train-chunked train-compiled train-modes \
-        train-autotune                                # one kernel, a few minutes
+        train-autotune train-accumulate               # one kernel, a few minutes
 
 Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
   build      scripts/build_kernels.py: every kernel built once, in parallel
@@ -18,8 +19,11 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   train      scripts/bench_train.py (tokens/s, memory, MFU of the RWKV-7 presets)
   train-chunked  the same with the chunked WKV-7 kernel (--kernel cuda-chunked)
   train-compiled the same with the chunked kernel and compiled blocks (--compile blocks, train.compile)
-  train-modes    1.5B as train-compiled, with selective checkpointing and with none (--grad-cp selective off)
+  train-modes    1.5B as train-compiled, with selective checkpointing, selective keeping the WKV's outputs,
+                 and none (--grad-cp selective selective-wkv off)
   train-autotune 1.5B selective at micro-batch 8, compiled with max_autotune (--compile blocks-autotune)
+  train-accumulate  1.5B as train-compiled with 4 micro-batches per optimiser step, without checkpointing
+                 and with selective-wkv (--accumulate 4 --grad-cp off selective-wkv)
 --generations narrows the builds, tests, sanitizers, profile and kernel benchmark to those kernels
 (v7-chunked is the chunked RWKV-7 kernel; the kernel benchmark times both RWKV-7 kernels for either),
 and keeps a training step (and splits) only where its kernel is chosen (train: v7; the others: v7-chunked).
@@ -47,14 +51,14 @@ except ImportError:  # run from a checkout without installing the package
 from rwkv_train.ops import kernels
 
 STEPS = ("build", "tests", "sanitizer", "racecheck", "profile", "splits", "kernels", "train", "train-chunked", "train-compiled",
-         "train-modes", "train-autotune")
+         "train-modes", "train-autotune", "train-accumulate")
 GENERATIONS = tuple(kernels.SOURCES)  # v4, v5, v6, v7, v7-chunked
 # pytest -k expressions that pick one kernel's tests out of tests/test_kernels_cuda.py by their ids
 # (v7-h64, v7-chunked-h64, [sequential] / [chunked] for the model step)
 TEST_FILTER = {"v4": "v4", "v5": "v5", "v6": "v6", "v7": "(v7 and not chunked) or sequential", "v7-chunked": "chunked"}
 # steps that only concern one kernel
 STEP_KERNEL = {"splits": "v7-chunked", "train": "v7", "train-chunked": "v7-chunked", "train-compiled": "v7-chunked",
-               "train-modes": "v7-chunked", "train-autotune": "v7-chunked"}
+               "train-modes": "v7-chunked", "train-autotune": "v7-chunked", "train-accumulate": "v7-chunked"}
 
 
 @dataclass
@@ -111,12 +115,17 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
                                 "--out", str(out / "train-compiled")],
              1800, r"written:|error", out / "train-compiled" / "bench_train.md"),
         Step("train-modes", [py, "scripts/bench_train.py", "--configs", "configs/rwkv7-1.5b.yaml", "--kernel", "cuda-chunked",
-                             "--compile", "blocks", "--grad-cp", "selective", "off", "--out", str(out / "train-modes")],
+                             "--compile", "blocks", "--grad-cp", "selective", "selective-wkv", "off",
+                             "--out", str(out / "train-modes")],
              1800, r"written:|error", out / "train-modes" / "bench_train.md"),
         Step("train-autotune", [py, "scripts/bench_train.py", "--configs", "configs/rwkv7-1.5b.yaml", "--kernel",
                                 "cuda-chunked", "--compile", "blocks-autotune", "--grad-cp", "selective", "--micro-batch",
                                 "8", "--out", str(out / "train-autotune")],
              1800, r"written:|error", out / "train-autotune" / "bench_train.md"),
+        Step("train-accumulate", [py, "scripts/bench_train.py", "--configs", "configs/rwkv7-1.5b.yaml", "--kernel",
+                                  "cuda-chunked", "--compile", "blocks", "--accumulate", "4", "--grad-cp", "off",
+                                  "selective-wkv", "--out", str(out / "train-accumulate")],
+             1800, r"written:|error", out / "train-accumulate" / "bench_train.md"),
     ]
     return [s for s in steps if s.name not in STEP_KERNEL or STEP_KERNEL[s.name] in chosen]
 

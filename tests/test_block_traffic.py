@@ -27,6 +27,14 @@ def test_full_checkpointing_keeps_nothing_and_no_checkpointing_keeps_at_least_wh
     assert sum(s for s, _ in full["backward"]) > sum(s for s, _ in none["backward"])
 
 
+def test_selective_wkv_keeps_the_wkv_outputs_beside_what_selective_keeps():
+    """Per token, y (one bf16 C-value) and the chunk start states (C N / 16 bf16 values: N / 16 C-values)."""
+    C, N = 128, 32
+    selective = block_traffic.measure(C, N, tokens=32, grad_cp="selective")
+    keeping_wkv = block_traffic.measure(C, N, tokens=32, grad_cp="selective-wkv")
+    assert keeping_wkv["kept"] - selective["kept"] == 1 + N / 16
+
+
 def test_bad_sizes_are_refused():
     result = run_cli("scripts/block_traffic.py", "--n-embd", "100", "--head-size", "64")
     assert result.returncode == 2 and "multiple of --head-size" in result.stderr

@@ -86,10 +86,11 @@ def test_wkv7_chunked_takes_auto_true_or_false_only():
             from_dict(minimal(model={"wkv7_chunked": bad}))
 
 
-def test_grad_cp_takes_false_true_or_selective():
+def test_grad_cp_takes_false_true_selective_or_selective_wkv():
     assert from_dict(minimal(train={"grad_cp": "selective"})).train.grad_cp == "selective"
+    assert load_config_overrides(["train.grad_cp=selective-wkv"]).train.grad_cp == "selective-wkv"
     assert load_config_overrides(["train.grad_cp=true"]).train.grad_cp is True
-    with pytest.raises(ConfigError, match=r"train.grad_cp='partial': expected one of false, true, selective"):
+    with pytest.raises(ConfigError, match=r"train.grad_cp='partial': expected one of false, true, selective, selective-wkv$"):
         from_dict(minimal(train={"grad_cp": "partial"}))
 
 

@@ -26,7 +26,7 @@ def test_plan_lists_every_step_without_a_gpu():
 
 def test_skip_leaves_steps_out_and_rejects_unknown_ones():
     result = run_cli("scripts/gpu_report.py", "--plan", "--skip", "train", "train-chunked", "train-compiled", "train-modes",
-                     "train-autotune", "kernels")
+                     "train-autotune", "train-accumulate", "kernels")
     assert [line.split()[0] for line in result.stdout.strip().splitlines()] == ["build", "tests", "sanitizer", "racecheck",
                                                                                "profile", "splits"]
     bad = run_cli("scripts/gpu_report.py", "--skip", "everything")
@@ -65,7 +65,7 @@ def test_generations_narrow_every_step_and_drop_the_training_runs_of_other_kerne
     assert result.returncode == 0, result.stderr
     steps = {line.split()[0]: line for line in result.stdout.strip().splitlines()}
     assert list(steps) == ["build", "tests", "sanitizer", "racecheck", "profile", "splits", "kernels", "train-chunked",
-                           "train-compiled", "train-modes", "train-autotune"]
+                           "train-compiled", "train-modes", "train-autotune", "train-accumulate"]
     assert steps["build"].endswith("--generations v7-chunked") and steps["tests"].endswith("-k (chunked)")
     assert steps["sanitizer"].endswith("sanitize_kernels.py v7-chunked")
     assert steps["racecheck"].endswith("sanitize_kernels.py v7-chunked")

@@ -8,6 +8,7 @@ against float64 references without a GPU.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -206,3 +207,69 @@ def test_compiled_blocks_trace_around_the_chunked_ops(emulated, monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
     for name, g in results[0][1].items():
         assert rel_error(results[1][1][name], g) < 1e-5, name
+
+
+def count_kernel_calls(monkeypatch) -> collections.Counter:
+    """Counts the emulated kernel's forward and backward runs (a call answered from a cache does not run it)."""
+    calls: collections.Counter = collections.Counter()
+    for name in ("forward", "backward"):
+        real = getattr(cuda_on_cpu.Wkv7ChunkedModule, name)
+
+        def counted(self, *args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, *args)
+
+        monkeypatch.setattr(cuda_on_cpu.Wkv7ChunkedModule, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"], ids=["eager", "compiled"])
+def test_selective_wkv_runs_the_kernel_forward_once_with_the_same_gradients(emulated, monkeypatch, backend):
+    """grad_cp "selective-wkv" keeps the WKV kernel's outputs, so its forward runs once per block and step
+    where full and selective checkpointing run it again in the backward; loss and every gradient equal
+    those of the run without checkpointing (the kernel is deterministic, so only the recomputed
+    elementwise work's rounding can differ). Eager, and compiled (aot_eager: the traced graphs run by
+    eager PyTorch, so the count is of the partitioned backward)."""
+    n_layer = 2
+    calls = count_kernel_calls(monkeypatch)
+    _, base = chunked_model(monkeypatch, n_layer=n_layer)
+    base.train()
+    idx, targets = torch.randint(0, 61, (2, 2, 40), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for mode in (False, True, "selective", "selective-wkv"):
+        model = copy.deepcopy(base)
+        model.grad_cp = mode
+        if backend:
+            torch._dynamo.reset()
+            model.compile_blocks(backend=backend)
+        calls.clear()
+        loss = model.loss(idx, targets)
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()}, dict(calls))
+    runs = {mode: got[2] for mode, got in results.items()}
+    assert runs[False] == runs["selective-wkv"] == {"forward": n_layer, "backward": n_layer}, runs
+    assert runs[True] == runs["selective"] == {"forward": 2 * n_layer, "backward": n_layer}, runs
+    loss, grads, _ = results[False]
+    for mode in (True, "selective", "selective-wkv"):
+        torch.testing.assert_close(results[mode][0], loss, rtol=1e-6, atol=0)
+        for name, g in grads.items():
+            assert rel_error(results[mode][1][name], g) < 1e-5, (mode, name)
+
+
+def test_selective_wkv_keeps_the_kernel_outputs_and_nothing_else_more(emulated, monkeypatch):
+    """What the blocks' forward leaves for the backward under "selective-wkv" is what "selective" leaves
+    plus, per block, the kernel's three outputs: y (bf16), the final state (float32) and the chunk start
+    states (bf16, one per CHUNK_LEN tokens)."""
+    from tests.test_checkpointing import saved_by_forward
+
+    cfg, model = chunked_model(monkeypatch, n_layer=2)
+    model.train()
+    B, T = 2, 40
+    idx = torch.randint(0, 61, (B, T), generator=torch.Generator().manual_seed(1))
+    saved = {}
+    for mode in ("selective", "selective-wkv"):
+        model.grad_cp = mode
+        saved[mode] = saved_by_forward(model, idx)
+    H, N = cfg.n_embd // cfg.head_size, cfg.head_size
+    outputs = B * T * cfg.n_embd * 2 + B * H * N * N * 4 + B * H * -(-T // CHUNK_LEN) * N * N * 2
+    assert saved["selective-wkv"] - saved["selective"] == cfg.n_layer * outputs

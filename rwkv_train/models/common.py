@@ -222,10 +222,13 @@ class RWKVModel(nn.Module):
 
     def run_block(self, block: nn.Module, *args):
         """block(*args), recomputed in backward instead of stored when gradient checkpointing is on
-        (grad_cp True), or all of it but the full-width matrix products (grad_cp "selective")."""
+        (grad_cp True), or all of it but the full-width matrix products (grad_cp "selective"), or but
+        those and the WKV kernel's outputs (grad_cp "selective-wkv")."""
         if self.grad_cp and self.training and torch.is_grad_enabled():
-            if self.grad_cp == "selective":
-                keep = functools.partial(keep_products, min_inner=self.dims.n_embd // 2)
+            if self.grad_cp in ("selective", "selective-wkv"):
+                keep = functools.partial(
+                    keep_products, min_inner=self.dims.n_embd // 2, keep_wkv=self.grad_cp == "selective-wkv"
+                )
                 return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, context_fn=keep)
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -246,12 +249,22 @@ def kept_product(op, args, min_inner: int) -> bool:
     return left.shape[-1] >= min_inner
 
 
-def _products_policy(ctx, op, *args, min_inner: int, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy:
+def is_wkv_kernel(op) -> bool:
+    """Whether op is a CUDA WKV kernel's forward: the custom ops `rwkv_train::<kernel>_forward` of
+    `rwkv_train.ops` (the PyTorch backend is ordinary aten ops, so it has none)."""
+    return isinstance(op, torch._ops.OpOverload) and op.namespace == "rwkv_train" and op._opname.endswith("_forward")
+
+
+def _products_policy(
+    ctx, op, *args, min_inner: int, keep_wkv: bool = False, **kwargs
+) -> torch.utils.checkpoint.CheckpointPolicy:
     policy = torch.utils.checkpoint.CheckpointPolicy
-    return policy.MUST_SAVE if kept_product(op, args, min_inner) else policy.PREFER_RECOMPUTE
+    keep = kept_product(op, args, min_inner) or (keep_wkv and is_wkv_kernel(op))
+    return policy.MUST_SAVE if keep else policy.PREFER_RECOMPUTE
 
 
-def keep_products(min_inner: int):
-    """The context_fn of selective checkpointing: keep the products `kept_product` names, recompute the rest."""
-    policy = functools.partial(_products_policy, min_inner=min_inner)
+def keep_products(min_inner: int, keep_wkv: bool = False):
+    """The context_fn of selective checkpointing: keep the products `kept_product` names and, with
+    keep_wkv, the outputs of the WKV kernel (`is_wkv_kernel`); recompute the rest."""
+    policy = functools.partial(_products_policy, min_inner=min_inner, keep_wkv=keep_wkv)
     return torch.utils.checkpoint.create_selective_checkpoint_contexts(policy)
