@@ -16,6 +16,7 @@ runs load them from torch's extension cache.
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import math
@@ -365,6 +366,57 @@ def test_model_trains_a_step_with_the_cuda_kernel(chunked):
     assert abs(after_c - after_t) <= 1e-2 * max(1.0, abs(after_t)), f"after a step: {after_c:.5f} vs {after_t:.5f}"
     grad_err = rel_error(grad_c, grad_t)
     assert grad_err <= 2e-2, f"gradient: relative difference {grad_err:.3e} between model.kernel=cuda and torch"
+
+
+class _CountingModule:
+    """A loaded kernel module whose `forward` calls are counted (everything else passes through)."""
+
+    def __init__(self, module, calls: list[str]):
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if name != "forward":
+            return attr
+
+        def forward(*args):
+            self._calls.append(name)
+            return attr(*args)
+
+        return forward
+
+
+MODEL_KERNELS = [("v4", False), ("v5", False), ("v6", False), ("v7", False), ("v7", True)]
+
+
+@pytest.mark.parametrize("version,chunked", MODEL_KERNELS, ids=["v4", "v5", "v6", "v7", "v7-chunked"])
+def test_selective_wkv_checkpointing_runs_the_kernel_forward_once(version, chunked, monkeypatch):
+    """grad_cp selective-wkv keeps each CUDA kernel's outputs: its forward runs once per block, where full
+    checkpointing runs it again in the backward, and loss and gradients are those without checkpointing."""
+    generation = "v7-chunked" if chunked else version
+    require_kernel(generation, None if version == "v4" else 64)
+    dims = dict(version=version, n_layer=2, n_embd=128, head_size=64, vocab_size=256)
+    start = build_model(ModelConfig(**dims, kernel="cuda", wkv7_chunked=chunked), device="cuda")
+    _trained_looking(start, seed=5)
+    tokens = torch.randint(0, 256, (2, 65), device="cuda", generator=torch.Generator(device="cuda").manual_seed(6))
+    calls: list[str] = []
+    real_load = kernels.load
+    monkeypatch.setattr(kernels, "load", lambda *a, **k: _CountingModule(real_load(*a, **k), calls))
+
+    results = {}
+    for mode in (False, True, "selective-wkv"):
+        model = copy.deepcopy(start)
+        model.train()
+        model.grad_cp = mode
+        calls.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        results[mode] = (loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()]), len(calls))
+    assert [results[m][2] for m in (False, True, "selective-wkv")] == [2, 4, 2]
+    for mode in (True, "selective-wkv"):
+        assert results[mode][0] == pytest.approx(results[False][0], rel=1e-6)
+        assert rel_error(results[mode][1], results[False][1]) < 1e-4, mode
 
 
 # --- memory safety ------------------------------------------------------------------------------------
