@@ -243,7 +243,8 @@ def bench_config(path: str, micro_batch: int | None, grad_cp: str | None, args: 
     cuda = args.device == "cuda"
     bench = Bench(cfg, args.weights, args.compile, args.device)
     result = Result(config=Path(path).stem, params=bench.params, micro_batch=None, ctx_len=cfg.data.ctx_len,
-                    accumulate=args.accumulate, grad_cp=cfg.train.grad_cp, kernel=args.kernel, weights=args.weights, compiled=args.compile,
+                    accumulate=args.accumulate, grad_cp=cfg.train.grad_cp, kernel=args.kernel, weights=args.weights,
+                    compiled=args.compile,
                     gflop_per_token=round(per_token / 1e9, 6), device=torch.cuda.get_device_name() if cuda else "cpu")
     try:
         candidates = [micro_batch] if micro_batch is not None else list(MICRO_BATCHES)

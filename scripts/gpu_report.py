@@ -1,9 +1,9 @@
 """Every GPU check and benchmark of the CUDA kernels in one run, summed up in one table.
 
     python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
-    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, racecheck, profile, splits, kernels,
-                                                      # train, train-chunked, train-compiled, train-modes, train-autotune,
-                                                      # train-accumulate)
+    python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, racecheck, profile,
+                                                      # splits, kernels, train, train-chunked, train-compiled,
+                                                      # train-modes, train-autotune, train-accumulate)
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
     python scripts/gpu_report.py --generations v7-chunked --skip kernels train-chunked train-compiled train-modes \
         train-autotune train-accumulate               # one kernel, a few minutes
