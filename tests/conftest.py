@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import subprocess
@@ -75,3 +76,32 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300, env: dict | None =
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
+
+
+class _CountingModule:
+    """A loaded kernel module whose `forward` and `backward` calls are counted; the rest passes through."""
+
+    def __init__(self, module, calls: collections.Counter):
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if name not in ("forward", "backward"):
+            return attr
+
+        def counted(*args):
+            self._calls[name] += 1
+            return attr(*args)
+
+        return counted
+
+
+def count_kernel_calls(monkeypatch) -> collections.Counter:
+    """Counts the forward and backward runs of every module `kernels.load` returns from now on (the real
+    kernels, or an emulation a fixture put in its place). A call answered from a cache runs nothing."""
+    from rwkv_train.ops import kernels
+
+    calls: collections.Counter = collections.Counter()
+    load = kernels.load
+    monkeypatch.setattr(kernels, "load", lambda *args, **kwargs: _CountingModule(load(*args, **kwargs), calls))
+    return calls

@@ -63,7 +63,6 @@ def test_a_bench_step_trains_the_float32_weights_the_optimiser_holds(tmp_path, w
         assert bench.compute is bench.model
 
 
-
 @pytest.mark.parametrize("weights", ["bf16", "fp32"])
 def test_accumulation_sums_each_micro_batch_gradient_in_float32_before_one_optimiser_step(tmp_path, weights):
     """--accumulate 2: the optimiser steps once, on the float32 sum of the two micro-batches' gradients of

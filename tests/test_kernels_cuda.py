@@ -41,7 +41,7 @@ from rwkv_train.ops.wkv7_cuda import wkv7_cuda
 from rwkv_train.ops.wkv_diag import wkv_diag_recurrent
 from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
 from rwkv_train.ops.wkv_diag_cuda import wkv5_cuda, wkv6_cuda
-from tests.conftest import REPO
+from tests.conftest import REPO, count_kernel_calls
 
 pytestmark = [
     pytest.mark.gpu,
@@ -368,24 +368,6 @@ def test_model_trains_a_step_with_the_cuda_kernel(chunked):
     assert grad_err <= 2e-2, f"gradient: relative difference {grad_err:.3e} between model.kernel=cuda and torch"
 
 
-class _CountingModule:
-    """A loaded kernel module whose `forward` calls are counted (everything else passes through)."""
-
-    def __init__(self, module, calls: list[str]):
-        self._module, self._calls = module, calls
-
-    def __getattr__(self, name):
-        attr = getattr(self._module, name)
-        if name != "forward":
-            return attr
-
-        def forward(*args):
-            self._calls.append(name)
-            return attr(*args)
-
-        return forward
-
-
 MODEL_KERNELS = [("v4", False), ("v5", False), ("v6", False), ("v7", False), ("v7", True)]
 
 
@@ -399,9 +381,7 @@ def test_selective_wkv_checkpointing_runs_the_kernel_forward_once(version, chunk
     start = build_model(ModelConfig(**dims, kernel="cuda", wkv7_chunked=chunked), device="cuda")
     _trained_looking(start, seed=5)
     tokens = torch.randint(0, 256, (2, 65), device="cuda", generator=torch.Generator(device="cuda").manual_seed(6))
-    calls: list[str] = []
-    real_load = kernels.load
-    monkeypatch.setattr(kernels, "load", lambda *a, **k: _CountingModule(real_load(*a, **k), calls))
+    calls = count_kernel_calls(monkeypatch)
 
     results = {}
     for mode in (False, True, "selective-wkv"):
@@ -412,7 +392,7 @@ def test_selective_wkv_checkpointing_runs_the_kernel_forward_once(version, chunk
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.loss(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
-        results[mode] = (loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()]), len(calls))
+        results[mode] = (loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()]), calls["forward"])
     assert [results[m][2] for m in (False, True, "selective-wkv")] == [2, 4, 2]
     for mode in (True, "selective-wkv"):
         assert results[mode][0] == pytest.approx(results[False][0], rel=1e-6)

@@ -8,7 +8,6 @@ against float64 references without a GPU.
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import math
@@ -22,7 +21,7 @@ from rwkv_train.ops import kernels
 from rwkv_train.ops.wkv7 import wkv7_recurrent
 from rwkv_train.ops.wkv7_chunked_cuda import CHUNK_LEN, LOG_DECAY_MIN, value_split, wkv7_chunked_cuda
 from tests import cuda_on_cpu
-from tests.conftest import zero_filled_shapes
+from tests.conftest import count_kernel_calls, zero_filled_shapes
 from tests.test_wkv7_chunked_emulated import TOL, model_like_inputs, rel_error
 
 pytestmark = pytest.mark.skipif(cuda_on_cpu.compiler_problem() is not None, reason=str(cuda_on_cpu.compiler_problem()))
@@ -207,20 +206,6 @@ def test_compiled_blocks_trace_around_the_chunked_ops(emulated, monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
     for name, g in results[0][1].items():
         assert rel_error(results[1][1][name], g) < 1e-5, name
-
-
-def count_kernel_calls(monkeypatch) -> collections.Counter:
-    """Counts the emulated kernel's forward and backward runs (a call answered from a cache does not run it)."""
-    calls: collections.Counter = collections.Counter()
-    for name in ("forward", "backward"):
-        real = getattr(cuda_on_cpu.Wkv7ChunkedModule, name)
-
-        def counted(self, *args, _real=real, _name=name):
-            calls[_name] += 1
-            return _real(self, *args)
-
-        monkeypatch.setattr(cuda_on_cpu.Wkv7ChunkedModule, name, counted)
-    return calls
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager"], ids=["eager", "compiled"])

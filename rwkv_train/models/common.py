@@ -252,7 +252,7 @@ def kept_product(op, args, min_inner: int) -> bool:
 def is_wkv_kernel(op) -> bool:
     """Whether op is a CUDA WKV kernel's forward: the custom ops `rwkv_train::<kernel>_forward` of
     `rwkv_train.ops` (the PyTorch backend is ordinary aten ops, so it has none)."""
-    return isinstance(op, torch._ops.OpOverload) and op.namespace == "rwkv_train" and op._opname.endswith("_forward")
+    return isinstance(op, torch._ops.OpOverload) and op.namespace == "rwkv_train" and op.name().endswith("_forward")
 
 
 def _products_policy(
