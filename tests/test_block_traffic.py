@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import torch
+
 from tests.conftest import REPO, run_cli
 
 _spec = importlib.util.spec_from_file_location("block_traffic", REPO / "scripts" / "block_traffic.py")
@@ -38,3 +40,38 @@ def test_selective_wkv_keeps_the_wkv_outputs_beside_what_selective_keeps():
 def test_bad_sizes_are_refused():
     result = run_cli("scripts/block_traffic.py", "--n-embd", "100", "--head-size", "64")
     assert result.returncode == 2 and "multiple of --head-size" in result.stderr
+
+
+def backward_traffic(mix, n_mix=6, C=128, T=32) -> float:
+    """C-values per token that the compiled backward of LayerNorm -> n_mix token mixes -> products moves."""
+    from torch._inductor import metrics
+
+    from rwkv_train.compiling import compile_fn
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.LayerNorm(C).to(torch.bfloat16)
+    mus = [torch.rand(1, 1, C, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(n_mix)]
+    weights = [torch.randn(C, C, generator=g).to(torch.bfloat16) for _ in range(n_mix)]
+    x = torch.randn(1, T, C, generator=g).to(torch.bfloat16).requires_grad_()
+    run = compile_fn(lambda x: sum(o @ w for o, w in zip(mix(norm(x), mus), weights)))
+    with block_traffic.inductor_byte_counts():
+        metrics.reset()
+        out = run(x)
+        forward = len(metrics.nodes_num_elem)
+        out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
+        backward = metrics.nodes_num_elem[forward:]
+    return sum(4 * n for node, n in backward if not node.is_extern()) / (T * C * 2)
+
+
+def test_token_mix_backward_moves_less_than_autograds_for_the_same_expression():
+    """The six lerps of an RWKV-7 block: autograd sums mu_i g_i into a buffer and shifts it; token_mix does not."""
+    from rwkv_train.ops.token_mix import token_mix, token_shift
+
+    def by_autograd(x, mus):
+        xx = token_shift(x, None) - x
+        return [x + xx * mu for mu in mus]
+
+    plain = backward_traffic(by_autograd)
+    ours = backward_traffic(lambda x, mus: token_mix(x, None, *mus))
+    assert ours <= plain - 4, (ours, plain)

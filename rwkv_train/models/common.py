@@ -1,4 +1,5 @@
-"""Pieces every RWKV generation shares: token shift, init helpers, the L2Wrap loss term."""
+"""Pieces every RWKV generation shares: init helpers, the L2Wrap loss term, running a block (checkpointed
+or compiled)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rwkv_train.compiling import compile_fn
-
-
-def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
-    """The previous token's input at every position: `prev` (or zeros) at t=0.  x: (B, T, C)."""
-    if prev is None:  # a pad, not a cat with zeros: compiled, it fuses into the consumers as an index shift
-        return F.pad(x[:, :-1], (0, 0, 1, 0))
-    return torch.cat([prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
 
 
 def layer_ramps(layer_id: int, n_layer: int) -> tuple[float, float]:

@@ -22,7 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from rwkv_train.models.common import RWKVModel, channel_ramp, layer_ramps, orthogonal_, token_shift
+from rwkv_train.models.common import RWKVModel, channel_ramp, layer_ramps, orthogonal_
+from rwkv_train.ops.token_mix import token_shift
 from rwkv_train.ops.wkv4 import wkv4, zero_wkv4_state
 
 # The reference draws emb uniformly in +-lr_init; its train.py default lr_init is 6e-4. The embedding is

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_train.models.common import LayerState, RWKVModel, bonus_init, channel_ramp, decay_speed_init, layer_ramps, token_shift
+from rwkv_train.models.common import LayerState, RWKVModel, bonus_init, channel_ramp, decay_speed_init, layer_ramps
+from rwkv_train.ops.token_mix import token_shift
 from rwkv_train.ops.wkv_diag import wkv5
 
 # The reference divides the WKV output by this before ln_x (GroupNorm, eps 1e-5); the official runtime

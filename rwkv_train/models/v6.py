@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_train.models.common import LayerState, RWKVModel, bonus_init, channel_ramp, decay_speed_init, layer_ramps, token_shift
+from rwkv_train.models.common import LayerState, RWKVModel, bonus_init, channel_ramp, decay_speed_init, layer_ramps
+from rwkv_train.ops.token_mix import token_shift
 from rwkv_train.ops.wkv_diag import wkv6
 
 N_MIX = 5  # data-dependent token-shift terms, in the reference's order: w, k, v, r, g

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from rwkv_train.models.common import LayerState, RWKVModel, channel_ramp, layer_ramps, orthogonal_, token_shift
+from rwkv_train.models.common import LayerState, RWKVModel, channel_ramp, layer_ramps, orthogonal_
+from rwkv_train.ops.token_mix import token_mix
 from rwkv_train.ops.wkv7 import wkv7
 
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^-0.5 * sigmoid(z)): every channel keeps >= 54.5% per step
@@ -184,9 +185,7 @@ class TimeMix(nn.Module):
         """x: (B, T, C) normed input. Returns (out, v_first, last x, final wkv state)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, x_prev) - x
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        xr, xw, xk, xv, xa, xg = token_mix(x, x_prev, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
 
         r = self.receptance(xr)
         k = self.key(xk)
@@ -232,7 +231,7 @@ class ChannelMix(nn.Module):
         self.value.weight.zero_()
 
     def forward(self, x: Tensor, x_prev: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        k = x + (token_shift(x, x_prev) - x) * self.x_k
+        (k,) = token_mix(x, x_prev, self.x_k)
         return self.value(torch.relu(self.key(k)) ** 2), x[:, -1]
 
 
