@@ -41,6 +41,24 @@ def test_gradients_match_autograd_of_the_expression_in_float64(T, with_prev):
 
 
 @pytest.mark.parametrize("with_prev", [False, True])
+def test_coefficients_that_vary_by_token_and_batch(with_prev):
+    """RWKV-6's coefficients are (B, T, C): a parameter plus a data-dependent term; others broadcast."""
+    g = torch.Generator().manual_seed(2)
+    x, prev, _, grads = inputs(6, with_prev, n=4)
+    shapes = [(3, 6, 12), (1, 1, 12), (12,), (1, 6, 12)]
+    mus = [torch.rand(shape, generator=g, dtype=torch.float64).requires_grad_() for shape in shapes]
+    expected = torch.autograd.grad(plain(x, prev, mus), leaves(x, prev, mus), grads)
+    got = torch.autograd.grad(token_mix(x, prev, *mus), leaves(x, prev, mus), grads)
+    for g_, e in zip(got, expected):
+        assert g_.shape == e.shape
+        torch.testing.assert_close(g_, e, rtol=1e-12, atol=1e-12)
+    fused = token_mix_backward(tuple(grads), x, prev, tuple(mus), recompute_shifted=True)
+    torch.testing.assert_close(fused[0], expected[0], rtol=1e-12, atol=1e-12)
+    if with_prev:
+        torch.testing.assert_close(fused[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_prev", [False, True])
 def test_both_spellings_of_the_backward_agree(with_prev):
     """The compiled spelling (each g_i read again one token on) and the eager one (one shifted buffer)."""
     x, prev, mus, grads = inputs(9, with_prev, n=3)

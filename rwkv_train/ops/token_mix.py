@@ -7,8 +7,13 @@ shift(x) - x), then shifts that buffer back by a token, so compiled code writes 
 forms the six coefficients' gradients sum_t g_i (shift(x) - x) in kernels of their own. Written out:
 
     d mu_i = sum over batch and time of g_i * (shift(x) - x)
-    dx[t]  = sum_i g_i[t] (1 - mu_i) + sum_i g_i[t + 1] mu_i          (the second sum is 0 at the last step)
-    dx_prev = sum_i g_i[0] mu_i                                        (when a previous token was passed)
+    dx[t]  = sum_i g_i[t] (1 - mu_i[t]) + sum_i g_i[t + 1] mu_i[t + 1]    (the second sum is 0 at the last step)
+    dx_prev = sum_i g_i[0] mu_i[0]                                        (when a previous token was passed)
+
+(mu_i[t] is the coefficient at step t; RWKV-7's are (1, 1, C), and d mu_i sums over the dimensions
+mu_i is broadcast along. Coefficients that vary by token, as RWKV-6's data-dependent ones, are handled,
+but there the hand-written backward saves nothing: inductor's count for five of them is 49 C-values
+against autograd's 41, and for one or two constant ones both are the same.)
 
 Compiled, dx is then one pass that reads each g_i at t and t + 1 and writes dx (the next token's row is
 a cache hit), beside one reduction for the coefficients: `scripts/block_traffic.py` counts 9 C-values
@@ -56,13 +61,13 @@ def token_mix_backward(
     mixes = [mu.to(f32) for mu in mus]
     gs = [g.to(f32) for g in grads]
     if recompute_shifted:
-        dx = sum(g * (1 - mu) + _next_token(g) * mu for g, mu in zip(gs, mixes))
+        dx = sum(g * (1 - mu) + _next_token(g * mu) for g, mu in zip(gs, mixes))
     else:
         back = sum(g * mu for g, mu in zip(gs, mixes))
         dx = sum(gs) - back + _next_token(back)
     dprev = None
     if prev is not None and needed[0]:
-        dprev = sum(g[:, 0] * mu[0] for g, mu in zip(gs, mixes)).to(prev.dtype)
+        dprev = sum(g[:, 0] * mu.broadcast_to(g.shape)[:, 0] for g, mu in zip(gs, mixes)).to(prev.dtype)
     # shift(x) - x in x's dtype, the value the forward multiplied (and autograd would have saved); formed
     # in float32 instead, compiled code kept a float32 copy of it between the two sums
     xx = (token_shift(x, prev) - x).to(f32)
