@@ -10,7 +10,7 @@ import torch
 from rwkv_train.config import ModelConfig
 from rwkv_train.models import build_model
 from rwkv_train.models.common import Head, cross_entropy_l2wrap
-from rwkv_train.models.v7 import RWKV7Dims, head_norm
+from rwkv_train.models.v7 import DECAY_SCALE, RWKV7Dims, head_norm, log_decay
 
 TINY = ModelConfig(n_layer=3, n_embd=64, head_size=32, vocab_size=97)
 
@@ -91,6 +91,33 @@ def test_head_norm_is_group_norm_over_heads(dtype):
         theirs_grads = torch.autograd.grad(theirs, (y, norm.weight, norm.bias), upstream)
         for a, b in zip(ours_grads, theirs_grads):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def decay_expression(w0, lora):
+    z = w0 + lora
+    return -DECAY_SCALE * torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32)))
+
+
+def test_log_decay_matches_autograd_of_the_expression():
+    g = torch.Generator().manual_seed(3)
+    w0 = (torch.randn(1, 1, 16, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    lora = torch.randn(2, 5, 16, generator=g, dtype=torch.float64).requires_grad_()
+    dlw = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    lw = log_decay(w0, lora)
+    assert torch.equal(lw, decay_expression(w0, lora))
+    got = torch.autograd.grad(lw, (w0, lora), dlw)
+    expected = torch.autograd.grad(decay_expression(w0, lora), (w0, lora), dlw)
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    # in bf16 the output is the same float32 values, and the gradients within bf16 rounding of float64's
+    w0_16, lora_16 = (t.detach().to(torch.bfloat16).requires_grad_() for t in (w0, lora))
+    lw_16 = log_decay(w0_16, lora_16)
+    assert lw_16.dtype == torch.float32 and torch.equal(lw_16, decay_expression(w0_16, lora_16))
+    for a, b in zip(torch.autograd.grad(lw_16, (w0_16, lora_16), dlw.float()), expected):
+        assert a.dtype == torch.bfloat16
+        assert ((a.double() - b).norm() / b.norm()) < 1e-2
 
 
 def test_names_and_shapes_follow_the_reference():
