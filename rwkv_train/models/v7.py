@@ -74,8 +74,8 @@ def log_decay(w0: Tensor, lora: Tensor) -> Tensor:
 
     w0 (1, 1, C) and the low-rank term (B, T, C). The same values as the expression; the backward forms
     the gradient of w0 + lora once, in lora's dtype, and reads it again for w0's gradient: compiled, a
-    1.5B block's backward then moves 6 C-values per token fewer by inductor's count (5 with the product
-    that sums it), where autograd's derivative recomputes it in float32 for the sum over tokens.
+    1.5B block's backward then moves 4 C-values per token fewer by inductor's count (3 with the product
+    that sums it), where autograd's derivative recomputes it from the float32 dlw for the sum over tokens.
     """
     return _LogDecay.apply(w0, lora)
 

@@ -17,8 +17,8 @@ against autograd's 41, and for one or two constant ones both are the same.)
 
 Compiled, dx is then one pass that reads each g_i at t and t + 1 and writes dx (the next token's row is
 a cache hit), beside one reduction for the coefficients: `scripts/block_traffic.py` counts 9 C-values
-per token fewer in a 1.5B block's backward. Eager code computes sum_i mu_i g_i once and shifts it, which
-is the cheaper spelling without fusion. Both are the same sums; every sum runs in float32.
+per token fewer in a 1.5B block's backward. Eager and compiled code run the same formula, so their
+gradients agree to float32 rounding; every sum runs in float32.
 """
 
 from __future__ import annotations
@@ -47,24 +47,18 @@ def token_mix_backward(
     x: Tensor,
     prev: Optional[Tensor],
     mus: tuple[Tensor, ...],
-    recompute_shifted: bool,
     needed: Optional[tuple[bool, ...]] = None,
 ) -> tuple[Tensor, Optional[Tensor], list[Optional[Tensor]]]:
     """(dx, dprev, [d mu_i]) for the outputs' gradients `grads`, in the dtypes of x, prev and each mu.
 
-    `recompute_shifted`: form sum_i g_i[t + 1] mu_i from the g_i themselves (compiled code: no buffer
-    between the two sums) rather than shifting one buffer of sum_i g_i mu_i (eager code).
     `needed`: which of (prev, mu_1, ...) want a gradient (default all); the others get None.
     """
     needed = needed or (True,) * (1 + len(mus))
     f32 = torch.promote_types(x.dtype, torch.float32)
     mixes = [mu.to(f32) for mu in mus]
     gs = [g.to(f32) for g in grads]
-    if recompute_shifted:
-        dx = sum(g * (1 - mu) + _next_token(g * mu) for g, mu in zip(gs, mixes))
-    else:
-        back = sum(g * mu for g, mu in zip(gs, mixes))
-        dx = sum(gs) - back + _next_token(back)
+    # each g_i mu_i shifted on its own, not their sum: compiled, the sum would be a buffer of its own
+    dx = sum(g * (1 - mu) + _next_token(g * mu) for g, mu in zip(gs, mixes))
     dprev = None
     if prev is not None and needed[0]:
         dprev = sum(g[:, 0] * mu.broadcast_to(g.shape)[:, 0] for g, mu in zip(gs, mixes)).to(prev.dtype)
@@ -85,8 +79,7 @@ class _TokenMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         x, prev, *mus = ctx.saved_tensors
-        compiled = torch.compiler.is_compiling()
-        dx, dprev, dmus = token_mix_backward(grads, x, prev, tuple(mus), compiled, tuple(ctx.needs_input_grad[1:]))
+        dx, dprev, dmus = token_mix_backward(grads, x, prev, tuple(mus), tuple(ctx.needs_input_grad[1:]))
         return dx, dprev, *dmus
 
 
