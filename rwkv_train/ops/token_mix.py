@@ -42,7 +42,7 @@ def _next_token(z: Tensor) -> Tensor:
     return F.pad(z[:, 1:], (0, 0, 0, 1))
 
 
-def token_mix_backward(
+def _backward(
     grads: tuple[Tensor, ...],
     x: Tensor,
     prev: Optional[Tensor],
@@ -79,7 +79,7 @@ class _TokenMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         x, prev, *mus = ctx.saved_tensors
-        dx, dprev, dmus = token_mix_backward(grads, x, prev, tuple(mus), tuple(ctx.needs_input_grad[1:]))
+        dx, dprev, dmus = _backward(grads, x, prev, tuple(mus), tuple(ctx.needs_input_grad[1:]))
         return dx, dprev, *dmus
 
 
