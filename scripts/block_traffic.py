@@ -112,6 +112,25 @@ def inductor_byte_counts() -> Iterator[None]:
         log.level, log.propagate, inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache = saved
 
 
+def kernel_bytes(run, *args) -> tuple[list, list]:
+    """Run run(*args) and its backward (a random output gradient) with inductor's byte counts on: the
+    (scheduler node, bytes) of each fused kernel of the forward, then of the backward (library kernels,
+    the matrix products, left out)."""
+    from torch._inductor import metrics
+
+    with inductor_byte_counts():
+        metrics.reset()
+        out = run(*args)
+        forward = list(metrics.nodes_num_elem)
+        out.backward(torch.randn_like(out))
+        backward = list(metrics.nodes_num_elem[len(forward):])
+
+    def fused(nodes) -> list:  # inductor records each kernel's bytes // 4
+        return [(node, 4 * n) for node, n in nodes if not node.is_extern()]
+
+    return fused(forward), fused(backward)
+
+
 def origins(node) -> str:
     """The traced ops a scheduler node computes (for --kernels)."""
     names = []
@@ -122,8 +141,6 @@ def origins(node) -> str:
 
 def measure(n_embd: int, head_size: int, tokens: int, grad_cp) -> dict:
     """Compile layer 1 of a 2-layer RWKV-7 model with this checkpointing, run it forward and backward once."""
-    from torch._inductor import metrics
-
     from rwkv_train.compiling import compile_fn
     from rwkv_train.config import ModelConfig
     from rwkv_train.models import build_model
@@ -145,27 +162,21 @@ def measure(n_embd: int, head_size: int, tokens: int, grad_cp) -> dict:
         kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
+    def keeping(x: Tensor, v_first: Tensor) -> Tensor:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return run(x, v_first)
+
     real_wkv7, v7_model.wkv7 = v7_model.wkv7, stand_in_wkv7
     try:
-        with inductor_byte_counts():
-            metrics.reset()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = run(x, v_first)
-            forward = list(metrics.nodes_num_elem)
-            out.backward(torch.randn_like(out))
-            backward = list(metrics.nodes_num_elem[len(forward):])
+        forward, backward = kernel_bytes(keeping, x, v_first)
     finally:
         v7_model.wkv7 = real_wkv7
     outside = {t.untyped_storage().data_ptr() for t in (x, v_first, *model.parameters())}
     unit = tokens * n_embd * 2  # one bf16 C-vector per token
-
-    def fused(nodes) -> list[tuple[float, str]]:  # inductor records each kernel's bytes // 4
-        return [(4 * n / unit, origins(node)) for node, n in nodes if not node.is_extern()]
-
     return {
         "kept": sum(b for ptr, b in kept.items() if ptr not in outside) / unit,
-        "forward": fused(forward),
-        "backward": fused(backward),
+        "forward": [(n / unit, origins(node)) for node, n in forward],
+        "backward": [(n / unit, origins(node)) for node, n in backward],
     }
 
 

@@ -44,8 +44,6 @@ def test_bad_sizes_are_refused():
 
 def backward_traffic(mix, n_mix=6, C=128, T=32) -> float:
     """C-values per token that the compiled backward of LayerNorm -> n_mix token mixes -> products moves."""
-    from torch._inductor import metrics
-
     from rwkv_train.compiling import compile_fn
 
     torch._dynamo.reset()
@@ -55,13 +53,8 @@ def backward_traffic(mix, n_mix=6, C=128, T=32) -> float:
     weights = [torch.randn(C, C, generator=g).to(torch.bfloat16) for _ in range(n_mix)]
     x = torch.randn(1, T, C, generator=g).to(torch.bfloat16).requires_grad_()
     run = compile_fn(lambda x: sum(o @ w for o, w in zip(mix(norm(x), mus), weights)))
-    with block_traffic.inductor_byte_counts():
-        metrics.reset()
-        out = run(x)
-        forward = len(metrics.nodes_num_elem)
-        out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
-        backward = metrics.nodes_num_elem[forward:]
-    return sum(4 * n for node, n in backward if not node.is_extern()) / (T * C * 2)
+    _, backward = block_traffic.kernel_bytes(run, x)
+    return sum(n for _, n in backward) / (T * C * 2)
 
 
 def test_token_mix_backward_moves_less_than_autograds_for_the_same_expression():
