@@ -7,6 +7,8 @@
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
     python scripts/gpu_report.py --generations v7-chunked --skip kernels train-chunked train-compiled train-modes \
         train-autotune train-accumulate               # one kernel, a few minutes
+    python scripts/gpu_report.py --budget 540 --generations v7-chunked \
+        --steps build tests kernels train-modes sanitizer splits   # these steps, in this order, within 9 minutes
 
 Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
   build      scripts/build_kernels.py: every kernel built once, in parallel
@@ -19,23 +21,35 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   train      scripts/bench_train.py (tokens/s, memory, MFU of the RWKV-7 presets)
   train-chunked  the same with the chunked WKV-7 kernel (--kernel cuda-chunked)
   train-compiled the same with the chunked kernel and compiled blocks (--compile blocks, train.compile)
-  train-modes    1.5B as train-compiled, with selective checkpointing, selective keeping the WKV's outputs,
-                 and none (--grad-cp selective selective-wkv off)
+  train-modes    1.5B as train-compiled, without checkpointing, with selective checkpointing keeping the
+                 WKV's outputs, and selective (--grad-cp off selective-wkv selective)
   train-autotune 1.5B selective at micro-batch 8, compiled with max_autotune (--compile blocks-autotune)
   train-accumulate  1.5B as train-compiled with 4 micro-batches per optimiser step, without checkpointing
                  and with selective-wkv (--accumulate 4 --grad-cp off selective-wkv)
 --generations narrows the builds, tests, sanitizers, profile and kernel benchmark to those kernels
 (v7-chunked is the chunked RWKV-7 kernel; the kernel benchmark times both RWKV-7 kernels for either),
 and keeps a training step (and splits) only where its kernel is chosen (train: v7; the others: v7-chunked).
+--steps runs only the steps named, in the order given (the most important first), where --skip
+leaves steps out of the default order.
+
+--budget SECONDS bounds the whole run's wall-clock time: each step's limit is cut to what is left of the
+budget, and a step that would get less than MIN_STEP_S seconds is not started (reported as "not run").
+So a run on a machine lent for a fixed time ends, with its report written, inside that time.
+
+A step that outruns its limit is stopped with every process it started (builds, benchmark workers).
 The summary (step, result, the line that says how it went, seconds) is printed and written to
---out/gpu_report.md with the benchmarks' tables after it. Exits 1 if any step failed.
+--out/gpu_report.md after every step, with the benchmarks' tables and the last lines of each failed
+step's log after it: that one file says everything, also when the run is cut short. Exits 1 if any
+step failed or was not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +73,8 @@ TEST_FILTER = {"v4": "v4", "v5": "v5", "v6": "v6", "v7": "(v7 and not chunked) o
 # steps that only concern one kernel
 STEP_KERNEL = {"splits": "v7-chunked", "train": "v7", "train-chunked": "v7-chunked", "train-compiled": "v7-chunked",
                "train-modes": "v7-chunked", "train-autotune": "v7-chunked", "train-accumulate": "v7-chunked"}
+MIN_STEP_S = 30  # with --budget, a step is started only with at least this many seconds left
+LOG_TAIL_LINES = 40  # lines of a failed step's log in the report
 
 
 @dataclass
@@ -76,6 +92,12 @@ class Outcome:
     ok: bool
     summary: str
     seconds: float
+    ran: bool = True  # False: not started (the budget was spent)
+    log_tail: str = ""  # the last lines of the log of a step that failed
+
+    @property
+    def result(self) -> str:
+        return "ok" if self.ok else "FAILED" if self.ran else "not run"
 
 
 def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Step]:
@@ -83,9 +105,11 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
     py = sys.executable
     chosen = list(generations or GENERATIONS)
     narrow = generations is not None
-    build, tests, sanitize, bench = [], [], [], []
+    # every head size the GPU tests load (the chunked kernel's tests also run head size 32)
+    build = ["--head-sizes", *(["32"] if "v7-chunked" in chosen else []), "64", "128"]
+    tests, sanitize, bench = [], [], []
     if narrow:
-        build = ["--generations", *chosen]
+        build += ["--generations", *chosen]
         tests = ["-k", " or ".join(f"({TEST_FILTER[g]})" for g in chosen)]
         sanitize = chosen
         bench = ["--generations", *dict.fromkeys(g.removesuffix("-chunked") for g in chosen)]
@@ -114,8 +138,11 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
         Step("train-compiled", [py, "scripts/bench_train.py", "--kernel", "cuda-chunked", "--compile", "blocks",
                                 "--out", str(out / "train-compiled")],
              1800, r"written:|error", out / "train-compiled" / "bench_train.md"),
+        # the modes that recompute no product, the likeliest best first; each starts its micro-batch search
+        # where it fits on a 141 GB GPU (an 80 GB one goes on down), so a compiled run recompiles less
         Step("train-modes", [py, "scripts/bench_train.py", "--configs", "configs/rwkv7-1.5b.yaml", "--kernel", "cuda-chunked",
-                             "--compile", "blocks", "--grad-cp", "selective", "selective-wkv", "off",
+                             "--compile", "blocks", "--grad-cp", "off", "selective-wkv", "selective",
+                             "--micro-batch", "off=6", "selective-wkv=12", "selective=16",
                              "--out", str(out / "train-modes")],
              1800, r"written:|error", out / "train-modes" / "bench_train.md"),
         Step("train-autotune", [py, "scripts/bench_train.py", "--configs", "configs/rwkv7-1.5b.yaml", "--kernel",
@@ -134,15 +161,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip", nargs="+", default=[], choices=STEPS, metavar="STEP",
                    help=f"steps to leave out: {', '.join(STEPS)}")
+    p.add_argument("--steps", nargs="+", choices=STEPS, metavar="STEP",
+                   help="only these steps, in this order (default: every step, in the order above)")
     p.add_argument("--generations", nargs="+", choices=GENERATIONS, metavar="KERNEL",
                    help=f"only these kernels: {', '.join(GENERATIONS)} (default: all)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock seconds for the whole run: step limits are cut to what is left, and no step is "
+                        f"started with under {MIN_STEP_S} s left (default: no budget)")
     p.add_argument("--jobs", type=int, default=4, help="kernel builds at once in the build step (default 4)")
     p.add_argument("--out", type=Path, default=REPO / "out" / "gpu_report", help="folder for the logs and the report")
     p.add_argument("--plan", action="store_true", help="print the steps' commands and exit; no GPU needed")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    if args.budget is not None and args.budget < MIN_STEP_S:
+        p.error(f"--budget must be at least {MIN_STEP_S} seconds (the least a step is started with)")
+    if args.steps and len(set(args.steps)) != len(args.steps):
+        p.error("--steps names a step twice")
     return args
+
+
+def chosen_steps(args: argparse.Namespace) -> list[Step]:
+    """The plan's steps for the arguments: --steps' order where given, without --skip's; raises ValueError
+    for a step named in --steps that the plan does not have (a training run of a kernel left out)."""
+    planned = {s.name: s for s in plan(args.out, args.jobs, args.generations)}
+    if args.steps:
+        missing = [name for name in args.steps if name not in planned]
+        if missing:
+            kernel = ", ".join(sorted({STEP_KERNEL[name] for name in missing}))
+            raise ValueError(f"--steps {' '.join(missing)}: only run with the {kernel} kernel, which --generations "
+                             f"{' '.join(args.generations or [])} leaves out; add it to --generations or drop the step")
+        steps = [planned[name] for name in args.steps]
+    else:
+        steps = list(planned.values())
+    return [s for s in steps if s.name not in args.skip]
 
 
 def last_matching(text: str, pattern: str) -> str:
@@ -152,35 +204,75 @@ def last_matching(text: str, pattern: str) -> str:
     return (matching or lines or ["(no output)"])[-1]
 
 
-def run_step(step: Step, out: Path) -> Outcome:
+def run_step(step: Step, out: Path, limit_s: float | None = None) -> Outcome:
+    """Run one step with its output logged to out/<step>.log, stopped after min(its limit, limit_s) seconds
+    together with every process it started (it runs in a process group of its own)."""
+    limit = step.timeout_s if limit_s is None else min(step.timeout_s, limit_s)
     log = out / f"{step.name}.log"
     start = time.perf_counter()
     if shutil.which(step.command[0]) is None and not Path(step.command[0]).exists():
         return Outcome(step, False, f"{step.command[0]} not found: install it (it ships with the CUDA toolkit)", 0.0)
+    proc = subprocess.Popen(step.command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(step.command, cwd=REPO, capture_output=True, text=True, timeout=step.timeout_s,
-                              check=False)
-        text, ok = proc.stdout + proc.stderr, proc.returncode == 0
-    except subprocess.TimeoutExpired as err:
-        partial = err.stdout or ""
-        text = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
-        text += f"\n(stopped after its {step.timeout_s} s limit)"
+        text, _ = proc.communicate(timeout=limit)
+        ok = proc.returncode == 0
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the step and its builds, workers and compilers
+        text, _ = proc.communicate()
+        text += f"\n(stopped after its {limit:.0f} s limit)"
         ok = False
     log.write_text(text)
     summary = last_matching(text, step.verdict if ok else r"(error|Error|failed|FAILED|limit)")
-    return Outcome(step, ok, summary[:160], time.perf_counter() - start)
+    tail = "" if ok else "\n".join(text.rstrip().splitlines()[-LOG_TAIL_LINES:])
+    return Outcome(step, ok, summary[:160], time.perf_counter() - start, log_tail=tail)
 
 
 def report(outcomes: list[Outcome]) -> str:
     rows = [("step", "result", "how it went", "seconds")]
-    rows += [(o.step.name, "ok" if o.ok else "FAILED", o.summary, f"{o.seconds:.0f}") for o in outcomes]
+    rows += [(o.step.name, o.result, o.summary, f"{o.seconds:.0f}") for o in outcomes]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def markdown(title: str, outcomes: list[Outcome]) -> str:
+    """The whole report: the summary, the tables the steps wrote, the end of each failed step's log."""
+    parts = [f"# GPU report: {title}", "```\n" + report(outcomes) + "\n```"]
+    parts += [o.step.table.read_text() for o in outcomes if o.step.table and o.step.table.exists()]
+    parts += [f"## {o.step.name}: the last lines of its log\n\n```\n{o.log_tail}\n```" for o in outcomes if o.log_tail]
+    return "\n\n".join(parts) + "\n"
+
+
+def run_steps(steps: list[Step], out: Path, title: str, budget: float | None = None,
+              started: float | None = None) -> list[Outcome]:
+    """Run the steps in order, within `budget` seconds from `started` (a perf_counter time; default now)
+    where given, rewriting out/gpu_report.md after each."""
+    started = time.perf_counter() if started is None else started
+    out.mkdir(parents=True, exist_ok=True)
+    written = out / "gpu_report.md"
+    outcomes: list[Outcome] = []
+    for s in steps:
+        left = None if budget is None else budget - (time.perf_counter() - started)
+        if left is not None and left < MIN_STEP_S:
+            outcomes.append(Outcome(s, False, f"not started: {max(left, 0):.0f} s of the {budget:.0f} s budget left",
+                                    0.0, ran=False))
+            print(f"[{s.name}] not run: the budget is spent", flush=True)
+        else:
+            print(f"[{s.name}] {' '.join(s.command)}", flush=True)
+            outcomes.append(run_step(s, out, left))
+            print(f"[{s.name}] {outcomes[-1].result}: {outcomes[-1].summary}", flush=True)
+        written.write_text(markdown(title, outcomes))  # after every step: a run cut short keeps what it did
+    return outcomes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    steps = [s for s in plan(args.out, args.jobs, args.generations) if s.name not in args.skip]
+    started = time.perf_counter()
+    try:
+        steps = chosen_steps(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.plan:
         for s in steps:
             print(f"{s.name:<{max(map(len, STEPS))}} (limit {s.timeout_s} s)  {' '.join(s.command)}")
@@ -192,19 +284,10 @@ def main(argv: list[str] | None = None) -> int:
               "False: run it on a machine with an NVIDIA GPU and a CUDA build of torch (--plan shows the steps)",
               file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; logs in {args.out}", flush=True)
-    outcomes = []
-    for s in steps:
-        print(f"[{s.name}] {' '.join(s.command)}", flush=True)
-        outcomes.append(run_step(s, args.out))
-        print(f"[{s.name}] {'ok' if outcomes[-1].ok else 'FAILED'}: {outcomes[-1].summary}", flush=True)
-    summary = report(outcomes)
-    print("\n" + summary)
-    tables = [o.step.table.read_text() for o in outcomes if o.step.table and o.step.table.exists()]
-    md = "\n\n".join([f"# GPU report: {torch.cuda.get_device_name()}, torch {torch.__version__}",
-                      "```\n" + summary + "\n```", *tables])
-    (args.out / "gpu_report.md").write_text(md + "\n")
+    title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    print(f"{title}; logs in {args.out}", flush=True)
+    outcomes = run_steps(steps, args.out, title, args.budget, started)
+    print("\n" + report(outcomes))
     print(f"\nwritten: {args.out / 'gpu_report.md'}")
     return 0 if all(o.ok for o in outcomes) else 1
 

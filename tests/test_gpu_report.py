@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +102,61 @@ def test_split_benchmark_checks_its_arguments_and_says_it_needs_a_gpu():
     if not torch.cuda.is_available():
         result = run_cli("scripts/bench_wkv7_split.py", "--shapes", "1x64")
         assert result.returncode == 1 and "needs a CUDA device" in result.stderr
+
+
+def test_steps_runs_the_named_steps_in_the_order_given():
+    result = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v7-chunked", "--steps", "kernels", "build",
+                     "tests", "--skip", "tests")
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in result.stdout.strip().splitlines()] == ["kernels", "build"]
+    # the build step builds every head size the chunked kernel's tests load
+    build = [line for line in result.stdout.splitlines() if line.startswith("build")][0]
+    assert "--head-sizes 32 64 128" in build
+    twice = run_cli("scripts/gpu_report.py", "--plan", "--steps", "build", "build")
+    assert twice.returncode == 2 and "names a step twice" in twice.stderr
+    absent = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v7-chunked", "--steps", "build", "train")
+    assert absent.returncode == 2 and "--steps train: only run with the v7 kernel" in absent.stderr
+    small = run_cli("scripts/gpu_report.py", "--plan", "--budget", "10")
+    assert small.returncode == 2 and "--budget must be at least" in small.stderr
+
+
+def test_the_budget_cuts_step_limits_and_leaves_what_does_not_fit_unrun(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_report, "MIN_STEP_S", 1)
+    steps = [gpu_report.Step("quick", [sys.executable, "-c", "print('3 passed')"], 60, r"passed"),
+             gpu_report.Step("slow", [sys.executable, "-c", "import time; print('working', flush=True); time.sleep(60)"],
+                             600, r"passed"),
+             gpu_report.Step("late", [sys.executable, "-c", "print('3 passed')"], 60, r"passed")]
+    outcomes = gpu_report.run_steps(steps, tmp_path, "test machine", budget=4.0)
+    assert [o.result for o in outcomes] == ["ok", "FAILED", "not run"]
+    assert outcomes[1].seconds < 10 and "limit" in outcomes[1].summary  # stopped by the budget, not its 600 s
+    assert "budget" in outcomes[2].summary and not (tmp_path / "late.log").exists()
+    md = (tmp_path / "gpu_report.md").read_text()
+    assert md.startswith("# GPU report: test machine")
+    assert "## slow: the last lines of its log" in md and "working" in md  # the failed step's output comes along
+    assert "quick: the last lines" not in md
+
+
+def test_a_step_stopped_at_its_limit_takes_the_processes_it_started_along(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time; "
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(120)")
+    outcome = gpu_report.run_step(gpu_report.Step("spawner", [sys.executable, "-c", code], 60, r"passed"), tmp_path,
+                                  limit_s=3)
+    assert not outcome.ok and "3 s limit" in outcome.summary
+    # promptly: a child left alive would hold the output pipe open, and the step would wait for it
+    assert outcome.seconds < 30
+    child = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline and _running(child):
+        time.sleep(0.1)
+    assert not _running(child), "the step's own child process outlived it"
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an ended process nobody has reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
