@@ -5,6 +5,8 @@
     python scripts/bench_train.py --kernel torch --grad-cp on     # the PyTorch WKV, checkpointing forced on
     python scripts/bench_train.py --configs configs/rwkv7-1.5b.yaml --kernel cuda-chunked --compile blocks \
         --grad-cp on selective selective-wkv off                  # one row per checkpointing mode
+    python scripts/bench_train.py --configs configs/rwkv7-1.5b.yaml --kernel cuda-chunked --compile blocks \
+        --grad-cp selective-wkv off --micro-batch selective-wkv=12 off=6   # the largest to try per mode
 
 Each config is built as training builds it (rwkv_train.models.build_model, the reference init) on the
 GPU, with the weights of one of the two ways `train.precision: bf16` trains:
@@ -30,11 +32,15 @@ weights' .grad between micro-batches, as DeepSpeed's bf16 mode and Lightning's a
 optimiser's cost (the master update, the clip, the copy back to bf16) is shared by more tokens: what
 training with train.accumulate > 1, or a ZeRO run that steps only its share of the optimiser, sees.
 Without --micro-batch, the largest of 1, 2, 4, 6, 8, 12, 16 that runs a whole step without running
-out of memory is used (tried from the largest down). Then --warmup steps, then --steps timed steps.
+out of memory is used (tried from the largest down). --micro-batch N (one, or one per config) runs
+exactly N; --micro-batch MODE=N (per checkpointing mode, e.g. off=6) starts the search at N instead
+of 16, which spares a compiled run the recompilations of sizes that cannot fit. Then --warmup steps,
+then --steps timed steps.
 
 tokens/s is of this one GPU; MFU is tokens/s x training FLOPs per token (rwkv_train.flops: 6 x matrix
 parameters + the WKV recurrence, gradient-checkpoint recomputation not counted) over the GPU's dense
-bf16 peak. The table is printed and written to --out as bench_train.md and bench_train.csv.
+bf16 peak. The table is printed and written to --out as bench_train.md and bench_train.csv, which are
+rewritten after every row: a run stopped part-way keeps the rows it finished.
 
 --device cpu runs the same steps on the CPU with the PyTorch WKV, to check the script and a config
 without a GPU (no peak memory or MFU there), e.g.
@@ -87,9 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="training configs (YAML) to benchmark")
     p.add_argument("--ctx-len", type=int, default=4096, help="tokens per window (default 4096)")
-    p.add_argument("--micro-batch", type=int, nargs="+", default=None,
-                   help="micro-batch per config, in --configs order (one value: for all); default: the largest "
-                        f"of {', '.join(map(str, sorted(MICRO_BATCHES)))} that fits")
+    p.add_argument("--micro-batch", nargs="+", default=None, metavar="N|MODE=N",
+                   help="micro-batch per config, in --configs order (one value: for all), or MODE=N per "
+                        "checkpointing mode: the largest to try for that mode (the smaller defaults follow); "
+                        f"default: the largest of {', '.join(map(str, sorted(MICRO_BATCHES)))} that fits")
     p.add_argument("--accumulate", type=int, default=1,
                    help="micro-batches per optimiser step, their gradients summed in float32 (default 1)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per config (default 10)")
@@ -113,10 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: check the script and a config without a GPU (the PyTorch WKV; no memory or MFU)")
     args = p.parse_args(argv)
-    if args.micro_batch is not None and len(args.micro_batch) not in (1, len(args.configs)):
-        p.error(f"--micro-batch takes one value or one per config ({len(args.configs)}), got {len(args.micro_batch)}")
-    if args.micro_batch is not None and min(args.micro_batch) < 1:
-        p.error("--micro-batch values must be positive")
+    args.micro_batch, args.mode_micro_batch = parse_micro_batches(p, args.micro_batch, args.configs, args.grad_cp)
     if args.steps < 1 or args.warmup < 0 or args.ctx_len < 1 or args.accumulate < 1:
         p.error("--steps, --accumulate and --ctx-len must be positive, --warmup 0 or more")
     if args.kernel is None:
@@ -124,6 +128,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cpu" and args.kernel != "torch":
         p.error(f"--device cpu runs the PyTorch WKV: pass --kernel torch (got --kernel {args.kernel})")
     return args
+
+
+def parse_micro_batches(p: argparse.ArgumentParser, values: list[str] | None, configs: list[str],
+                        modes: list[str | None]) -> tuple[list[int] | None, dict[str, int]]:
+    """--micro-batch's values: one per config (or one for all), or MODE=N caps per checkpointing mode."""
+    if values is None:
+        return None, {}
+    per_mode = [v for v in values if "=" in v]
+    if per_mode and len(per_mode) != len(values):
+        p.error("--micro-batch takes numbers (per config) or MODE=N pairs (per checkpointing mode), not both")
+
+    def count(text: str, what: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            p.error(f"--micro-batch {what}: {text!r} is not a positive whole number")
+        return int(text)
+
+    if not per_mode:
+        if len(values) not in (1, len(configs)):
+            p.error(f"--micro-batch takes one value or one per config ({len(configs)}), got {len(values)}")
+        return [count(v, "value") for v in values], {}
+    caps = {}
+    for value in per_mode:
+        mode, _, number = value.partition("=")
+        if mode not in modes:
+            named = " ".join(m for m in modes if m)
+            p.error(f"--micro-batch {value}: {mode!r} is not among the --grad-cp modes run "
+                    f"({named or 'none given'}): add --grad-cp {mode}, or name one of those")
+        caps[mode] = count(number, value)
+    return None, caps
+
+
+def candidates(fixed: int | None, cap: int | None) -> list[int]:
+    """The micro-batches to try, largest first: exactly `fixed`, or the defaults from `cap` down."""
+    if fixed is not None:
+        return [fixed]
+    if cap is None:
+        return list(MICRO_BATCHES)
+    return [cap, *(b for b in MICRO_BATCHES if b < cap)]
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -235,7 +277,7 @@ def resolve(path: str) -> Path:
     return given if given.exists() or given.is_absolute() else REPO / given
 
 
-def bench_config(path: str, micro_batch: int | None, grad_cp: str | None, args: argparse.Namespace) -> Result:
+def bench_config(path: str, tries: list[int], grad_cp: str | None, args: argparse.Namespace) -> Result:
     from rwkv_train.flops import flops_per_token, mfu, peak_flops
 
     cfg = load_bench_config(path, args.ctx_len, args.kernel, grad_cp)
@@ -247,10 +289,9 @@ def bench_config(path: str, micro_batch: int | None, grad_cp: str | None, args: 
                     compiled=args.compile,
                     gflop_per_token=round(per_token / 1e9, 6), device=torch.cuda.get_device_name() if cuda else "cpu")
     try:
-        candidates = [micro_batch] if micro_batch is not None else list(MICRO_BATCHES)
-        chosen = next((b for b in candidates if bench.fits(b, args.accumulate)), None)
+        chosen = next((b for b in tries if bench.fits(b, args.accumulate)), None)
         if chosen is None:
-            print(f"{result.config}: out of memory at micro-batch {candidates[-1]}", file=sys.stderr)
+            print(f"{result.config}: out of memory at micro-batch {tries[-1]}", file=sys.stderr)
             return result
         result.micro_batch = chosen
         print(f"{result.config}: micro-batch {chosen} x {cfg.data.ctx_len}, {args.accumulate} per step, "
@@ -337,25 +378,32 @@ def main(argv: list[str] | None = None) -> int:
     print(notes, flush=True)
     results = []
     for i, path in enumerate(args.configs):
-        micro_batch = None if args.micro_batch is None else args.micro_batch[min(i, len(args.micro_batch) - 1)]
+        fixed = None if args.micro_batch is None else args.micro_batch[min(i, len(args.micro_batch) - 1)]
         for grad_cp in args.grad_cp:
             try:
-                results.append(bench_config(path, micro_batch, grad_cp, args))
+                results.append(bench_config(path, candidates(fixed, args.mode_micro_batch.get(grad_cp)), grad_cp, args))
             except UserError as err:
                 print(f"error: {path}: {err}", file=sys.stderr)
                 return 1
+            write_tables(results, notes, args.out)  # after every row: a run stopped part-way keeps them
 
-    rows = table_rows(results)
     print()
-    print(format_text(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_train.md").write_text(format_markdown(rows, notes))
-    with (args.out / "bench_train.csv").open("w", newline="") as f:
+    print(format_text(table_rows(results)))
+    print(f"\nwritten: {args.out / 'bench_train.md'}, {args.out / 'bench_train.csv'}")
+    return 0 if all(r.tokens_per_s is not None for r in results) else 1
+
+
+def write_tables(results: list[Result], notes: str, out: Path) -> None:
+    """bench_train.md and bench_train.csv in `out`, each written whole under a temporary name first."""
+    out.mkdir(parents=True, exist_ok=True)
+    md, table = out / "bench_train.md", out / "bench_train.csv"
+    md.with_suffix(".md.tmp").write_text(format_markdown(table_rows(results), notes))
+    with table.with_suffix(".csv.tmp").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in results)
-    print(f"\nwritten: {args.out / 'bench_train.md'}, {args.out / 'bench_train.csv'}")
-    return 0 if all(r.tokens_per_s is not None for r in results) else 1
+    md.with_suffix(".md.tmp").replace(md)
+    table.with_suffix(".csv.tmp").replace(table)
 
 
 if __name__ == "__main__":

@@ -95,3 +95,52 @@ def test_accumulation_sums_each_micro_batch_gradient_in_float32_before_one_optim
     assert loss == pytest.approx(sum(losses), rel=1e-6)
     for got, want in zip(seen[0], expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_micro_batch_per_mode_starts_the_search_there_and_is_checked(tmp_path):
+    assert bench_train.candidates(None, None) == list(bench_train.MICRO_BATCHES)
+    assert bench_train.candidates(5, None) == [5]  # a number per config is exact
+    # a per-mode value is where the search starts: it, then every smaller default, largest first
+    assert bench_train.candidates(None, 12) == [12, 8, 6, 4, 2, 1]
+    assert bench_train.candidates(None, 7) == [7, 6, 4, 2, 1]
+    cfg = tiny_config(tmp_path, tmp_path / "unused-corpus")
+    out = tmp_path / "bench"
+    result = run_cli("scripts/bench_train.py", "--device", "cpu", "--configs", str(cfg), "--ctx-len", "16",
+                     "--warmup", "0", "--steps", "1", "--grad-cp", "off", "on", "--micro-batch", "off=3", "on=2",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "bench_train.csv").open()))
+    assert [(r["grad_cp"], r["micro_batch"]) for r in rows] == [("False", "3"), ("True", "2")]
+    for args, message in [(["--grad-cp", "off", "--micro-batch", "on=3"], "add --grad-cp on"),
+                          (["--micro-batch", "off=2"], "none given"),
+                          (["--grad-cp", "off", "--micro-batch", "off=0"], "not a positive whole number"),
+                          (["--grad-cp", "off", "--micro-batch", "off=2", "4"], "not both"),
+                          (["--micro-batch", "two"], "not a positive whole number")]:
+        bad = run_cli("scripts/bench_train.py", "--device", "cpu", "--configs", str(cfg), *args,
+                      "--out", str(tmp_path / "bad"))
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
+    """A run stopped after its first row (here the second raises) leaves that row in both tables."""
+    cfg = tiny_config(tmp_path, tmp_path / "unused-corpus")
+    done = bench_train.Result(config="cfg", params=1, micro_batch=2, ctx_len=16, accumulate=1, grad_cp=False,
+                              kernel="torch", weights="bf16", compiled="off", tokens_per_s=10.0, step_s=3.2)
+    calls = []
+
+    def bench_config(path, tries, grad_cp, args):
+        calls.append(grad_cp)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # as a run stopped from outside
+        return done
+
+    monkeypatch.setattr(bench_train, "bench_config", bench_config)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--device", "cpu", "--configs", str(cfg), "--grad-cp", "off", "on", "--out", str(out)])
+    assert calls == ["off", "on"]
+    rows = list(csv.DictReader((out / "bench_train.csv").open()))
+    assert [(r["grad_cp"], r["tokens_per_s"]) for r in rows] == [("False", "10.0")]
+    assert "| cfg |" in (out / "bench_train.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["bench_train.csv", "bench_train.md"]  # no temporary left
