@@ -42,7 +42,9 @@ def test_plan_lists_each_generation_shape_and_column_and_why_the_reference_canno
             assert reference and all("SKIPPED" in ln and "fetch_reference_kernels.sh" in ln for ln in reference)
     v7 = [ln for ln in lines if ln.strip().startswith("v7 B=8")]
     assert any("wkv7_chunked_cuda" in ln for ln in v7) and any(ln.rstrip().endswith("wkv7_cuda") for ln in v7)
-    assert sum("RWKV-LM" in ln for ln in v7) == 3  # clampw, clampw_v3, wkv7_cuda
+    assert sum("RWKV-LM" in ln for ln in v7) == 4  # clampw, clampw_v3 and its _alt, wkv7_cuda
+    # clampw_v3's two H100 builds register the same op names: the _alt one runs in a process of its own
+    assert [ln for ln in v7 if "(own process)" in ln] == [ln for ln in v7 if "_for_h100_alt.cu" in ln]
     # RWKV-LM's v4 and v6 kernels bake T in: each runs in a process of its own
     assert all("(own process)" in ln for ln in lines if ln.strip().startswith(("v4", "v6")) and "RWKV-LM" in ln)
 
@@ -176,6 +178,11 @@ def test_table_cells_name_the_fastest_kernel_and_footnote_failures():
     assert table[0]["speedup"] == pytest.approx(12.5 / 8.5)
     rendered = report.render_text(table, list(jobs.COLUMNS), 64)
     assert rendered[0][-1] == "speed-up vs RWKV-LM" and rendered[1][-1] == "1.47x"
+
+    # the _alt build, when the fastest, is named apart from clampw_v3
+    alt = result("rwkv-lm", "RWKV-v7/train_temp rwkv7_clampw_v3_for_h100_alt.cu", 11.9)
+    table, _ = report.summarize(the_plan, [*results, alt], ["rwkv-lm"])
+    assert table[0]["cells"]["rwkv-lm"] == "11.9 (rwkv7_clampw_v3_alt)"
 
     # a column whose only variant failed shows the failure with its reason as a note
     table, notes = report.summarize(the_plan, [results[5]], ["rwkv-lm"])

@@ -48,17 +48,25 @@ def reference_variants(generation: str, shape: Shape, ref: Path) -> list[tuple[V
     v7 = ref / "RWKV-v7" / "train_temp" / "cuda"
     chunk = f"-D_CHUNK_LEN_={REF_V7_CHUNK}"
     clampw_flags = ("-res-usage", f"-D_N_={N}", chunk, *_REF_FLAGS[1:])
-    kernels = [  # (variant, source, build)
+    v3_sources = ("rwkv7_clampw_v3_for_h100.cu", "rwkv7_clampw_v3_for_h100_alt.cu")
+    kernels = [  # (variant, source, build, own process)
         ("v7:rwkvlm-clampw", "rwkv7_clampw.cu", _ref_spec(
-            f"rwkv7_clampw_h{N}", v7, ("rwkv7_clampw.cu", "rwkv7_clampw.cpp"), clampw_flags, "rwkv7_clampw")),
-        ("v7:rwkvlm-clampw-v3", "rwkv7_clampw_v3_for_h100.cu", _ref_spec(
-            f"rwkv7_clampw_v3_h{N}", v7, ("rwkv7_clampw_v3_for_h100.cu", "rwkv7_clampw_v3.cpp"), clampw_flags,
-            "rwkv7_clampw_v3")),
+            f"rwkv7_clampw_h{N}", v7, ("rwkv7_clampw.cu", "rwkv7_clampw.cpp"), clampw_flags, "rwkv7_clampw"), False),
+        ("v7:rwkvlm-clampw-v3", v3_sources[0], _ref_spec(
+            f"rwkv7_clampw_v3_h{N}", v7, (v3_sources[0], "rwkv7_clampw_v3.cpp"), clampw_flags, "rwkv7_clampw_v3"),
+            False),
+        # the trainer's other H100 option ("sometimes faster"): the same op names, so a process of its own
+        ("v7:rwkvlm-clampw-v3-alt", v3_sources[1], _ref_spec(
+            f"rwkv7_clampw_v3_alt_h{N}", v7, (v3_sources[1], "rwkv7_clampw_v3.cpp"), clampw_flags, "rwkv7_clampw_v3"),
+            True),
         ("v7:rwkvlm-wkv7", "wkv7_cuda.cu", _ref_spec(
             f"wind_backstepping_h{N}", v7, ("wkv7_cuda.cu", "wkv7_op.cpp"),
-            ("-res-usage", f"-D_C_={N}", chunk, *_REF_FLAGS[1:]), "wind_backstepping")),
+            ("-res-usage", f"-D_C_={N}", chunk, *_REF_FLAGS[1:]), "wind_backstepping"), False),
     ]  # fmt: skip
-    return [(Variant(key, "rwkv-lm", f"RWKV-v7/train_temp {source}", spec.key), spec) for key, source, spec in kernels]
+    return [
+        (Variant(key, "rwkv-lm", f"RWKV-v7/train_temp {source}", spec.key, isolate=alone), spec)
+        for key, source, spec, alone in kernels
+    ]
 
 
 def load_reference(name: str, spec: BuildSpec, flags: tuple[str, ...]) -> Any:

@@ -58,7 +58,7 @@ def summarize(plan: Plan, results: list[Result], columns: list[str]) -> tuple[li
                 if problem:
                     text += " " + notes.ref(f"{best.label}: {problem}")
                 if len(mine) > 1:  # several kernels in this column: name the fastest
-                    text += f" ({best.label.split()[-1].removesuffix('.cu').removesuffix('_for_h100')})"
+                    text += f" ({best.label.split()[-1].removesuffix('.cu').replace('_for_h100', '')})"
                 line["ms"][column], line["kernel"][column] = best.median_ms, best.label
             elif mine:
                 first = mine[0]
@@ -239,8 +239,8 @@ def _column_notes() -> list[str]:
         "RWKV-LM v6: RWKV-v5/cuda/wkv6_cuda.cu (x060), _T_ = T baked in; w bf16 with decay exp(-exp(w)).",
         (
             "RWKV-LM v7: RWKV-v7/train_temp/cuda rwkv7_clampw.cu (the trainer's default; takes the decay "
-            "pre-activation), rwkv7_clampw_v3_for_h100.cu (its H100 option), wkv7_cuda.cu (the earlier kernel; takes "
-            "w = log(-lw)); chunk 16, T % 16 == 0."
+            "pre-activation), rwkv7_clampw_v3_for_h100.cu and rwkv7_clampw_v3_for_h100_alt.cu (its two H100 "
+            "options), wkv7_cuda.cu (the earlier kernel; takes w = log(-lw)); chunk 16, T % 16 == 0."
         ),
         (
             "fla v7: chunk_rwkv7(r, w=lw, k, v, a, b, scale=1) with safe_gate, lower_bound=-e^-0.5, chunk_size=64 as "

@@ -222,6 +222,7 @@ PREPARE: dict[str, Callable[[dict[str, Tensor], Any], Prepared]] = {
     "v7:ours-torch": lambda x, _: _v7_ours(x, "torch"),
     "v7:rwkvlm-clampw": _v7_rwkvlm_clampw,
     "v7:rwkvlm-clampw-v3": _v7_rwkvlm_clampw,
+    "v7:rwkvlm-clampw-v3-alt": _v7_rwkvlm_clampw,
     "v7:rwkvlm-wkv7": _v7_rwkvlm_wkv7,
     "v7:fla": lambda x, _: _v7_fla(x),
 }
