@@ -744,19 +744,25 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         // The input gradients of the block's key channels, one (step, channel) per thread; each factor
         // x e^(phi) adds g x to phi's gradient. The factors are taken as the bf16 tiles the products
         // used, so terms that cancel exactly (a step with nothing before it) cancel here too instead of
-        // leaving bf16 rounding. dc_t, dc_ex[t] and the step's part of dc_L replace the values this
-        // thread has read. Each thread takes K_PER consecutive steps of one channel, so a step's
-        // e^(c_ex) is the previous step's e^(c), as in chunk_factors.
+        // leaving bf16 rounding. Each thread takes K_PER consecutive steps of one channel, the last
+        // first, so a step's e^(c_ex) is the next one's e^(c), and it sums dlw_s = sum_{t>=s} dc_t +
+        // sum_{t>s} dc_ex[t] + dc_L over its own steps as it goes (in registers). What the channel's
+        // other threads need of it, the sum of dc_t + dc_ex over its steps and of their terms of dc_L,
+        // it leaves in two of its own (step, channel) places in d_right, which nobody else reads here;
+        // after the barrier each thread adds the later steps' sums and dc_L and writes its dlw.
         {
-            constexpr int K_PER = L / (THREADS / KEYS);  // steps per thread
-            static_assert(THREADS % KEYS == 0 && L % (THREADS / KEYS) == 0, "whole steps of one channel per thread");
-            const int n = k0 + tid % KEYS, first = tid / KEYS * K_PER;
+            constexpr int K_GROUPS = THREADS / KEYS, K_PER = L / K_GROUPS;  // threads per channel, steps per thread
+            static_assert(THREADS % KEYS == 0 && L % K_GROUPS == 0 && K_PER >= 2, "whole steps of one channel per thread");
+            const int n = k0 + tid % KEYS, group = tid / KEYS, first = group * K_PER;
             const float c_L = cum[(L - 1) * N + n], c_ref = 0.5f * c_L, up = __expf(c_ref), down = __expf(-c_ref);
-            float e_ex = __expf(first > 0 ? cum[(first - 1) * N + n] : 0.f);
+            float e_c = __expf(cum[(first + K_PER - 1) * N + n]);
+            float suffix[K_PER];     // sum over this thread's steps u >= t of dc_t[u] and u > t of dc_ex[u]
+            float run = 0.f, dc_L = 0.f;  // this thread's dc_t + dc_ex, and its terms of dc_L
 #pragma unroll
-            for (int j = 0; j < K_PER; j++) {
+            for (int j = K_PER - 1; j >= 0; j--) {
                 const int t = first + j;
-                const float c = cum[t * N + n], e_c = __expf(c), e_b = __expf(c_ref - c), e_end = e_b * up;
+                const float c = cum[t * N + n], e_b = __expf(c_ref - c), e_end = e_b * up;
+                const float e_ex = __expf(t > 0 ? cum[(t - 1) * N + n] : 0.f);
                 const float gl_a = d_left[t * LDH + n], gl_r = d_left[(L + t) * LDH + n];
                 const float gr_b = d_right[t * LDH + n], gr_k = d_right[(L + t) * LDH + n];
                 const float ge_b = d_ends[t * LDH + n], ge_k = d_ends[(L + t) * LDH + n];
@@ -772,21 +778,25 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
                 const float t_rb = gr_b * f32(right[t * LDH + n]), t_rk = gr_k * f32(right[(L + t) * LDH + n]);
                 const float t_end = ge_b * f32(ends[t * LDH + n]) + ge_k * f32(ends[(L + t) * LDH + n]);
                 const float t_ha = gh_a * f32(hat[t * LDH + n]), t_hr = gh_r * f32(hat[(L + t) * LDH + n]);
-                d_left[t * LDH + n] = t_lr + t_hr - t_rb - t_rk - t_end;  // dc_t
-                d_left[(L + t) * LDH + n] = t_la + t_ha;                   // dc_ex[t]
-                d_right[t * LDH + n] = t_end;                              // into dc_L
-                e_ex = e_c;
+                run += t_lr + t_hr - t_rb - t_rk - t_end;  // dc_t
+                suffix[j] = run;
+                run += t_la + t_ha;  // dc_ex[t]
+                dc_L += t_end;
+                e_c = e_ex;
             }
-        }
-        __syncthreads();
-        for (int n = k0 + tid; n < k0 + KEYS; n += THREADS) {  // dlw_s = sum_{t>=s} dc_t + sum_{t>s} dc_ex[t] + dc_L
-            float dc_L = Z[n] * decay[n];
-            for (int t = 0; t < L; t++) dc_L += d_right[t * LDH + n];
-            float sum = dc_L;
-            for (int t = L - 1; t >= 0; t--) {
-                sum += d_left[t * LDH + n];
-                if (t < steps) out.dlw[g.at(t0 + t, n)] = clamped[n] >> t & 1 ? 0.f : sum;
-                sum += d_left[(L + t) * LDH + n];
+            d_right[first * LDH + n] = run, d_right[(first + 1) * LDH + n] = dc_L;
+            __syncthreads();
+            float later = Z[n] * decay[n];  // dc_L, then the later threads' steps
+#pragma unroll
+            for (int other = 0; other < K_GROUPS; other++) {
+                later += d_right[(other * K_PER + 1) * LDH + n];
+                if (other > group) later += d_right[other * K_PER * LDH + n];
+            }
+            const unsigned clamped_steps = clamped[n];
+#pragma unroll
+            for (int j = 0; j < K_PER; j++) {
+                const int t = first + j;
+                if (t < steps) out.dlw[g.at(t0 + t, n)] = clamped_steps >> t & 1 ? 0.f : later + suffix[j];
             }
         }
         round_state<VALUES>(dS, dSh);
