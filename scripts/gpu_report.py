@@ -8,7 +8,7 @@
     python scripts/gpu_report.py --generations v7-chunked --skip kernels train-chunked train-compiled train-modes \
         train-autotune train-accumulate               # one kernel, a few minutes
     python scripts/gpu_report.py --budget 540 --generations v7-chunked \
-        --steps build tests kernels train-modes sanitizer splits   # these steps, in this order, within 9 minutes
+        --steps build tests sanitizer kernels train-modes splits   # these steps, in this order, within 9 minutes
 
 Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
   build      scripts/build_kernels.py: every kernel built once, in parallel
