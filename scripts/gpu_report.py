@@ -12,7 +12,8 @@
 
 Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
   build      scripts/build_kernels.py: every kernel built once, in parallel
-  tests      pytest tests/test_kernels_cuda.py: every kernel against the float64 reference
+  tests      pytest tests/test_kernels_cuda.py: every kernel against the float64 reference (the largest
+             error per kernel and quantity goes into the report)
   sanitizer  compute-sanitizer memcheck over scripts/sanitize_kernels.py
   racecheck  compute-sanitizer racecheck over the same: shared-memory hazards between threads
   profile    scripts/profile_kernels.py: per-kernel time of both v7 kernels
@@ -94,6 +95,7 @@ class Outcome:
     seconds: float
     ran: bool = True  # False: not started (the budget was spent)
     log_tail: str = ""  # the last lines of the log of a step that failed
+    table: Path | None = None  # the step's table, where this run of it wrote one
 
     @property
     def result(self) -> str:
@@ -121,8 +123,9 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
 
     steps = [
         Step("build", [py, "scripts/build_kernels.py", "--jobs", str(jobs), *build], 900, r"(built|failed|ok)"),
-        Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py", *tests], 900,
-             r"\d+ (passed|failed|error)"),
+        Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cuda.py",
+                       "--kernel-errors", str(out / "tests" / "kernel_errors.csv"), *tests], 900,
+             r"\d+ (passed|failed|error)", out / "tests" / "kernel_errors.md"),
         Step("sanitizer", sanitizer("memcheck"), 900, r"ERROR SUMMARY"),
         Step("racecheck", sanitizer("racecheck"), 900, r"RACECHECK SUMMARY"),
         Step("profile", [py, "scripts/profile_kernels.py", "--generations", *profiled], 600,
@@ -209,7 +212,7 @@ def run_step(step: Step, out: Path, limit_s: float | None = None) -> Outcome:
     together with every process it started (it runs in a process group of its own)."""
     limit = step.timeout_s if limit_s is None else min(step.timeout_s, limit_s)
     log = out / f"{step.name}.log"
-    start = time.perf_counter()
+    start, before = time.perf_counter(), _stamp(step.table)
     if shutil.which(step.command[0]) is None and not Path(step.command[0]).exists():
         return Outcome(step, False, f"{step.command[0]} not found: install it (it ships with the CUDA toolkit)", 0.0)
     proc = subprocess.Popen(step.command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -225,7 +228,16 @@ def run_step(step: Step, out: Path, limit_s: float | None = None) -> Outcome:
     log.write_text(text)
     summary = last_matching(text, step.verdict if ok else r"(error|Error|failed|FAILED|limit)")
     tail = "" if ok else "\n".join(text.rstrip().splitlines()[-LOG_TAIL_LINES:])
-    return Outcome(step, ok, summary[:160], time.perf_counter() - start, log_tail=tail)
+    table = step.table if _stamp(step.table) not in (None, before) else None  # not one an earlier run left
+    return Outcome(step, ok, summary[:160], time.perf_counter() - start, log_tail=tail, table=table)
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """A file's modification time and size, or None where there is no file."""
+    if path is None or not path.exists():
+        return None
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
 
 
 def report(outcomes: list[Outcome]) -> str:
@@ -238,7 +250,7 @@ def report(outcomes: list[Outcome]) -> str:
 def markdown(title: str, outcomes: list[Outcome]) -> str:
     """The whole report: the summary, the tables the steps wrote, the end of each failed step's log."""
     parts = [f"# GPU report: {title}", "```\n" + report(outcomes) + "\n```"]
-    parts += [o.step.table.read_text() for o in outcomes if o.step.table and o.step.table.exists()]
+    parts += [o.table.read_text() for o in outcomes if o.table]
     parts += [f"## {o.step.name}: the last lines of its log\n\n```\n{o.log_tail}\n```" for o in outcomes if o.log_tail]
     return "\n\n".join(parts) + "\n"
 

@@ -19,6 +19,12 @@ from rwkv_train.data.binidx import BinIdxWriter
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--kernel-errors", type=Path, default=REPO / "out" / "kernel_errors.csv", metavar="CSV",
+                     help="where the GPU kernel tests write every measured error (CSV), with the largest per "
+                          "kernel and quantity beside it as a markdown table (.md); default out/kernel_errors.csv")
+
+
 @pytest.fixture(autouse=True)
 def _reset_state():
     """Every test starts from the same seeds and default dtype."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import sys
 import time
@@ -160,3 +161,32 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_a_table_is_reported_only_where_this_run_of_the_step_wrote_it(tmp_path):
+    table = tmp_path / "bench" / "table.md"
+    table.parent.mkdir()
+    table.write_text("| an earlier run's table |\n")
+    write = f"import pathlib; pathlib.Path({str(table)!r}).write_text('| this run |\\n'); print('3 passed')"
+    crash = "import sys; print('RuntimeError: no GPU'); sys.exit(1)"
+    stale = gpu_report.run_step(gpu_report.Step("crash", [sys.executable, "-c", crash], 60, r"passed", table), tmp_path)
+    assert stale.table is None
+    fresh = gpu_report.run_step(gpu_report.Step("bench", [sys.executable, "-c", write], 60, r"passed", table), tmp_path)
+    assert fresh.table == table
+    md = gpu_report.markdown("test machine", [stale, fresh])
+    assert "| this run |" in md and "earlier run" not in md
+
+
+def test_the_gpu_tests_error_table_keeps_the_largest_error_per_kernel_and_quantity(tmp_path):
+    from tests.test_kernels_cuda import write_errors
+
+    rows = [{"generation": g, "head_size": 64, "T": t, "initial_state": s, "quantity": q, "rel_error": e}
+            for g, t, s, q, e in [("v7", 16, False, "y", 1e-3), ("v7", 1000, True, "y", 3e-3),
+                                  ("v7", 16, False, "dk", 2e-3), ("v7-chunked", 33, True, "y", 4e-3)]]
+    text = write_errors(rows, tmp_path / "errors.csv")
+    assert len(list(csv.DictReader((tmp_path / "errors.csv").open()))) == 4
+    lines = (tmp_path / "errors.md").read_text().splitlines()
+    assert lines[2] == "| kernel | head | quantity | max rel error | at |"
+    assert lines[4:] == ["| v7 | 64 | y | 3.00e-03 | T=1000, initial state |", "| v7 | 64 | dk | 2.00e-03 | T=16 |",
+                         "| v7-chunked | 64 | y | 4.00e-03 | T=33, initial state |"]
+    assert "3.00e-03" in text and str(tmp_path / "errors.csv") in text

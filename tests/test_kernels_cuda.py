@@ -25,6 +25,7 @@ import sys
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +58,6 @@ CONFIGS = [("v4", None), ("v5", 64), ("v5", 128), ("v6", 64), ("v6", 128), ("v7"
            ("v7-chunked", 32), ("v7-chunked", 64)]
 # (T, with initial state): short and odd lengths cover partial chunks inside the kernels; 1000 the long run.
 CASES = [(1, False), (1, True), (7, True), (16, False), (33, True), (200, False), (200, True), (1000, True)]
-ERRORS_CSV = REPO / "out" / "kernel_errors.csv"
 
 
 def require_kernel(generation: str, head_size: int | None) -> None:
@@ -193,14 +193,19 @@ def rel_error(out: Tensor, ref: Tensor) -> float:
 
 
 @pytest.fixture(scope="session")
-def error_log():
-    """Collects (generation, head size, T, state, quantity, error); reported when the session ends."""
+def error_log(request):
+    """Collects (generation, head size, T, state, quantity, error); written and printed when the session ends."""
     rows: list[dict] = []
     yield rows
-    if not rows:
-        return
-    ERRORS_CSV.parent.mkdir(parents=True, exist_ok=True)
-    with open(ERRORS_CSV, "w", newline="") as f:
+    if rows:
+        print(write_errors(rows, request.config.getoption("--kernel-errors")))
+
+
+def write_errors(rows: list[dict], path: Path) -> str:
+    """Every measured error to the CSV `path`, the largest per kernel and quantity as a markdown table beside it
+    (.md); returns that table as text."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -209,13 +214,18 @@ def error_log():
         key = (row["generation"], row["head_size"], row["quantity"])
         if key not in worst or row["rel_error"] > worst[key]["rel_error"]:
             worst[key] = row
+    table = [f"CUDA kernels against the float64 reference: the largest relative error over T and initial "
+             f"state (tolerance {TOL:g}; every measurement in {path.name})", "",
+             "| kernel | head | quantity | max rel error | at |", "|---|---:|---|---:|---|"]
     lines = [f"\nCUDA kernels vs float64 reference: largest relative error over T and state (tolerance {TOL:g})",
              f"{'gen':<4} {'head':>4}  {'quantity':<9} {'max rel err':>11}  at"]
     for (gen, head, quantity), row in worst.items():
         where = f"T={row['T']}{', initial state' if row['initial_state'] else ''}"
+        table.append(f"| {gen} | {head} | {quantity} | {row['rel_error']:.2e} | {where} |")
         lines.append(f"{gen:<4} {head:>4}  {quantity:<9} {row['rel_error']:>11.2e}  {where}")
-    lines.append(f"(every measurement: {ERRORS_CSV})")
-    print("\n".join(lines))
+    path.with_suffix(".md").write_text("\n".join(table) + "\n")
+    lines.append(f"(every measurement: {path})")
+    return "\n".join(lines)
 
 
 # --- values and gradients against the reference -------------------------------------------------------
