@@ -2,13 +2,13 @@
 
     python scripts/gpu_report.py                      # build, tests, sanitizer, kernel and training benchmarks
     python scripts/gpu_report.py --skip train         # leave steps out (build, tests, sanitizer, racecheck, profile,
-                                                      # splits, kernels, train, train-chunked, train-compiled,
-                                                      # train-modes, train-autotune, train-accumulate)
+                                                      # splits, versions, kernels, train, train-chunked,
+                                                      # train-compiled, train-modes, train-autotune, train-accumulate)
     python scripts/gpu_report.py --plan               # the commands it would run; no GPU needed
     python scripts/gpu_report.py --generations v7-chunked --skip kernels train-chunked train-compiled train-modes \
         train-autotune train-accumulate               # one kernel, a few minutes
     python scripts/gpu_report.py --budget 540 --generations v7-chunked \
-        --steps build tests sanitizer kernels train-modes splits   # these steps, in this order, within 9 minutes
+        --steps build tests kernels versions sanitizer splits   # these steps, in this order, within 9 minutes
 
 Steps, each a subprocess with its own time limit, its output kept in --out/<step>.log:
   build      scripts/build_kernels.py: every kernel built once, in parallel
@@ -18,6 +18,8 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   racecheck  compute-sanitizer racecheck over the same: shared-memory hazards between threads
   profile    scripts/profile_kernels.py: per-kernel time of both v7 kernels
   splits     scripts/bench_wkv7_split.py: the chunked v7 kernel at 1, 2 and 4 blocks per head, B=1 to 8
+  versions   scripts/bench_wkv7_versions.py: the chunked v7 kernel beside the earlier versions exported to
+             third_party/wkv7_versions (--export REV), timed on this GPU in the same run
   kernels    scripts/bench_kernels.py (forward + backward times against RWKV-LM and fla)
   train      scripts/bench_train.py (tokens/s, memory, MFU of the RWKV-7 presets)
   train-chunked  the same with the chunked WKV-7 kernel (--kernel cuda-chunked)
@@ -65,14 +67,14 @@ except ImportError:  # run from a checkout without installing the package
 
 from rwkv_train.ops import kernels
 
-STEPS = ("build", "tests", "sanitizer", "racecheck", "profile", "splits", "kernels", "train", "train-chunked", "train-compiled",
-         "train-modes", "train-autotune", "train-accumulate")
+STEPS = ("build", "tests", "sanitizer", "racecheck", "profile", "splits", "versions", "kernels", "train", "train-chunked",
+         "train-compiled", "train-modes", "train-autotune", "train-accumulate")
 GENERATIONS = tuple(kernels.SOURCES)  # v4, v5, v6, v7, v7-chunked
 # pytest -k expressions that pick one kernel's tests out of tests/test_kernels_cuda.py by their ids
 # (v7-h64, v7-chunked-h64, [sequential] / [chunked] for the model step)
 TEST_FILTER = {"v4": "v4", "v5": "v5", "v6": "v6", "v7": "(v7 and not chunked) or sequential", "v7-chunked": "chunked"}
 # steps that only concern one kernel
-STEP_KERNEL = {"splits": "v7-chunked", "train": "v7", "train-chunked": "v7-chunked", "train-compiled": "v7-chunked",
+STEP_KERNEL = {"splits": "v7-chunked", "versions": "v7-chunked", "train": "v7", "train-chunked": "v7-chunked", "train-compiled": "v7-chunked",
                "train-modes": "v7-chunked", "train-autotune": "v7-chunked", "train-accumulate": "v7-chunked"}
 MIN_STEP_S = 30  # with --budget, a step is started only with at least this many seconds left
 LOG_TAIL_LINES = 40  # lines of a failed step's log in the report
@@ -132,6 +134,8 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
              rf"^{profiled[-1]} +forward \+ backward"),
         Step("splits", [py, "scripts/bench_wkv7_split.py", "--out", str(out / "splits")], 600, r"written:|error",
              out / "splits" / "bench_wkv7_split.md"),
+        Step("versions", [py, "scripts/bench_wkv7_versions.py", "--out", str(out / "versions")], 600, r"written:|error",
+             out / "versions" / "bench_wkv7_versions.md"),
         Step("kernels", [py, "scripts/bench_kernels.py", "--out", str(out / "kernels"), *bench], 1800, r"done after",
              out / "kernels" / "bench_kernels.md"),
         Step("train", [py, "scripts/bench_train.py", "--out", str(out / "train")], 1800, r"written:|error",

@@ -31,7 +31,7 @@ def test_skip_leaves_steps_out_and_rejects_unknown_ones():
     result = run_cli("scripts/gpu_report.py", "--plan", "--skip", "train", "train-chunked", "train-compiled", "train-modes",
                      "train-autotune", "train-accumulate", "kernels")
     assert [line.split()[0] for line in result.stdout.strip().splitlines()] == ["build", "tests", "sanitizer", "racecheck",
-                                                                               "profile", "splits"]
+                                                                               "profile", "splits", "versions"]
     bad = run_cli("scripts/gpu_report.py", "--skip", "everything")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
@@ -67,14 +67,14 @@ def test_generations_narrow_every_step_and_drop_the_training_runs_of_other_kerne
     result = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v7-chunked")
     assert result.returncode == 0, result.stderr
     steps = {line.split()[0]: line for line in result.stdout.strip().splitlines()}
-    assert list(steps) == ["build", "tests", "sanitizer", "racecheck", "profile", "splits", "kernels", "train-chunked",
-                           "train-compiled", "train-modes", "train-autotune", "train-accumulate"]
+    assert list(steps) == ["build", "tests", "sanitizer", "racecheck", "profile", "splits", "versions", "kernels",
+                           "train-chunked", "train-compiled", "train-modes", "train-autotune", "train-accumulate"]
     assert steps["build"].endswith("--generations v7-chunked") and steps["tests"].endswith("-k (chunked)")
     assert steps["sanitizer"].endswith("sanitize_kernels.py v7-chunked")
     assert steps["racecheck"].endswith("sanitize_kernels.py v7-chunked")
     assert steps["kernels"].endswith("--generations v7")  # the kernel benchmark's v7 row times both kernels
     v6 = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v6").stdout
-    assert "bench_wkv7_split.py" not in v6  # a step for the chunked kernel alone
+    assert "bench_wkv7_split.py" not in v6 and "bench_wkv7_versions.py" not in v6  # steps for the chunked kernel alone
     bad = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v8")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 

@@ -1,0 +1,70 @@
+"""scripts/bench_wkv7_versions.py without a GPU: exporting a revision's kernel sources, the plan, its
+argument checks, and how a version from before split heads is called."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+
+_spec = importlib.util.spec_from_file_location("bench_wkv7_versions", REPO / "scripts" / "bench_wkv7_versions.py")
+versions = importlib.util.module_from_spec(_spec)
+sys.modules["bench_wkv7_versions"] = versions
+_spec.loader.exec_module(versions)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_export_writes_a_revisions_kernel_sources_once(tmp_path):
+    folder = versions.export("HEAD", into=tmp_path / "versions")
+    assert folder.name == _git("rev-parse", "--short=7", "HEAD").strip()
+    assert (folder / "wkv7_chunked.cu").read_text() == _git("show", "HEAD:cuda/wkv7_chunked.cu")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.removeprefix("cuda/") for p in _git("ls-tree", "--name-only", "HEAD", "cuda/").split())
+    before = (folder / "wkv7_chunked.cu").stat().st_mtime_ns
+    assert versions.export("HEAD", into=tmp_path / "versions") == folder  # already there: kept as it is
+    assert (folder / "wkv7_chunked.cu").stat().st_mtime_ns == before
+    assert versions.exported(tmp_path / "versions") == [folder]
+    with pytest.raises(ValueError, match="is not a commit"):
+        versions.export("no-such-revision", into=tmp_path / "versions")
+
+
+def test_plan_and_bad_arguments(tmp_path):
+    folder = versions.export("HEAD", into=tmp_path / "versions")
+    plan = run_cli("scripts/bench_wkv7_versions.py", "--plan", "--versions", str(folder), "--shapes", "2x64")
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.splitlines() == [f"version {folder.name}: {folder / 'wkv7_chunked.cu'}",
+                                        f"version this tree: {REPO / 'cuda' / 'wkv7_chunked.cu'}",
+                                        "shapes: 2x64 at C=4096, head 64"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = run_cli("scripts/bench_wkv7_versions.py", "--versions", str(empty))
+    assert bad.returncode == 2 and "no wkv7_chunked.cu there" in bad.stderr
+    odd = run_cli("scripts/bench_wkv7_versions.py", "--channels", "100")
+    assert odd.returncode == 2 and "not a multiple of --head-size 64" in odd.stderr
+    unknown = run_cli("scripts/bench_wkv7_versions.py", "--export", "no-such-revision")
+    assert unknown.returncode == 2 and "is not a commit" in unknown.stderr
+    if not torch.cuda.is_available():
+        result = run_cli("scripts/bench_wkv7_versions.py", "--versions", str(folder))
+        assert result.returncode == 1 and "needs a CUDA device" in result.stderr
+
+
+def test_a_version_without_split_heads_is_called_without_the_split():
+    class Before:  # a module from before split heads: no `splits`, no split argument
+        def forward(self, *args):
+            return len(args)
+
+        backward = forward
+
+    class After(Before):
+        splits = [1, 2, 4]
+
+    old, new = versions.Version(Before()), versions.Version(After())
+    assert (old.splits, old.forward(*range(11)), old.backward(*range(17))) == ([1], 10, 16)
+    assert (new.splits, new.forward(*range(11)), new.backward(*range(17))) == ([1, 2, 4], 11, 17)
