@@ -63,12 +63,12 @@ def export(revision: str, into: Path = VERSIONS) -> Path:
     archive = git("archive", "--format=tar", short, "cuda")
     if archive.returncode != 0 or not archive.stdout:
         raise ValueError(f"{short} has no cuda/ folder: {archive.stderr.decode().strip()}")
-    with tempfile.TemporaryDirectory(dir=into.parent if into.parent.exists() else None) as tmp:
+    into.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=into, prefix=".export-") as tmp:  # beside it: the rename stays on one disk
         with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
             tar.extractall(tmp, filter="data")
         if not (Path(tmp) / "cuda" / SOURCE).is_file():
             raise ValueError(f"{short} has no cuda/{SOURCE}: the chunked kernel came later")
-        into.mkdir(parents=True, exist_ok=True)
         (Path(tmp) / "cuda").rename(folder)  # whole or not at all
     return folder
 
