@@ -158,7 +158,8 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
              1800, r"written:|error", out / "train-autotune" / "bench_train.md"),
         Step("train-accumulate", [py, "scripts/bench_train.py", "--configs", "configs/rwkv7-1.5b.yaml", "--kernel",
                                   "cuda-chunked", "--compile", "blocks", "--accumulate", "4", "--grad-cp", "off",
-                                  "selective-wkv", "--out", str(out / "train-accumulate")],
+                                  "selective-wkv", "--micro-batch", "off=6", "selective-wkv=12",
+                                  "--out", str(out / "train-accumulate")],
              1800, r"written:|error", out / "train-accumulate" / "bench_train.md"),
     ]
     return [s for s in steps if s.name not in STEP_KERNEL or STEP_KERNEL[s.name] in chosen]
