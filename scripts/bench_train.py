@@ -39,7 +39,10 @@ then --steps timed steps.
 
 tokens/s is of this one GPU; MFU is tokens/s x training FLOPs per token (rwkv_train.flops: 6 x matrix
 parameters + the WKV recurrence, gradient-checkpoint recomputation not counted) over the GPU's dense
-bf16 peak. The table is printed and written to --out as bench_train.md and bench_train.csv, which are
+bf16 peak. --profile then runs two more steps under torch.profiler and says where a step's time goes:
+its GPU kernels' time by kind (matrix products, the WKV kernels, inductor's fused elementwise kernels,
+the optimiser, every other kernel) and the rest of the step's wall time, when the GPU ran nothing
+(launch gaps, host work, the loss read back). On the CPU it sorts the operators' own times the same way. The table is printed and written to --out as bench_train.md and bench_train.csv, which are
 rewritten after every row: a run stopped part-way keeps the rows it finished.
 
 --device cpu runs the same steps on the CPU with the PyTorch WKV, to check the script and a config
@@ -53,11 +56,12 @@ import argparse
 import copy
 import csv
 import gc
+import re
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -87,6 +91,50 @@ class Result:
     gflop_per_token: float = 0.0
     mfu: float | None = None  # a fraction; None when the GPU's peak is unknown
     device: str = ""
+    profile_ms: dict[str, float] = field(default_factory=dict)  # --profile: ms per step by PARTS
+
+
+# --profile's parts of a step, in table order; "idle" is the step's wall time the kernels do not fill
+PARTS = ("products", "wkv", "fused", "optimiser", "other", "idle")
+PART_TITLES = {"products": "matrix products", "wkv": "WKV kernels", "fused": "fused elementwise", "optimiser": "optimiser",
+               "other": "other kernels", "idle": "GPU idle"}
+
+
+def part_of(name: str) -> str:
+    """Which part of a step a GPU kernel (or, on the CPU, an operator) belongs to, by its name."""
+    lowered = name.lower()
+    if "wkv" in lowered:  # this project's kernels (wkv7c::..., wkv::...) and ops (rwkv_train::wkv7_...)
+        return "wkv"
+    if lowered.startswith("triton_tem"):  # inductor's templated product with its fused epilogue (max_autotune)
+        return "products"
+    if "triton" in lowered or "cpp_fused" in lowered:  # inductor's fused kernels (Triton; C++ on the CPU)
+        return "fused"
+    if re.search(r"gemm|xmma|nvjet|cutlass|s16816|aten::(mm|addmm|bmm|baddbmm)$", lowered):
+        return "products"
+    if re.search(r"adam|multi_tensor_apply|optimizer|_foreach_", lowered):
+        return "optimiser"
+    return "other"
+
+
+def profile_step(bench: "Bench", micro_batch: int, accumulate: int, steps: int = 2) -> dict[str, float]:
+    """Milliseconds per step by PARTS, from `steps` steps under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = bench.device == "cuda"
+    synchronize(bench.device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            bench.step(micro_batch, accumulate)
+        synchronize(bench.device)
+        wall_ms = (time.perf_counter() - start) * 1000 / steps
+    parts = dict.fromkeys(PARTS, 0.0)
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0 and (not cuda or event.device_type == torch.autograd.DeviceType.CUDA):
+            parts[part_of(event.key)] += us / 1000 / steps
+    parts["idle"] = max(0.0, wall_ms - sum(parts.values()))
+    return parts
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -116,6 +164,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile the whole training loss, or each block (blocks-autotune: with inductor's "
                         "max_autotune, its own matrix-product kernels with the elementwise work fused in where they "
                         "are faster); default off")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile two steps per row: GPU time by kind (products, WKV, fused elementwise, optimiser, "
+                        "other) and GPU idle time, as a second table")
     p.add_argument("--out", type=Path, default=REPO / "out" / "bench_train", help="folder for bench_train.md/.csv")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: check the script and a config without a GPU (the PyTorch WKV; no memory or MFU)")
@@ -306,6 +357,8 @@ def bench_config(path: str, tries: list[int], grad_cp: str | None, args: argpars
             bench.step(chosen, args.accumulate)
         synchronize(args.device)
         elapsed = time.perf_counter() - start
+        if args.profile:
+            result.profile_ms = profile_step(bench, chosen, args.accumulate)
     finally:
         bench.close()
     tokens_per_s = chosen * args.accumulate * cfg.data.ctx_len * args.steps / elapsed
@@ -348,9 +401,19 @@ def format_text(rows: list[tuple[str, ...]]) -> str:
     return "\n".join([line(HEADER), *(line(r) for r in rows)])
 
 
-def format_markdown(rows: list[tuple[str, ...]], notes: str) -> str:
+def format_markdown(rows: list[tuple[str, ...]], notes: str, results: list[Result] = ()) -> str:
     out = [notes, "", "| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
+    profiled = [r for r in results if r.profile_ms]
+    if profiled:
+        out += ["", "Where a step goes (--profile, two steps under torch.profiler): ms per step and share of it", "",
+                "| config | grad-cp | micro-batch | step ms | " + " | ".join(PART_TITLES[p] for p in PARTS) + " |",
+                "|---|---|---:|---:|" + "---:|" * len(PARTS)]
+        for r in profiled:
+            total = sum(r.profile_ms.values())
+            cells = [f"{r.profile_ms[p]:.1f} ({100 * r.profile_ms[p] / total:.0f}%)" for p in PARTS]
+            mode = {True: "on", False: "off"}.get(r.grad_cp, r.grad_cp)
+            out.append(f"| {r.config} | {mode} | {r.micro_batch} | {total:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -393,15 +456,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.tokens_per_s is not None for r in results) else 1
 
 
+def csv_row(result: Result) -> dict:
+    """A result as one CSV row: its fields, the profile as one column per part (empty without --profile)."""
+    row = asdict(result)
+    profile = row.pop("profile_ms")
+    return row | {f"{part}_ms": round(profile[part], 3) if profile else None for part in PARTS}
+
+
 def write_tables(results: list[Result], notes: str, out: Path) -> None:
     """bench_train.md and bench_train.csv in `out`, each written whole under a temporary name first."""
     out.mkdir(parents=True, exist_ok=True)
     md, table = out / "bench_train.md", out / "bench_train.csv"
-    md.with_suffix(".md.tmp").write_text(format_markdown(table_rows(results), notes))
+    md.with_suffix(".md.tmp").write_text(format_markdown(table_rows(results), notes, results))
     with table.with_suffix(".csv.tmp").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer = csv.DictWriter(f, fieldnames=list(csv_row(results[0])))
         writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
+        writer.writerows(csv_row(r) for r in results)
     md.with_suffix(".md.tmp").replace(md)
     table.with_suffix(".csv.tmp").replace(table)
 

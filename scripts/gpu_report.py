@@ -25,7 +25,8 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   train-chunked  the same with the chunked WKV-7 kernel (--kernel cuda-chunked)
   train-compiled the same with the chunked kernel and compiled blocks (--compile blocks, train.compile)
   train-modes    1.5B as train-compiled, without checkpointing, with selective checkpointing keeping the
-                 WKV's outputs, and selective (--grad-cp off selective-wkv selective)
+                 WKV's outputs, and selective (--grad-cp off selective-wkv selective), each step's time by kind
+                 (--profile: products, WKV, fused elementwise, optimiser, other, GPU idle)
   train-autotune 1.5B selective at micro-batch 8, compiled with max_autotune (--compile blocks-autotune)
   train-accumulate  1.5B as train-compiled with 4 micro-batches per optimiser step, without checkpointing
                  and with selective-wkv (--accumulate 4 --grad-cp off selective-wkv)
@@ -149,7 +150,7 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
         # where it fits on a 141 GB GPU (an 80 GB one goes on down), so a compiled run recompiles less
         Step("train-modes", [py, "scripts/bench_train.py", "--configs", "configs/rwkv7-1.5b.yaml", "--kernel", "cuda-chunked",
                              "--compile", "blocks", "--grad-cp", "off", "selective-wkv", "selective",
-                             "--micro-batch", "off=6", "selective-wkv=12", "selective=16",
+                             "--micro-batch", "off=6", "selective-wkv=12", "selective=16", "--profile",
                              "--out", str(out / "train-modes")],
              1800, r"written:|error", out / "train-modes" / "bench_train.md"),
         Step("train-autotune", [py, "scripts/bench_train.py", "--configs", "configs/rwkv7-1.5b.yaml", "--kernel",
@@ -158,7 +159,7 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
              1800, r"written:|error", out / "train-autotune" / "bench_train.md"),
         Step("train-accumulate", [py, "scripts/bench_train.py", "--configs", "configs/rwkv7-1.5b.yaml", "--kernel",
                                   "cuda-chunked", "--compile", "blocks", "--accumulate", "4", "--grad-cp", "off",
-                                  "selective-wkv", "--micro-batch", "off=6", "selective-wkv=12",
+                                  "selective-wkv", "--micro-batch", "off=6", "selective-wkv=12", "--profile",
                                   "--out", str(out / "train-accumulate")],
              1800, r"written:|error", out / "train-accumulate" / "bench_train.md"),
     ]

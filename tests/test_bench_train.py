@@ -144,3 +144,47 @@ def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
     assert [(r["grad_cp"], r["tokens_per_s"]) for r in rows] == [("False", "10.0")]
     assert "| cfg |" in (out / "bench_train.md").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["bench_train.csv", "bench_train.md"]  # no temporary left
+
+
+def test_profile_parts_sort_kernels_and_operators_by_name():
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off": "products",
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT": "products",
+        "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x3_tn": "products",
+        "cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>": "products",
+        "triton_tem_fused_mm_relu_square_3": "products",  # max_autotune's product with its epilogue
+        "void wkv7c::backward_kernel<1>(int, int, wkv7c::Inputs, ...)": "wkv",
+        "void wkv::forward(int, int, ...)": "wkv",
+        "triton_per_fused__to_copy_add_mul_native_layer_norm_12": "fused",
+        "cpp_fused_add_mul_0": "fused",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimiser",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "other",
+        "aten::mm": "products", "aten::addmm": "products", "aten::mm_backward": "other",
+        "Optimizer.step#AdamW.step": "optimiser", "rwkv_train::wkv7_chunked_forward": "wkv", "aten::exp": "other",
+    }
+    assert {name: bench_train.part_of(name) for name in names} == names
+
+
+def test_profile_adds_where_a_step_goes(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path / "unused-corpus")
+    out = tmp_path / "bench"
+    result = run_cli("scripts/bench_train.py", "--device", "cpu", "--configs", str(cfg), "--ctx-len", "16",
+                     "--micro-batch", "2", "--warmup", "1", "--steps", "2", "--grad-cp", "on", "--profile",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(csv.DictReader((out / "bench_train.csv").open()))
+    parts = {p: float(row[f"{p}_ms"]) for p in bench_train.PARTS}
+    assert parts["products"] > 0 and parts["optimiser"] > 0 and parts["other"] > 0 and min(parts.values()) >= 0
+    md = (out / "bench_train.md").read_text()
+    assert "Where a step goes" in md
+    line = [ln for ln in md.splitlines() if ln.startswith(f"| {cfg.stem} | on | 2 |")][0]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert float(cells[3]) == pytest.approx(sum(parts.values()), rel=1e-2, abs=0.1)  # the step is its parts
+    shares = [int(c.split("(")[1].rstrip("%)")) for c in cells[4:]]
+    assert abs(sum(shares) - 100) <= len(shares)  # whole percentages, rounded
+    # without --profile: no profile table, and the columns are there but empty
+    plain = run_cli("scripts/bench_train.py", "--device", "cpu", "--configs", str(cfg), "--ctx-len", "16",
+                    "--micro-batch", "2", "--warmup", "0", "--steps", "1", "--out", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "Where a step goes" not in (tmp_path / "plain" / "bench_train.md").read_text()
+    assert next(csv.DictReader((tmp_path / "plain" / "bench_train.csv").open()))["products_ms"] == ""
