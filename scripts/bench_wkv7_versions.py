@@ -73,8 +73,9 @@ def export(revision: str, into: Path = VERSIONS) -> Path:
     return folder
 
 
-def exported(into: Path = VERSIONS) -> list[Path]:
-    """The exported versions' folders, by name."""
+def exported(into: Path | None = None) -> list[Path]:
+    """The exported versions' folders in `into` (default VERSIONS), by name."""
+    into = VERSIONS if into is None else into
     return sorted(p for p in into.iterdir() if (p / SOURCE).is_file()) if into.is_dir() else []
 
 

@@ -112,6 +112,8 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
     narrow = generations is not None
     # every head size the GPU tests load (the chunked kernel's tests also run head size 32)
     build = ["--head-sizes", *(["32"] if "v7-chunked" in chosen else []), "64", "128"]
+    if "v7-chunked" in chosen:
+        build.append("--versions")  # the versions step's earlier kernels, built beside the others
     tests, sanitize, bench = [], [], []
     if narrow:
         build += ["--generations", *chosen]

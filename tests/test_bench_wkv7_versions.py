@@ -68,3 +68,15 @@ def test_a_version_without_split_heads_is_called_without_the_split():
     old, new = versions.Version(Before()), versions.Version(After())
     assert (old.splits, old.forward(*range(11)), old.backward(*range(17))) == ([1], 10, 16)
     assert (new.splits, new.forward(*range(11)), new.backward(*range(17))) == ([1, 2, 4], 11, 17)
+
+
+def test_build_kernels_builds_the_exported_versions_beside_the_current_kernels(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("build_kernels", REPO / "scripts" / "build_kernels.py")
+    build_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_kernels)
+    folder = versions.export("HEAD", into=tmp_path / "versions")
+    monkeypatch.setattr(versions, "VERSIONS", tmp_path / "versions")
+    jobs = build_kernels.build_jobs(["v5", "v6", "v7-chunked"], [32, 64, 128], versions=True)
+    assert jobs == [("v5", 32), ("v5", 64), ("v5", 128), ("v7-chunked", 32), ("v7-chunked", 64),
+                    (f"version {folder.name}", 64)]  # v5 and v6 share a build; the chunked kernel has no 128
+    assert build_kernels.build_jobs(["v7-chunked"], [64], versions=False) == [("v7-chunked", 64)]
