@@ -42,8 +42,9 @@ parameters + the WKV recurrence, gradient-checkpoint recomputation not counted) 
 bf16 peak. --profile then runs two more steps under torch.profiler and says where a step's time goes:
 its GPU kernels' time by kind (matrix products, the WKV kernels, inductor's fused elementwise kernels,
 the optimiser, every other kernel) and the rest of the step's wall time, when the GPU ran nothing
-(launch gaps, host work, the loss read back). On the CPU it sorts the operators' own times the same way. The table is printed and written to --out as bench_train.md and bench_train.csv, which are
-rewritten after every row: a run stopped part-way keeps the rows it finished.
+(launch gaps, host work, the loss read back). On the CPU it sorts the operators' own times the same way.
+The table is printed and written to --out as bench_train.md and bench_train.csv, which are rewritten
+after every row: a run stopped part-way keeps the rows it finished.
 
 --device cpu runs the same steps on the CPU with the PyTorch WKV, to check the script and a config
 without a GPU (no peak memory or MFU there), e.g.
@@ -96,8 +97,8 @@ class Result:
 
 # --profile's parts of a step, in table order; "idle" is the step's wall time the kernels do not fill
 PARTS = ("products", "wkv", "fused", "optimiser", "other", "idle")
-PART_TITLES = {"products": "matrix products", "wkv": "WKV kernels", "fused": "fused elementwise", "optimiser": "optimiser",
-               "other": "other kernels", "idle": "GPU idle"}
+PART_TITLES = {"products": "matrix products", "wkv": "WKV kernels", "fused": "fused elementwise",
+               "optimiser": "optimiser", "other": "other kernels", "idle": "GPU idle"}
 
 
 def part_of(name: str) -> str:
@@ -165,8 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "max_autotune, its own matrix-product kernels with the elementwise work fused in where they "
                         "are faster); default off")
     p.add_argument("--profile", action="store_true",
-                   help="also profile two steps per row: GPU time by kind (products, WKV, fused elementwise, optimiser, "
-                        "other) and GPU idle time, as a second table")
+                   help="also profile two steps per row: GPU time by kind (products, WKV, fused elementwise, "
+                        "optimiser, other) and GPU idle time, as a second table")
     p.add_argument("--out", type=Path, default=REPO / "out" / "bench_train", help="folder for bench_train.md/.csv")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: check the script and a config without a GPU (the PyTorch WKV; no memory or MFU)")

@@ -55,7 +55,8 @@ def export(revision: str, into: Path = VERSIONS) -> Path:
 
     resolved = git("rev-parse", "--short=7", "--verify", "--quiet", f"{revision}^{{commit}}")
     if resolved.returncode != 0:
-        raise ValueError(f"{revision!r} is not a commit of this repository (git log -- cuda/{SOURCE} lists the kernel's)")
+        raise ValueError(f"{revision!r} is not a commit of this repository "
+                         f"(git log -- cuda/{SOURCE} lists the kernel's)")
     short = resolved.stdout.decode().strip()
     folder = into / short
     if (folder / SOURCE).is_file():
@@ -164,7 +165,8 @@ def time_shape(B: int, T: int, C: int, N: int, versions: dict[str, Version], rep
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", nargs="+", metavar="REV", help="export these revisions' kernel sources (needs git) and exit")
+    p.add_argument("--export", nargs="+", metavar="REV",
+                   help="export these revisions' kernel sources (needs git) and exit")
     p.add_argument("--versions", nargs="+", type=Path, metavar="DIR",
                    help=f"folders of kernel sources to time (default: every one in {VERSIONS.relative_to(REPO)})")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=[(8, 4096), (1, 32768)], metavar="BxT",
@@ -200,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         for folder in folders:
             print(f"version {folder.name}: {folder / SOURCE}")
         print(f"version {CURRENT}: {kernels.cuda_dir() / SOURCE}")
-        print("shapes: " + " ".join(f"{B}x{T}" for B, T in args.shapes) + f" at C={args.channels}, head {args.head_size}")
+        shapes = " ".join(f"{B}x{T}" for B, T in args.shapes)
+        print(f"shapes: {shapes} at C={args.channels}, head {args.head_size}")
         return 0
     if not torch.cuda.is_available():
         print("bench_wkv7_versions: needs a CUDA device (--plan lists what it would time)", file=sys.stderr)

@@ -29,7 +29,7 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
                  (--profile: products, WKV, fused elementwise, optimiser, other, GPU idle)
   train-autotune 1.5B selective at micro-batch 8, compiled with max_autotune (--compile blocks-autotune)
   train-accumulate  1.5B as train-compiled with 4 micro-batches per optimiser step, without checkpointing
-                 and with selective-wkv (--accumulate 4 --grad-cp off selective-wkv)
+                 and with selective-wkv (--accumulate 4 --grad-cp off selective-wkv), profiled as train-modes
 --generations narrows the builds, tests, sanitizers, profile and kernel benchmark to those kernels
 (v7-chunked is the chunked RWKV-7 kernel; the kernel benchmark times both RWKV-7 kernels for either),
 and keeps a training step (and splits) only where its kernel is chosen (train: v7; the others: v7-chunked).
@@ -38,7 +38,7 @@ leaves steps out of the default order.
 
 --budget SECONDS bounds the whole run's wall-clock time: each step's limit is cut to what is left of the
 budget, and a step that would get less than MIN_STEP_S seconds is not started (reported as "not run").
-So a run on a machine lent for a fixed time ends, with its report written, inside that time.
+So a run on a machine rented for a fixed time ends, with its report written, inside that time.
 
 A step that outruns its limit is stopped with every process it started (builds, benchmark workers).
 The summary (step, result, the line that says how it went, seconds) is printed and written to
@@ -68,15 +68,16 @@ except ImportError:  # run from a checkout without installing the package
 
 from rwkv_train.ops import kernels
 
-STEPS = ("build", "tests", "sanitizer", "racecheck", "profile", "splits", "versions", "kernels", "train", "train-chunked",
-         "train-compiled", "train-modes", "train-autotune", "train-accumulate")
+STEPS = ("build", "tests", "sanitizer", "racecheck", "profile", "splits", "versions", "kernels", "train",
+         "train-chunked", "train-compiled", "train-modes", "train-autotune", "train-accumulate")
 GENERATIONS = tuple(kernels.SOURCES)  # v4, v5, v6, v7, v7-chunked
 # pytest -k expressions that pick one kernel's tests out of tests/test_kernels_cuda.py by their ids
 # (v7-h64, v7-chunked-h64, [sequential] / [chunked] for the model step)
 TEST_FILTER = {"v4": "v4", "v5": "v5", "v6": "v6", "v7": "(v7 and not chunked) or sequential", "v7-chunked": "chunked"}
 # steps that only concern one kernel
-STEP_KERNEL = {"splits": "v7-chunked", "versions": "v7-chunked", "train": "v7", "train-chunked": "v7-chunked", "train-compiled": "v7-chunked",
-               "train-modes": "v7-chunked", "train-autotune": "v7-chunked", "train-accumulate": "v7-chunked"}
+STEP_KERNEL = {"splits": "v7-chunked", "versions": "v7-chunked", "train": "v7", "train-chunked": "v7-chunked",
+               "train-compiled": "v7-chunked", "train-modes": "v7-chunked", "train-autotune": "v7-chunked",
+               "train-accumulate": "v7-chunked"}
 MIN_STEP_S = 30  # with --budget, a step is started only with at least this many seconds left
 LOG_TAIL_LINES = 40  # lines of a failed step's log in the report
 

@@ -26,7 +26,8 @@ def test_export_writes_a_revisions_kernel_sources_once(tmp_path):
     folder = versions.export("HEAD", into=tmp_path / "versions")
     assert folder.name == _git("rev-parse", "--short=7", "HEAD").strip()
     assert (folder / "wkv7_chunked.cu").read_text() == _git("show", "HEAD:cuda/wkv7_chunked.cu")
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.removeprefix("cuda/") for p in _git("ls-tree", "--name-only", "HEAD", "cuda/").split())
+    files = _git("ls-tree", "--name-only", "HEAD", "cuda/").split()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.removeprefix("cuda/") for p in files)
     before = (folder / "wkv7_chunked.cu").stat().st_mtime_ns
     assert versions.export("HEAD", into=tmp_path / "versions") == folder  # already there: kept as it is
     assert (folder / "wkv7_chunked.cu").stat().st_mtime_ns == before

@@ -124,8 +124,8 @@ def test_steps_runs_the_named_steps_in_the_order_given():
 def test_the_budget_cuts_step_limits_and_leaves_what_does_not_fit_unrun(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_report, "MIN_STEP_S", 1)
     steps = [gpu_report.Step("quick", [sys.executable, "-c", "print('3 passed')"], 60, r"passed"),
-             gpu_report.Step("slow", [sys.executable, "-c", "import time; print('working', flush=True); time.sleep(60)"],
-                             600, r"passed"),
+             gpu_report.Step("slow", [sys.executable, "-uc", "import time; print('working'); time.sleep(60)"], 600,
+                             r"passed"),
              gpu_report.Step("late", [sys.executable, "-c", "print('3 passed')"], 60, r"passed")]
     outcomes = gpu_report.run_steps(steps, tmp_path, "test machine", budget=4.0)
     assert [o.result for o in outcomes] == ["ok", "FAILED", "not run"]
