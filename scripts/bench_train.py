@@ -110,7 +110,7 @@ def part_of(name: str) -> str:
         return "products"
     if "triton" in lowered or "cpp_fused" in lowered:  # inductor's fused kernels (Triton; C++ on the CPU)
         return "fused"
-    if re.search(r"gemm|xmma|nvjet|cutlass|s16816|aten::(mm|addmm|bmm|baddbmm)$", lowered):
+    if re.search(r"gemm|gemv|splitk|xmma|nvjet|cutlass|s16816|aten::(mm|addmm|bmm|baddbmm)$", lowered):
         return "products"
     if re.search(r"adam|multi_tensor_apply|optimizer|_foreach_", lowered):
         return "optimiser"

@@ -152,6 +152,8 @@ def test_profile_parts_sort_kernels_and_operators_by_name():
         "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT": "products",
         "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x3_tn": "products",
         "cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>": "products",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "products",
+        "void gemv2T_kernel_val<int, int, __nv_bfloat16, float, float, 128, 16, 4, 4>": "products",
         "triton_tem_fused_mm_relu_square_3": "products",  # max_autotune's product with its epilogue
         "void wkv7c::backward_kernel<1>(int, int, wkv7c::Inputs, ...)": "wkv",
         "void wkv::forward(int, int, ...)": "wkv",
