@@ -21,7 +21,6 @@ to OUT/bench_wkv7_versions.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import multiprocessing
 import subprocess
@@ -48,8 +47,11 @@ CURRENT = "this tree"
 TOLERANCE = 1e-2  # relative difference from this tree's kernel above which a version is flagged
 
 
-def export(revision: str, into: Path = VERSIONS) -> Path:
-    """The cuda/ folder of a git revision into `into`/<short hash>/ (kept if already there); returns the folder."""
+def export(revision: str, into: Path | None = None) -> Path:
+    """The cuda/ folder of a git revision into `into` (default VERSIONS)/<short hash>/, kept if already there;
+    returns the folder."""
+    into = VERSIONS if into is None else into
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, check=False)
 
@@ -84,12 +86,8 @@ def build(folder: Path, head_size: int):
     """One version's kernel module, built on first use (with this tree's flags) into torch's extension cache."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256()
-    for source in sorted(folder.glob("*.cu*")):
-        digest.update(source.read_bytes())
     flags = kernels.nvcc_flags("v7-chunked", head_size)
-    digest.update(" ".join(flags).encode())
-    name = f"rwkv_train_wkv7_chunked_h{head_size}_{folder.name}_{digest.hexdigest()[:12]}"
+    name = kernels.module_name("v7-chunked", head_size, folder)  # as the loader names its builds: by content
     directory = kernels.build_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name=name, sources=[str(folder / SOURCE)], extra_cuda_cflags=flags,

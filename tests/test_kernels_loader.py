@@ -85,19 +85,31 @@ def test_builds_are_cached_per_generation_and_head_size(fresh_loader):
 
 
 def test_module_name_follows_the_source(monkeypatch, tmp_path):
-    before = kernels._module_name("v7", 64)
+    before = kernels.module_name("v7", 64)
     copy = tmp_path / "cuda"
     copy.mkdir()
     for f in kernels.cuda_dir().iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
     monkeypatch.setattr(kernels, "cuda_dir", lambda: copy)
-    assert kernels._module_name("v7", 64) == before
+    assert kernels.module_name("v7", 64) == before
     (copy / "wkv7.cu").write_text((copy / "wkv7.cu").read_text() + "\n// edited\n")
-    assert kernels._module_name("v7", 64) != before, "an edited kernel must be rebuilt, not loaded stale"
+    assert kernels.module_name("v7", 64) != before, "an edited kernel must be rebuilt, not loaded stale"
+
+
+def test_module_name_of_another_folder_of_sources(tmp_path):
+    """An earlier version's sources (scripts/bench_wkv7_versions.py) are named by their content too: the
+    same sources as cuda/ give the same build, an edited header another."""
+    copy = tmp_path / "version"
+    copy.mkdir()
+    for f in kernels.cuda_dir().iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert kernels.module_name("v7-chunked", 64, copy) == kernels.module_name("v7-chunked", 64)
+    (copy / "wkv_common.cuh").write_text((copy / "wkv_common.cuh").read_text() + "\n// edited\n")
+    assert kernels.module_name("v7-chunked", 64, copy) != kernels.module_name("v7-chunked", 64)
 
 
 def test_a_stale_torch_lock_is_reported_and_removed(fresh_loader, caplog):
-    directory = kernels.build_dir() / kernels._module_name("v7", 64)
+    directory = kernels.build_dir() / kernels.module_name("v7", 64)
     directory.mkdir(parents=True)
     (directory / "lock").write_text("")  # what an interrupted torch build leaves behind
     with caplog.at_level(logging.WARNING, logger="rwkv_train"):

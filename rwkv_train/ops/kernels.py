@@ -42,6 +42,7 @@ __all__ = [
     "head_sizes",
     "load",
     "median_cuda_ms",
+    "module_name",
     "new_output",
     "nvcc_flags",
     "poisoned_outputs",
@@ -138,10 +139,12 @@ def build_dir() -> Path:
     return Path(_get_build_directory("rwkv_train_kernels", verbose=False))
 
 
-def _module_name(generation: str, head_size: int | None) -> str:
-    source = cuda_dir() / SOURCES[generation]
-    digest = hashlib.sha256(source.read_bytes())
-    for header in sorted(cuda_dir().glob("*.cuh")):
+def module_name(generation: str, head_size: int | None, sources: Path | None = None) -> str:
+    """The extension's name: kernel, head size and a digest of its source, the headers beside it and the
+    flags. `sources`: another folder of kernel sources than cuda_dir() (an earlier version of them)."""
+    folder = cuda_dir() if sources is None else sources
+    digest = hashlib.sha256((folder / SOURCES[generation]).read_bytes())
+    for header in sorted(folder.glob("*.cuh")):
         digest.update(header.read_bytes())
     digest.update(" ".join(nvcc_flags(generation, head_size)).encode())
     suffix = "" if generation == "v4" else f"_h{head_size}"
@@ -192,7 +195,7 @@ def load(generation: str, head_size: int | None = None) -> ModuleType:
         raise KernelUnavailable(f"the {generation} CUDA kernel cannot be used: {reason}; set model.kernel=torch (or auto)")
     from torch.utils import cpp_extension
 
-    name = _module_name(*key)
+    name = module_name(*key)
     directory = build_dir() / name
     started = time.time()
     with _build_lock(directory):
