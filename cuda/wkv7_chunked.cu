@@ -160,6 +160,35 @@ __device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16(x); }
 template <typename Layout>
 constexpr bool is_row = std::is_same<Layout, row>::value;
 
+// A bf16 fragment from shared memory. wmma::load_matrix_sync names no state space for bf16, so ptxas
+// moves the fragment with per-lane generic loads (LD, and MOVM to transpose a column-major one); the
+// same PTX instruction with .shared is one LDSM per fragment. `make cuda-check` counts what is left.
+template <typename Use, typename Layout>
+__device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, bf16, Layout>& f, const bf16* p,
+                                            unsigned ld) {
+#ifdef WKV_CPU_EMULATION
+    wmma::load_matrix_sync(f, p, ld);
+#else
+    unsigned* x = reinterpret_cast<unsigned*>(&f.x[0]);  // 8 bf16: 4 registers, as the wmma builtin fills them
+    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
+#define WKV_LOAD_SHARED(use, layout)                                                                    \
+    asm volatile("wmma.load." use ".sync.aligned." layout ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;" \
+                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])                                       \
+                 : "r"(at), "r"(ld)                                                                      \
+                 : "memory")
+    constexpr bool a = std::is_same<Use, wmma::matrix_a>::value;
+    if constexpr (a && is_row<Layout>)
+        WKV_LOAD_SHARED("a", "row");
+    else if constexpr (a)
+        WKV_LOAD_SHARED("a", "col");
+    else if constexpr (is_row<Layout>)
+        WKV_LOAD_SHARED("b", "row");
+    else
+        WKV_LOAD_SHARED("b", "col");
+#undef WKV_LOAD_SHARED
+#endif
+}
+
 // C (+)= A B for the 16 x 16 tile of C at c; a, b point at the tile's first row of A and first
 // column of B (element (m, k) of A is a[m * lda + k] row-major, a[k * lda + m] column-major).
 // Alternate k steps go to two accumulators, added at the end: two dependent chains of half the
@@ -178,8 +207,8 @@ __device__ __forceinline__ void tile_mma(float* c, int ldc, const bf16* a, int l
     for (int k = 0; k < K; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
-        wmma::load_matrix_sync(fa, a + (is_row<LA> ? k : k * lda), lda);
-        wmma::load_matrix_sync(fb, b + (is_row<LB> ? k * ldb : k), ldb);
+        load_shared(fa, a + (is_row<LA> ? k : k * lda), lda);
+        load_shared(fb, b + (is_row<LB> ? k * ldb : k), ldb);
         wmma::mma_sync(acc[k / 16 % 2], fa, fb, acc[k / 16 % 2]);
     }
     if (K > 16)

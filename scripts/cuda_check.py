@@ -11,6 +11,9 @@ minutes per build), and ptxas's resource report (-Xptxas -v) is printed as one t
 kernel. Exits 1 if any build fails. Register spills are flagged: the recurrent kernels keep their
 state in registers, and spilling it to local memory costs a round trip on every step. The shared
 memory column is the static allocation ptxas sees (dynamic shared memory is sized at launch).
+The "generic mma" column counts the kernel's tensor-core fragment loads and stores (wmma.load,
+wmma.store in the PTX nvcc keeps) that name no state space: from shared memory, ptxas turns a generic
+one into per-lane loads (LD, and MOVM for a transposed layout) where a .shared one is one LDSM.
 Without nvcc (on PATH or in $CUDA_HOME/bin) it says so and exits 0.
 """
 
@@ -38,7 +41,8 @@ except ImportError:  # run from a checkout without installing the package
 from rwkv_train.ops import kernels
 
 SKIP_MESSAGE = "cuda-check: nvcc not found; skipped (install the CUDA toolkit to compile the kernels)"
-COLUMNS = ("source", "head", "generations", "kernel", "registers", "spill st", "spill ld", "stack", "smem")
+COLUMNS = ("source", "head", "generations", "kernel", "registers", "spill st", "spill ld", "stack", "smem",
+           "generic mma")
 
 
 @dataclass
@@ -65,6 +69,7 @@ class KernelUsage:
     spill_loads: int = 0
     stack: int = 0
     smem: int = 0
+    generic_mma: int | None = None  # wmma fragment loads and stores through generic addresses (see the module docstring)
 
     @property
     def spills(self) -> bool:
@@ -125,8 +130,11 @@ def torch_includes(workdir: Path) -> list[str]:
     return paths
 
 
-def compile_command(nvcc: str, build: Build, obj: Path, arch: str, includes: list[str] | None) -> list[str]:
-    """The nvcc line for one build, mirroring the flag order of torch.utils.cpp_extension.load.
+def compile_command(
+    nvcc: str, build: Build, obj: Path, arch: str, includes: list[str] | None, keep_dir: Path | None = None
+) -> list[str]:
+    """The nvcc line for one build, mirroring the flag order of torch.utils.cpp_extension.load; with
+    keep_dir, nvcc leaves its intermediate files (the PTX among them) there.
 
     torch's common flags come first and the kernel's own flags last, so its -U of torch's
     -D__CUDA_NO_*__ switches wins exactly as in the real build. With includes None, only the kernels
@@ -135,6 +143,8 @@ def compile_command(nvcc: str, build: Build, obj: Path, arch: str, includes: lis
     from torch.utils import cpp_extension
 
     cmd = [nvcc, "-c", str(kernels.cuda_dir() / build.source), "-o", str(obj)]
+    if keep_dir is not None:
+        cmd += ["-keep", "-keep-dir", str(keep_dir)]
     if includes is None:
         cmd += ["-DWKV_KERNELS_ONLY", f"-I{kernels.cuda_dir()}", "-std=c++17"]
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}", *build.flags, "-Xptxas", "-v"]
@@ -187,6 +197,22 @@ def parse_ptxas(text: str) -> list[KernelUsage]:
     return list(found.values())
 
 
+_PTX_ENTRY = re.compile(r"^(?:\.(?:visible|weak)\s+)?\.entry\s+([\w$]+)\s*\(", re.MULTILINE)
+_PTX_MMA_ACCESS = re.compile(r"^\s*(?:@!?%\w+\s+)?wmma\.(?:load|store)\.([\w.]+)", re.MULTILINE)
+
+
+def generic_mma_accesses(ptx: str) -> dict[str, int]:
+    """Per kernel (entry function) of a PTX module, its wmma loads and stores that name no state space."""
+    entries = list(_PTX_ENTRY.finditer(ptx))
+    counts = {}
+    for i, entry in enumerate(entries):
+        body = ptx[entry.end() : entries[i + 1].start() if i + 1 < len(entries) else len(ptx)]
+        counts[entry.group(1)] = sum(
+            1 for m in _PTX_MMA_ACCESS.finditer(body) if not {"shared", "global"} & set(m.group(1).split("."))
+        )
+    return counts
+
+
 def short_name(demangled: str) -> str:
     """'void wkv::forward<64, 2>(float const*, int)' -> 'wkv::forward<64, 2>': no return type, no parameters.
 
@@ -235,11 +261,20 @@ def compile_one(nvcc: str, build: Build, workdir: Path, arch: str, includes: lis
     started = time.time()
     if not (kernels.cuda_dir() / build.source).is_file():
         return BuildResult(build, False, 0.0, log=f"source {kernels.cuda_dir() / build.source} does not exist")
-    cmd = compile_command(nvcc, build, obj, arch, includes)
+    keep_dir = workdir / f"{obj.stem}_intermediate"
+    keep_dir.mkdir(exist_ok=True)
+    cmd = compile_command(nvcc, build, obj, arch, includes, keep_dir)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     log = proc.stdout + proc.stderr
     seconds = time.time() - started
-    return BuildResult(build, proc.returncode == 0, seconds, parse_ptxas(log), f"$ {shlex.join(cmd)}\n{log}")
+    usage = parse_ptxas(log)
+    generic = {}
+    for ptx in keep_dir.glob("*.ptx"):
+        generic.update(generic_mma_accesses(ptx.read_text()))
+    for kernel in usage:
+        kernel.generic_mma = generic.get(kernel.name)  # None: no PTX found for it
+    shutil.rmtree(keep_dir, ignore_errors=True)  # the preprocessed sources are megabytes per build
+    return BuildResult(build, proc.returncode == 0, seconds, usage, f"$ {shlex.join(cmd)}\n{log}")
 
 
 def format_table(results: list[BuildResult], names: dict[str, str]) -> list[str]:
@@ -251,7 +286,7 @@ def format_table(results: list[BuildResult], names: dict[str, str]) -> list[str]
             flag = "  <- SPILLS" if k.spills else ""
             rows.append((b.source, "-" if b.head_size is None else str(b.head_size), ",".join(b.generations),
                          short_name(names.get(k.name, k.name)), str(k.registers), str(k.spill_stores),
-                         str(k.spill_loads), str(k.stack), str(k.smem), flag))
+                         str(k.spill_loads), str(k.stack), str(k.smem), "?" if k.generic_mma is None else str(k.generic_mma), flag))
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
     numeric = set(range(4, len(COLUMNS)))
 
@@ -314,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     spilling = [f"{r.build.label}: {short_name(names[k.name])}" for r in results for k in r.kernels if k.spills]
     if spilling:
         print("cuda-check: WARNING: register spills (local memory traffic every step) in\n  " + "\n  ".join(spilling))
+    generic = [f"{r.build.label}: {short_name(names[k.name])}" for r in results for k in r.kernels if k.generic_mma]
+    if generic:
+        print("cuda-check: WARNING: tensor-core fragments moved through generic addresses (LD and MOVM, not LDSM) in"
+              "\n  " + "\n  ".join(generic))
     print(f"cuda-check: {len(results) - len(failed)}/{len(results)} builds compiled in {time.time() - started:.0f} s")
     if failed:
         print(f"cuda-check: FAILED: {', '.join(r.build.label for r in failed)}", file=sys.stderr)
