@@ -44,56 +44,15 @@
 #ifndef WKV_KERNELS_ONLY  // defined by `make cuda-check`: compile the kernels alone, fast
 #include "wkv_binding.cuh"
 #endif
-
-#include <cooperative_groups.h>
-#include <cuda_bf16.h>
-#include <mma.h>
-#include <cstdint>
-#include <type_traits>
-
-#ifndef HEAD_SIZE
-#error "compile with -DHEAD_SIZE=<head size>"
-#endif
-
-#ifndef WKV_LAUNCH  // the CUDA spellings; tests/cuda_cpu/cuda_cpu.h defines CPU ones
-#define WKV_LAUNCH(kernel, grid, threads, smem, stream, ...) kernel<<<grid, threads, smem, stream>>>(__VA_ARGS__)
-#define WKV_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-// A launch in clusters of `cluster` consecutive blocks along x.
-#define WKV_LAUNCH_CLUSTER(kernel, grid, threads, smem, stream, cluster, ...)                 \
-    do {                                                                                      \
-        cudaLaunchConfig_t config_ = {};                                                      \
-        config_.gridDim = grid, config_.blockDim = dim3(threads);                             \
-        config_.dynamicSmemBytes = smem, config_.stream = stream;                             \
-        cudaLaunchAttribute attribute_[1];                                                    \
-        attribute_[0].id = cudaLaunchAttributeClusterDimension;                               \
-        attribute_[0].val.clusterDim.x = cluster;                                             \
-        attribute_[0].val.clusterDim.y = 1, attribute_[0].val.clusterDim.z = 1;               \
-        config_.attrs = attribute_, config_.numAttrs = 1;                                     \
-        cudaLaunchKernelEx(&config_, kernel, __VA_ARGS__);                                    \
-    } while (0)
-#define WKV_ALLOW_SMEM(kernel, bytes)                                                         \
-    (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),   \
-     cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared)))
-#else
-#define WKV_ALLOW_SMEM(kernel, bytes) ((void)0)
-#endif
+#include "wkv_chunk_tiles.cuh"
 
 namespace wkv7c {
 
-using bf16 = __nv_bfloat16;
-namespace wmma = nvcuda::wmma;
-namespace cg = cooperative_groups;
-using row = wmma::row_major;
-using col = wmma::col_major;
+using namespace wkvc;
 
-constexpr int N = HEAD_SIZE;
-constexpr int L = 16;       // steps per chunk
-constexpr int L2 = 2 * L;   // rows of the stacked (a; r) and (b; k) tiles
-constexpr int THREADS = 128;
-constexpr int WARPS = THREADS / 32;
+constexpr int L2 = 2 * L;       // rows of the stacked (a; r) and (b; k) tiles
 constexpr float LW_MIN = -5.f;  // per-step log-decay floor: factors stay within e^(8 * 5) = 2.4e17
-constexpr int LDH = N + 8;      // leading dimension of [rows][N] tiles (bf16 and float): 16-byte multiples
-constexpr int LDM = L2 + 8;     // ... of the [2L][2L] tiles
+constexpr int LDM = L2 + 8;     // leading dimension of the [2L][2L] tiles
 static_assert(N % 16 == 0 && N >= 32 && N <= 64, "the chunked kernel is built for head sizes 32 and 64");
 
 // How many blocks a head's value rows may be split over: N / SPLIT rows each, a whole number of
@@ -102,22 +61,9 @@ __host__ __device__ constexpr bool valid_split(int split) {
     return split >= 1 && split <= 4 && N % split == 0 && (N / split) % 16 == 0;
 }
 
-__host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
-
-// Shared memory of one block, carved in 128-byte aligned pieces (wmma needs 32-byte aligned tiles).
-struct Carve {
-    size_t end = 0;
-    __host__ __device__ constexpr size_t take(size_t bytes) {
-        const size_t at = end;
-        end = align128(end + bytes);
-        return at;
-    }
-};
 constexpr size_t STATE_F = size_t(N) * LDH * 4, STATE_H = size_t(N) * LDH * 2;
 constexpr size_t TILE_H = size_t(L2) * LDH * 2, TILE_F = size_t(L2) * LDH * 4;
 constexpr size_t SQUARE_F = size_t(L2) * LDM * 4, SQUARE_H = size_t(L2) * LDM * 2;
-
-__host__ __device__ constexpr size_t larger(size_t a, size_t b) { return a > b ? a : b; }
 
 // The forward keeps under 56 KB at N = 64, so 4 blocks fit on an H100 multiprocessor (228 KB, 1 KB
 // reserved per block): 528 resident blocks, one wave for B * H = 512. For that P = hat S^T is
@@ -154,197 +100,15 @@ struct BackwardSmem {
     }
 };
 
-__device__ __forceinline__ float f32(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16(x); }
-
-template <typename Layout>
-constexpr bool is_row = std::is_same<Layout, row>::value;
-
-// A bf16 fragment from shared memory. wmma::load_matrix_sync names no state space for bf16, so ptxas
-// moves the fragment with per-lane generic loads (LD, and MOVM to transpose a column-major one); the
-// same PTX instruction with .shared is one LDSM per fragment. `make cuda-check` counts what is left.
-template <typename Use, typename Layout>
-__device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, bf16, Layout>& f, const bf16* p,
-                                            unsigned ld) {
-#ifdef WKV_CPU_EMULATION
-    wmma::load_matrix_sync(f, p, ld);
-#else
-    unsigned* x = reinterpret_cast<unsigned*>(&f.x[0]);  // 8 bf16: 4 registers, as the wmma builtin fills them
-    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(p));
-#define WKV_LOAD_SHARED(use, layout)                                                                    \
-    asm volatile("wmma.load." use ".sync.aligned." layout ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;" \
-                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])                                       \
-                 : "r"(at), "r"(ld)                                                                      \
-                 : "memory")
-    constexpr bool a = std::is_same<Use, wmma::matrix_a>::value;
-    if constexpr (a && is_row<Layout>)
-        WKV_LOAD_SHARED("a", "row");
-    else if constexpr (a)
-        WKV_LOAD_SHARED("a", "col");
-    else if constexpr (is_row<Layout>)
-        WKV_LOAD_SHARED("b", "row");
-    else
-        WKV_LOAD_SHARED("b", "col");
-#undef WKV_LOAD_SHARED
-#endif
-}
-
-// C (+)= A B for the 16 x 16 tile of C at c; a, b point at the tile's first row of A and first
-// column of B (element (m, k) of A is a[m * lda + k] row-major, a[k * lda + m] column-major).
-// Alternate k steps go to two accumulators, added at the end: two dependent chains of half the
-// length, so a warp waits on the tensor cores' latency half as long. Where c_t is given, the tile
-// is also stored transposed there (c_t[j * ldc_t + i] = C[i][j]).
-template <typename LA, typename LB>
-__device__ __forceinline__ void tile_mma(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int K,
-                                         bool accumulate, float* c_t = nullptr, int ldc_t = 0) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-    if (accumulate)
-        wmma::load_matrix_sync(acc[0], c, ldc, wmma::mem_row_major);
-    else
-        wmma::fill_fragment(acc[0], 0.f);
-    wmma::fill_fragment(acc[1], 0.f);
-#pragma unroll
-    for (int k = 0; k < K; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
-        load_shared(fa, a + (is_row<LA> ? k : k * lda), lda);
-        load_shared(fb, b + (is_row<LB> ? k * ldb : k), ldb);
-        wmma::mma_sync(acc[k / 16 % 2], fa, fb, acc[k / 16 % 2]);
-    }
-    if (K > 16)
-#pragma unroll
-        for (int i = 0; i < acc[0].num_elements; i++) acc[0].x[i] += acc[1].x[i];
-    wmma::store_matrix_sync(c, acc[0], ldc, wmma::mem_row_major);
-    if (c_t) wmma::store_matrix_sync(c_t, acc[0], ldc_t, wmma::mem_col_major);
-}
-
-// C[rows x cols] (+)= A[rows x K] B[K x cols], row-major float C, and where c_t is given C^T there
-// too; the tiles are dealt out to the warps.
-template <typename LA, typename LB>
-__device__ __forceinline__ void matmul(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int rows,
-                                       int cols, int K, bool accumulate, float* c_t = nullptr, int ldc_t = 0) {
-    const int warp = threadIdx.x / 32, tiles_n = cols / 16, tiles = rows / 16 * tiles_n;
-    for (int tile = warp; tile < tiles; tile += WARPS) {
-        const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16;
-        tile_mma<LA, LB>(c + m0 * ldc + n0, ldc, a + (is_row<LA> ? m0 * lda : m0), lda, b + (is_row<LB> ? n0 : n0 * ldb),
-                         ldb, K, accumulate, c_t ? c_t + n0 * ldc_t + m0 : nullptr, ldc_t);
-    }
-}
-
-// Named barrier `id` (1 to 15; __syncthreads is 0) between `count` threads, whole warps: arrive
-// (go on) and sync (wait until `count` threads have come). Shared-memory writes before an arrive are
-// visible after the sync it completes: a producer-consumer hand-over between warps.
-#ifdef WKV_CPU_EMULATION
-__device__ __forceinline__ void named_barrier_arrive(int id, int count) { cuda_cpu::named_barrier(id, count, false); }
-__device__ __forceinline__ void named_barrier_sync(int id, int count) { cuda_cpu::named_barrier(id, count, true); }
-#else
-__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
-    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void named_barrier_sync(int id, int count) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-#endif
-
-// Offsets into a [B, T, H, N] tensor for one block's batch b and head h: element (b, t, h, n) is
-// at(t, n), a step further is stride on. Worked out once per block, so an access costs an add.
-struct HeadRows {
-    int64_t first, stride;  // the offsets of (b, 0, h, 0) and of one step
-    __device__ __forceinline__ HeadRows(int T, int H, int b, int h)
-        : first((int64_t(b) * T * H + h) * N), stride(int64_t(H) * N) {}
-    __device__ __forceinline__ int64_t at(int t, int n) const { return first + t * stride + n; }
-};
-
 struct Inputs {
     const bf16 *r, *k, *v, *a, *b;
     const float* lw;
 };
 
-// A block's ROWS value rows of the float32 state (or its gradient), N columns, in shared memory:
-// row-major with leading dimension LDH, with a bf16 copy for the products. The helpers deal them
-// out in 16-byte pieces of 4 columns: a thread's i-th piece is row tid / QROW + i * (THREADS /
-// QROW), columns 4 (tid % QROW) .. + 3, so a thread keeps the same columns (one decay per column)
-// and its global pieces are contiguous (the rows are consecutive rows of the [N][N] state).
-constexpr int QROW = N / 4;  // 4-float pieces per row
-template <int ROWS>
-constexpr int QUADS = ROWS * N / (4 * THREADS);  // pieces per thread
-static_assert(THREADS % QROW == 0 && 16 * N % (4 * THREADS) == 0 && LDH % 4 == 0, "whole aligned pieces");
-__device__ __forceinline__ int quad_at(int i) {  // the piece's offset in a [rows][LDH] tile
-    return (threadIdx.x / QROW + i * (THREADS / QROW)) * LDH + threadIdx.x % QROW * 4;
-}
-__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ void store4(float* p, float4 x) { *reinterpret_cast<float4*>(p) = x; }
-__device__ __forceinline__ float4 add4(float4 a, float4 b) {
-    a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
-    return a;
-}
-__device__ __forceinline__ void store_bf16x4(bf16* p, float4 x) {  // 8-byte aligned p
-    __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(p);
-    q[0] = __floats2bfloat162_rn(x.x, x.y), q[1] = __floats2bfloat162_rn(x.z, x.w);
-}
-template <int ROWS>
-__device__ __forceinline__ void load_state(const float* src, float* f, bf16* h) {  // src 16-byte aligned
-    float4 q[QUADS<ROWS>];
-#pragma unroll
-    for (int i = 0; i < QUADS<ROWS>; i++) q[i] = load4(src + (threadIdx.x + i * THREADS) * 4);
-#pragma unroll
-    for (int i = 0; i < QUADS<ROWS>; i++) store4(f + quad_at(i), q[i]), store_bf16x4(h + quad_at(i), q[i]);
-}
-template <int ROWS>
-__device__ __forceinline__ void store_state(const float* f, float* dst) {
-#pragma unroll
-    for (int i = 0; i < QUADS<ROWS>; i++) store4(dst + (threadIdx.x + i * THREADS) * 4, load4(f + quad_at(i)));
-}
-template <int ROWS>
-__device__ __forceinline__ void round_state(const float* f, bf16* h) {
-#pragma unroll
-    for (int i = 0; i < QUADS<ROWS>; i++) store_bf16x4(h + quad_at(i), load4(f + quad_at(i)));
-}
-template <int ROWS>
-__device__ __forceinline__ void scale_columns(float* f, const float* decay) {  // f[:, j] *= decay[j]
-    const float4 d = load4(decay + threadIdx.x % QROW * 4);
-#pragma unroll
-    for (int i = 0; i < QUADS<ROWS>; i++) {
-        float4 x = load4(f + quad_at(i));
-        x.x *= d.x, x.y *= d.y, x.z *= d.z, x.w *= d.w;
-        store4(f + quad_at(i), x);
-    }
-}
-// A block's rows of a chunk-start state saved in global memory ([N][N] bf16), to and from Sh, 16
-// bytes per access; a thread's loads are all issued before its stores. With few rows (16 at N = 32)
-// there are fewer pieces than threads, and the rest sit out.
-constexpr int VEC = 8;  // bf16 per 16-byte access
-template <int ROWS>
-constexpr int STATE_VECS = (ROWS * N / VEC + THREADS - 1) / THREADS;  // 16-byte pieces per thread
-static_assert(N % VEC == 0 && LDH % VEC == 0, "whole 16-byte pieces, aligned in Sh");
-__device__ __forceinline__ bool has_piece(int rows, int i) { return (threadIdx.x + i * THREADS) * VEC < rows * N; }
-template <int ROWS>
-struct SavedState {
-    uint4 piece[STATE_VECS<ROWS>];
-};
-template <int ROWS>
-__device__ __forceinline__ void load_saved(const bf16* src, SavedState<ROWS>& s) {
-#pragma unroll
-    for (int i = 0; i < STATE_VECS<ROWS>; i++)
-        if (has_piece(ROWS, i)) s.piece[i] = *reinterpret_cast<const uint4*>(src + (threadIdx.x + i * THREADS) * VEC);
-}
-template <int ROWS>
-__device__ __forceinline__ void store_saved(const SavedState<ROWS>& s, bf16* Sh) {
-#pragma unroll
-    for (int i = 0; i < STATE_VECS<ROWS>; i++) {
-        const int e = (threadIdx.x + i * THREADS) * VEC;
-        if (has_piece(ROWS, i)) *reinterpret_cast<uint4*>(Sh + e / N * LDH + e % N) = s.piece[i];
-    }
-}
-template <int ROWS>
-__device__ __forceinline__ void save_state(const bf16* Sh, bf16* dst) {
-#pragma unroll
-    for (int i = 0; i < STATE_VECS<ROWS>; i++) {
-        const int e = (threadIdx.x + i * THREADS) * VEC;
-        if (has_piece(ROWS, i))
-            *reinterpret_cast<uint4*>(dst + e) = *reinterpret_cast<const uint4*>(Sh + e / N * LDH + e % N);
-    }
-}
+// Whether channel n (0 <= n < N) is one of the block's VALUES value channels (the first VALUES; the
+// block's v0 offsets them in global memory). Constant true with one block per head.
+template <int VALUES>
+__device__ __forceinline__ bool block_value(int n) { return VALUES == N || n < VALUES; }
 
 // A chunk's inputs as one thread uses them: every step's log-decay of its channel n = tid % N, and
 // a, r, b, k of the PER consecutive steps t = tid / N * PER + j of that channel, and v of the same
@@ -352,15 +116,6 @@ __device__ __forceinline__ void save_state(const bf16* Sh, bf16* dst) {
 // are its longest wait, so each thread issues all of its loads before it uses any (one memory
 // latency per chunk instead of one per step), and keeps them as loaded, unconverted: nothing waits
 // for them until chunk_factors, so the backward can load the next chunk while it works on this one.
-constexpr int GROUPS = THREADS / N;  // threads per channel
-constexpr int PER = L / GROUPS;      // steps per thread
-static_assert(THREADS % N == 0 && L % GROUPS == 0 && PER % 2 == 0, "each thread builds whole steps of one channel");
-
-// Whether channel n (0 <= n < N) is one of the block's VALUES value channels (the first VALUES; the
-// block's v0 offsets them in global memory). Constant true with one block per head.
-template <int VALUES>
-__device__ __forceinline__ bool block_value(int n) { return VALUES == N || n < VALUES; }
-
 struct ChunkLoads {
     float lw[L];                                  // 0 past the end
     bf16 a[PER], r[PER], b[PER], k[PER], v[PER];  // 0 past the end
