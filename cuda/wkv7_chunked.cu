@@ -570,18 +570,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             }
             d_right[first * LDH + n] = run, d_right[(first + 1) * LDH + n] = dc_L;
             __syncthreads();
-            float later = Z[n] * decay[n];  // dc_L, then the later threads' steps
-#pragma unroll
-            for (int other = 0; other < K_GROUPS; other++) {
-                later += d_right[(other * K_PER + 1) * LDH + n];
-                if (other > group) later += d_right[other * K_PER * LDH + n];
-            }
-            const unsigned clamped_steps = clamped[n];
-#pragma unroll
-            for (int j = 0; j < K_PER; j++) {
-                const int t = first + j;
-                if (t < steps) out.dlw[g.at(t0 + t, n)] = clamped_steps >> t & 1 ? 0.f : later + suffix[j];
-            }
+            write_dlw<K_GROUPS, K_PER>(d_right, Z, decay, n, group, suffix, clamped[n], steps, out.dlw, g, t0);
         }
         round_state<VALUES>(dS, dSh);
         __syncthreads();
@@ -660,13 +649,11 @@ void check(const Tensor& x, const char* name, at::ScalarType dtype, int64_t nume
 }
 // The states (and the saved chunk states) are read and written 16 bytes at a time.
 void check_state(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
-    check(x, name, dtype, numel);
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "wkv7_chunked: ", name,
-                " must start 16-byte aligned (a fresh tensor or .clone() is)");
+    wkv_binding::check_aligned("wkv7_chunked", x, name, dtype, numel);
 }
 
-const bf16* cbf(const Tensor& x) { return reinterpret_cast<const bf16*>(x.data_ptr()); }
-bf16* mbf(const Tensor& x) { return reinterpret_cast<bf16*>(x.data_ptr()); }
+const bf16* cbf(const Tensor& x) { return wkv_binding::bf16_in(x); }
+bf16* mbf(const Tensor& x) { return wkv_binding::bf16_out(x); }
 
 wkv7c::Inputs inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const Tensor& v, const Tensor& a,
                      const Tensor& b) {

@@ -1,10 +1,12 @@
 // Host side shared by the torch bindings of the matrix-state kernels (wkv_diag.cu, wkv7.cu,
-// wkv7_chunked.cu); left out when WKV_KERNELS_ONLY compiles the kernels alone.
+// wkv7_chunked.cu, wkv_diag_chunked.cu); left out when WKV_KERNELS_ONLY compiles the kernels alone.
 #pragma once
 
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+
+#include <cuda_bf16.h>
 
 #include <cstdint>
 
@@ -18,5 +20,19 @@ inline void check(const char* op, const torch::Tensor& x, const char* name, at::
     TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
     TORCH_CHECK(x.numel() == numel, op, ": ", name, " has ", x.numel(), " elements, expected ", numel);
 }
+
+// check, and that x starts 16-byte aligned: the chunked kernels move states 16 bytes at a time.
+inline void check_aligned(const char* op, const torch::Tensor& x, const char* name, at::ScalarType dtype,
+                          int64_t numel) {
+    check(op, x, name, dtype, numel);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, op, ": ", name,
+                " must start 16-byte aligned (a fresh tensor or .clone() is)");
+}
+
+// A bf16 tensor's data as CUDA's bf16 type.
+inline const __nv_bfloat16* bf16_in(const torch::Tensor& x) {
+    return reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
+}
+inline __nv_bfloat16* bf16_out(const torch::Tensor& x) { return reinterpret_cast<__nv_bfloat16*>(x.data_ptr()); }
 
 }  // namespace wkv_binding

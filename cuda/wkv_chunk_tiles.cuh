@@ -223,7 +223,7 @@ constexpr int VEC = 8;  // bf16 per 16-byte access
 template <int ROWS>
 constexpr int STATE_VECS = (ROWS * N / VEC + THREADS - 1) / THREADS;  // 16-byte pieces per thread
 static_assert(N % VEC == 0 && LDH % VEC == 0, "whole 16-byte pieces, aligned in Sh");
-__device__ __forceinline__ bool has_piece(int rows, int i) { return (threadIdx.x + i * THREADS) * VEC < rows * N; }
+__device__ __forceinline__ bool has_piece(int rows, int i) { return (int(threadIdx.x) + i * THREADS) * VEC < rows * N; }
 template <int ROWS>
 struct SavedState {
     uint4 piece[STATE_VECS<ROWS>];
@@ -256,5 +256,30 @@ __device__ __forceinline__ void save_state(const bf16* Sh, bf16* dst) {
 constexpr int GROUPS = THREADS / N;  // threads per channel
 constexpr int PER = L / GROUPS;      // steps per thread
 static_assert(THREADS % N == 0 && L % GROUPS == 0 && PER % 2 == 0, "each thread builds whole steps of one channel");
+
+// The end of a chunk's log-decay gradient, dlw_s = sum_{t>=s} dc_t + sum_{t>s} dc_ex[t] + dc_L, for
+// key channel n at steps first .. first + STEPS - 1, where GROUPS_ threads share the channel, STEPS
+// consecutive steps each. Each thread has summed its own steps (suffix[j]: over its steps u >= t of
+// dc_t[u] and u > t of dc_ex[u]) and, before the barrier that precedes this, left two numbers in its
+// own (step, channel) places of `shared` ([L][LDH] floats): at its first step the sum of dc_t + dc_ex
+// over its steps, at the next its terms of dc_L. dc_L also has Z[n] e^(c_L) (decay[n]) from the
+// state's decay. Steps whose log-decay was floored (bits of `floored`) get 0, as do none past `steps`.
+template <int GROUPS_, int STEPS>
+__device__ __forceinline__ void write_dlw(const float* shared, const float* Z, const float* decay, int n, int group,
+                                          const float suffix[STEPS], unsigned floored, int steps, float* dlw,
+                                          const HeadRows& g, int t0) {
+    float later = Z[n] * decay[n];  // dc_L, then the later threads' steps
+#pragma unroll
+    for (int other = 0; other < GROUPS_; other++) {
+        later += shared[(other * STEPS + 1) * LDH + n];
+        if (other > group) later += shared[other * STEPS * LDH + n];
+    }
+    const int first = group * STEPS;
+#pragma unroll
+    for (int j = 0; j < STEPS; j++) {
+        const int t = first + j;
+        if (t < steps) dlw[g.at(t0 + t, n)] = floored >> t & 1 ? 0.f : later + suffix[j];
+    }
+}
 
 }  // namespace wkvc

@@ -54,6 +54,11 @@ class ModelConfig:
     sizes 32 and 64), `false` the sequential one (cuda/wkv7.cu), `auto` the chunked one where it has the
     head size (it is the faster), else the sequential one. Per layer kept for the backward, the chunked
     one holds head_size / 8 bytes per token and channel (every 16th state, bf16), the sequential one 4."""
+    wkv_diag_chunked: Literal["auto", True, False] = False
+    """RWKV-5 and RWKV-6 only, with a CUDA kernel: `true` runs the chunked tensor-core one
+    (cuda/wkv_diag_chunked.cu; head sizes 32 and 64; per-step decays below e^-8 taken as e^-8), `false`
+    the sequential one (cuda/wkv_diag.cu, float32 throughout), `auto` the chunked one where it has the
+    head size. The chunked one keeps the same head_size / 8 bytes per token and channel as RWKV-7's."""
 
     @property
     def n_head(self) -> int:

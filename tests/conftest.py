@@ -77,6 +77,54 @@ def zero_filled_shapes(backward) -> list[list[int]]:
     return [list(e.input_shapes[0]) for e in prof.events() if e.name in fills and e.input_shapes]
 
 
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; the absolute ||out - ref|| where the reference is exactly zero."""
+    out, ref = out.double(), ref.detach().double()
+    scale, diff = ref.norm().item(), (out - ref).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_errors_within(errors: dict[str, float], tol: float, worst: dict[str, float]) -> None:
+    """Each named relative error at most tol (NaN fails: an element never written), the largest per name
+    kept in `worst` for a summary."""
+    for name, err in errors.items():
+        worst[name] = max(worst.get(name, 0.0), err)
+    too_far = {name: f"{err:.2e}" for name, err in errors.items() if not err <= tol}
+    assert not too_far, f"relative error above {tol} (NaN: an element never written): {too_far}"
+
+
+def error_summary_fixture(title: str, worst: dict[str, float]):
+    """A module-scoped autouse fixture that prints `worst` (quantity -> largest relative error, filled by
+    assert_errors_within) after the module's tests: shown with pytest -s."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def error_summary():
+        yield
+        if worst:
+            print(f"\n{title}, largest relative error: " + ", ".join(f"{k} {e:.1e}" for k, e in worst.items()))
+
+    return error_summary
+
+
+def model_gradient_errors(model, reference, idx: torch.Tensor) -> tuple[list[float], tuple[float, str], float]:
+    """One next-token loss and backward through `model` and through `reference` (the same weights, in
+    float64): (their losses, (the largest relative error of one parameter's gradient, its name), the
+    relative error of all gradients together)."""
+    losses = []
+    for m in (model, reference):
+        logits, _ = m(idx)
+        vocab = logits.shape[-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).double(), idx.roll(-1, 1).reshape(-1))
+        loss.backward()
+        losses.append(loss.item())
+    pairs = [(name, p.grad, q.grad) for (name, p), q in zip(model.named_parameters(), reference.parameters())
+             if q.grad is not None]
+    worst = max((rel_error(ours, theirs), name) for name, ours, theirs in pairs if theirs.norm() > 0)
+    overall = rel_error(torch.cat([ours.flatten().double() for _, ours, _ in pairs]),
+                        torch.cat([theirs.flatten() for _, _, theirs in pairs]))
+    return losses, worst, overall
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a project script (path relative to the repo) with this interpreter; capture its output."""
     full_env = {**os.environ, **(env or {})}

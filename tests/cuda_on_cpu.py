@@ -155,3 +155,65 @@ class Wkv7ChunkedOnCpu(Wkv7ChunkedModule):
         ds0 = _nan(ds_final.shape, torch.float32)
         super().backward(r, lw, k, v, a, b, states, dy, ds_final, *grads, ds0, split)
         return (*grads, ds0)
+
+
+class WkvDiagChunkedModule:
+    """The compiled extension's interface for cuda/wkv_diag_chunked.cu (`forward` and `backward` writing
+    into the outputs they are given), on the CPU emulation: what `kernels.load("v6-chunked", N)` returns
+    on a GPU."""
+
+    def __init__(self, head_size: int):
+        self.lib = build("wkv_diag_chunked.cpp", head_size)
+        self.lib.log_decay_min.restype = ctypes.c_float
+        self.head_size = self.lib.head_size()
+        self.chunk_len = self.lib.chunk_len()
+        self.log_decay_min = self.lib.log_decay_min()
+
+    def forward(self, r, lw, k, v, u, s0, y, s_final, states) -> None:
+        B, T, H, _ = r.shape
+        self.lib.forward(B, T, H, _ptr(r), _ptr(lw), int(lw.dim() == 4), *map(_ptr, (k, v, u, s0, y, s_final, states)))
+
+    def backward(self, r, lw, k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0) -> None:
+        B, T, H, _ = r.shape
+        pointers = map(_ptr, (k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0))
+        self.lib.backward(B, T, H, _ptr(r), _ptr(lw), int(lw.dim() == 4), *pointers)
+
+
+class WkvDiagChunkedOnCpu(WkvDiagChunkedModule):
+    """cuda/wkv_diag_chunked.cu on the CPU, allocating its outputs (NaN first): the CUDA op's contract."""
+
+    def forward(self, r, lw, k, v, u, s0) -> tuple[Tensor, Tensor, Tensor]:
+        """bf16 r, k, v [B, T, H, N], float32 lw ([B, T, H, N] or [H, N]), u [H, N] and s0 -> (y bf16, final
+        state, chunk states bf16)."""
+        B, T, H, N = r.shape
+        y, s_final = _nan(r.shape, torch.bfloat16), _nan(s0.shape, torch.float32)
+        states = _nan((B, H, -(-T // self.chunk_len), N, N), torch.bfloat16)
+        super().forward(r, lw, k, v, u, s0, y, s_final, states)
+        return y, s_final, states
+
+    def backward(self, r, lw, k, v, u, states, dy, ds_final) -> tuple[Tensor, ...]:
+        """-> (dr, dlw per step [B, T, H, N], dk, dv, du per (batch, head) [B, H, N], ds0)."""
+        B, _, H, N = r.shape
+        dr, dk, dv = (_nan(r.shape, torch.bfloat16) for _ in range(3))
+        dlw, du, ds0 = _nan(r.shape, torch.float32), _nan((B, H, N), torch.float32), _nan(ds_final.shape, torch.float32)
+        super().backward(r, lw, k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0)
+        return dr, dlw, dk, dv, du, ds0
+
+
+def emulate(monkeypatch, generation: str, module_class) -> list[tuple[str, int | None]]:
+    """Points kernels.load(generation, N) at module_class(N), the CPU emulation (one per head size);
+    returns the list of (generation, head size) it is asked for, filled as the test runs."""
+    from rwkv_train.ops import kernels
+
+    modules: dict[int | None, object] = {}
+    asked: list[tuple[str, int | None]] = []
+
+    def load(wanted: str, head_size: int | None = None):
+        asked.append((wanted, head_size))
+        assert wanted == generation, f"only the {generation} kernel is emulated here, not {wanted}"
+        if head_size not in modules:
+            modules[head_size] = module_class(head_size)
+        return modules[head_size]
+
+    monkeypatch.setattr(kernels, "load", load)
+    return asked

@@ -1,4 +1,4 @@
-"""The chunked WKV-7 kernel's CUDA source under g++'s sanitizers, on the CPU emulation (tests/cuda_cpu).
+"""The chunked WKV kernels' CUDA sources under g++'s sanitizers, on the CPU emulation (tests/cuda_cpu).
 
 ThreadSanitizer watches every shared-memory access of every emulated CUDA thread and the barriers
 (__syncthreads, named barriers, cluster barriers) that order them: two threads touching the same
@@ -10,7 +10,8 @@ asks for), and UndefinedBehaviorSanitizer integer overflow and bad shifts in the
 
 First the sanitizers are shown to catch each hazard in a small kernel (tests/cuda_cpu/hazards.cpp)
 and to pass its correct form; then the kernel runs forward and backward under each, for both head
-sizes and every split (tests/cuda_cpu/wkv7_chunked_sanitized.cpp).
+sizes and every split (tests/cuda_cpu/wkv7_chunked_sanitized.cpp), and so does the chunked RWKV-5/6
+kernel (tests/cuda_cpu/wkv_diag_chunked_sanitized.cpp).
 """
 
 from __future__ import annotations
@@ -60,3 +61,15 @@ def test_chunked_kernel_is_clean_under_the_sanitizer(sanitizer, head_size):
     for split in splits:  # every launch ran: a padded T without a state and a whole chunk with one
         assert f"N {head_size} split {split} T {2 * CHUNK_LEN + 5} state 0: ran" in result.stdout
         assert f"N {head_size} split {split} T {CHUNK_LEN} state 1: ran" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_size", [32, 64], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("sanitizer", SANITIZERS)
+def test_chunked_diagonal_kernel_is_clean_under_the_sanitizer(sanitizer, head_size):
+    program = cuda_on_cpu.build_program("wkv_diag_chunked_sanitized.cpp", head_size, sanitizer)
+    result = run(program)
+    assert result.returncode == 0 and "Sanitizer" not in result.stderr, result.stderr[-6000:]
+    for T, state in ((2 * CHUNK_LEN + 5, 0), (CHUNK_LEN, 1)):  # every launch ran
+        for per_step in (1, 0):
+            assert f"N {head_size} T {T} state {state} per-step lw {per_step}: ran" in result.stdout

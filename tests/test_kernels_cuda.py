@@ -42,7 +42,7 @@ from rwkv_train.ops.wkv7_cuda import wkv7_cuda
 from rwkv_train.ops.wkv_diag import wkv_diag_recurrent
 from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
 from rwkv_train.ops.wkv_diag_cuda import wkv5_cuda, wkv6_cuda
-from tests.conftest import REPO, count_kernel_calls
+from tests.conftest import REPO, count_kernel_calls, rel_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -179,14 +179,6 @@ def run(fn: Callable[..., list[Tensor]], inputs: Sequence[Tensor], n_state: int,
     cotangents = [_randn(g, *o.shape).to(torch.bfloat16).to(device=o.device, dtype=o.dtype) for o in outputs]
     grads = torch.autograd.grad(outputs, wrt, cotangents, allow_unused=True)
     return [o.detach() for o in outputs], list(grads)
-
-
-def rel_error(out: Tensor, ref: Tensor) -> float:
-    """||out - ref|| / ||ref||; the absolute ||out|| where the reference is exactly zero."""
-    out, ref = out.double(), ref.double()
-    scale = ref.norm().item()
-    diff = (out - ref).norm().item()
-    return diff / scale if scale > 0 else diff
 
 
 # --- the measured errors: a table at the end of the session, and a CSV --------------------------------

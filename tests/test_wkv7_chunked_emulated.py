@@ -18,6 +18,7 @@ from torch import Tensor
 
 from rwkv_train.ops.wkv7 import wkv7_recurrent
 from tests import cuda_on_cpu
+from tests.conftest import assert_errors_within, error_summary_fixture, rel_error
 
 pytestmark = pytest.mark.skipif(cuda_on_cpu.compiler_problem() is not None, reason=str(cuda_on_cpu.compiler_problem()))
 
@@ -28,13 +29,7 @@ GRADS = ("dr", "dlw", "dk", "dv", "da", "db", "ds0")
 _WORST: dict[str, float] = {}  # quantity -> largest relative error over this module's comparisons
 
 
-@pytest.fixture(scope="module", autouse=True)
-def error_summary():
-    """Prints the largest error per quantity after the module (shown with pytest -s)."""
-    yield
-    if _WORST:
-        print("\nchunked WKV-7 kernel (CPU emulation) vs float64, largest relative error: "
-              + ", ".join(f"{name} {err:.1e}" for name, err in _WORST.items()))
+error_summary = error_summary_fixture("chunked WKV-7 kernel (CPU emulation) vs float64", _WORST)
 
 
 @pytest.fixture(scope="module", params=[32, 64], ids=lambda n: f"N{n}")
@@ -58,13 +53,6 @@ def model_like_inputs(B: int, T: int, H: int, N: int, seed: int, lw: Tensor | No
     return [bf[0], lw.float().contiguous(), *bf[1:]]
 
 
-def rel_error(out: Tensor, ref: Tensor) -> float:
-    """||out - ref|| / ||ref||; the absolute ||out|| where the reference is exactly zero (as the GPU tests)."""
-    out, ref = out.double(), ref.detach().double()
-    scale, diff = ref.norm().item(), (out - ref).norm().item()
-    return diff / scale if scale > 0 else diff
-
-
 def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int, lw_floor: float | None = None,
                             split: int = 1):
     B, T, H, N = inputs[0].shape
@@ -82,10 +70,7 @@ def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int,
 
     errors = {"y": rel_error(y, y_ref), "state": rel_error(s_final, s_ref)}
     errors |= {name: rel_error(grad, x.grad) for name, grad, x in zip(GRADS, grads, ref_inputs)}
-    for name, err in errors.items():
-        _WORST[name] = max(_WORST.get(name, 0.0), err)
-    too_far = {name: f"{err:.2e}" for name, err in errors.items() if not err <= TOL}
-    assert not too_far, f"relative error above {TOL} (NaN: an element never written): {too_far}"
+    assert_errors_within(errors, TOL, _WORST)
     return states
 
 

@@ -21,7 +21,7 @@ from rwkv_train.ops import kernels
 from rwkv_train.ops.wkv7 import wkv7_recurrent
 from rwkv_train.ops.wkv7_chunked_cuda import CHUNK_LEN, LOG_DECAY_MIN, value_split, wkv7_chunked_cuda
 from tests import cuda_on_cpu
-from tests.conftest import count_kernel_calls, zero_filled_shapes
+from tests.conftest import count_kernel_calls, model_gradient_errors, zero_filled_shapes
 from tests.test_wkv7_chunked_emulated import TOL, model_like_inputs, rel_error
 
 pytestmark = pytest.mark.skipif(cuda_on_cpu.compiler_problem() is not None, reason=str(cuda_on_cpu.compiler_problem()))
@@ -30,18 +30,7 @@ pytestmark = pytest.mark.skipif(cuda_on_cpu.compiler_problem() is not None, reas
 @pytest.fixture
 def emulated(monkeypatch):
     """kernels.load("v7-chunked", N) returns the CPU emulation; records which kernels were asked for."""
-    modules: dict[int, cuda_on_cpu.Wkv7ChunkedModule] = {}
-    asked: list[tuple[str, int | None]] = []
-
-    def load(generation: str, head_size: int | None = None):
-        asked.append((generation, head_size))
-        assert generation == "v7-chunked", f"only the chunked kernel is emulated here, not {generation}"
-        if head_size not in modules:
-            modules[head_size] = cuda_on_cpu.Wkv7ChunkedModule(head_size)
-        return modules[head_size]
-
-    monkeypatch.setattr(kernels, "load", load)
-    return asked
+    return cuda_on_cpu.emulate(monkeypatch, "v7-chunked", cuda_on_cpu.Wkv7ChunkedModule)
 
 
 def test_python_constants_match_the_kernel(emulated):
@@ -161,23 +150,11 @@ def test_model_with_the_chunked_kernel_matches_the_torch_backend(emulated, monke
     reference.double()
 
     idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for m in (model, reference):
-        logits, _ = m(idx)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 61).double(), idx.roll(-1, 1).reshape(-1))
-        loss.backward()
-        losses.append(loss.item())
+    losses, worst, overall = model_gradient_errors(model, reference, idx)
     assert emulated and all(call == ("v7-chunked", 32) for call in emulated)
     assert math.isclose(losses[0], losses[1], rel_tol=2e-3), losses
-    worst = max(
-        (rel_error(p.grad, q.grad), name)
-        for (name, p), q in zip(model.named_parameters(), reference.parameters())
-        if q.grad is not None and q.grad.norm() > 0
-    )
     assert worst[0] < 5e-2, f"largest relative gradient error {worst[0]:.2e} in {worst[1]}"
-    ours = torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None])
-    theirs = torch.cat([q.grad.flatten() for q in reference.parameters() if q.grad is not None])
-    assert rel_error(ours, theirs) < 1e-2
+    assert overall < 1e-2
 
 
 

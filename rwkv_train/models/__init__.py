@@ -40,7 +40,7 @@ def build_model(model_cfg: ModelConfig, device: str | torch.device = "cpu", init
     model = model.to_empty(device=device)
     if init:
         model.reset_parameters()
-    model.set_kernel(model_cfg.kernel, model_cfg.wkv7_chunked)
+    model.set_kernel(model_cfg.kernel, model_cfg.wkv7_chunked, model_cfg.wkv_diag_chunked)
     return model
 
 

@@ -152,12 +152,13 @@ class RWKVModel(nn.Module):
         self.grad_cp: bool | str = False  # gradient checkpointing per block (TrainConfig.grad_cp), set by the trainer
         self.set_kernel("auto")
 
-    def set_kernel(self, kernel: str, wkv7_chunked: bool | str = "auto") -> None:
+    def set_kernel(self, kernel: str, wkv7_chunked: bool | str = "auto", wkv_diag_chunked: bool | str = False) -> None:
         """Choose the WKV backend of every block: "auto", "cuda" or "torch" (see ModelConfig.kernel), and
-        for RWKV-7 which CUDA kernel (ModelConfig.wkv7_chunked)."""
+        which CUDA kernel for RWKV-7 (ModelConfig.wkv7_chunked) and RWKV-5/6 (ModelConfig.wkv_diag_chunked)."""
         for block in self.blocks:
             block.att.kernel = kernel
             block.att.wkv7_chunked = wkv7_chunked
+            block.att.wkv_diag_chunked = wkv_diag_chunked
 
     @torch.no_grad()
     def reset_parameters(self, emb_range: float | None = None) -> None:

@@ -157,7 +157,10 @@ class TimeMix(nn.Module):
         lw = -torch.exp(self.time_decay.to(torch.promote_types(self.time_decay.dtype, torch.float32)))
 
         shape = (B, T, H, N)
-        y, wkv_state = wkv5(r.view(shape), lw, k.view(shape), v.view(shape), self.time_faaaa, wkv_state, self.kernel)
+        y, wkv_state = wkv5(
+            r.view(shape), lw, k.view(shape), v.view(shape), self.time_faaaa, wkv_state, self.kernel,
+            chunked=self.wkv_diag_chunked,
+        )
         y = self.ln_x(y.reshape(B * T, C).to(x.dtype) / HEAD_SIZE_DIVISOR).view(B, T, C)
         return self.output(y * g), x[:, -1], wkv_state
 

@@ -179,7 +179,8 @@ class TimeMix(nn.Module):
 
         shape = (B, T, H, N)
         y, wkv_state = wkv6(
-            r.view(shape), lw.view(shape), k.view(shape), v.view(shape), self.time_faaaa, wkv_state, self.kernel
+            r.view(shape), lw.view(shape), k.view(shape), v.view(shape), self.time_faaaa, wkv_state, self.kernel,
+            chunked=self.wkv_diag_chunked,
         )
         y = self.ln_x(y.reshape(B * T, C).to(x.dtype)).view(B, T, C)
         return self.output(y * g), x[:, -1], wkv_state

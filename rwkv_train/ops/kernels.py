@@ -37,6 +37,7 @@ __all__ = [
     "KERNEL_CHOICES",
     "SOURCES",
     "KernelUnavailable",
+    "aligned",
     "build_dir",
     "cuda_dir",
     "head_sizes",
@@ -53,10 +54,12 @@ __all__ = [
 log = logging.getLogger("rwkv_train")
 
 # kernel -> source file in cuda/; v5 and v6 share one diagonal-decay kernel. "v7-chunked" is the
-# tensor-core WKV-7 kernel (16-step chunks), beside the sequential "v7".
-SOURCES = {"v4": "wkv4.cu", "v5": "wkv_diag.cu", "v6": "wkv_diag.cu", "v7": "wkv7.cu", "v7-chunked": "wkv7_chunked.cu"}
+# tensor-core WKV-7 kernel (16-step chunks), beside the sequential "v7"; "v6-chunked" the tensor-core
+# diagonal-decay kernel (RWKV-5 and RWKV-6), beside the sequential "v5" / "v6".
+SOURCES = {"v4": "wkv4.cu", "v5": "wkv_diag.cu", "v6": "wkv_diag.cu", "v7": "wkv7.cu", "v7-chunked": "wkv7_chunked.cu",
+           "v6-chunked": "wkv_diag_chunked.cu"}
 HEAD_SIZES = (32, 64, 128)  # head sizes the v5-v7 kernels are compiled for
-_HEAD_SIZES = {"v4": (None,), "v7-chunked": (32, 64)}  # where a kernel differs from HEAD_SIZES
+_HEAD_SIZES = {"v4": (None,), "v7-chunked": (32, 64), "v6-chunked": (32, 64)}  # where a kernel differs from HEAD_SIZES
 KERNEL_CHOICES = ("auto", "cuda", "torch")
 
 
@@ -270,6 +273,12 @@ def poisoned_outputs() -> Iterator[None]:
         yield
     finally:
         _poison = before
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a copy where it does not start 16-byte aligned: the chunked kernels move states 16 bytes at a
+    time (a contiguous view can start anywhere, e.g. a slice of a flat buffer)."""
+    return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
 def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -60,12 +60,6 @@ def _split(module, r: Tensor, asked: int) -> int:
     return value_split(B * H, list(module.splits), torch.cuda.get_device_properties(r.device).multi_processor_count)
 
 
-def _aligned(x: Tensor) -> Tensor:
-    """x, or a copy where it does not start 16-byte aligned: the kernel moves states 16 bytes at a time
-    (a contiguous view can start anywhere, e.g. a slice of a flat buffer)."""
-    return x if x.data_ptr() % 16 == 0 else x.clone()
-
-
 @torch.library.custom_op("rwkv_train::wkv7_chunked_forward", mutates_args=())
 def wkv7_chunked_forward(
     r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor, split: int
@@ -77,7 +71,7 @@ def wkv7_chunked_forward(
     y = kernels.new_output(r.shape, torch.bfloat16, r.device)
     s_final = kernels.new_output(s0.shape, torch.float32, r.device)
     states = kernels.new_output((B, H, _n_chunks(T), N, N), torch.bfloat16, r.device)
-    module.forward(r, lw, k, v, a, b, _aligned(s0), y, s_final, states, _split(module, r, split))
+    module.forward(r, lw, k, v, a, b, kernels.aligned(s0), y, s_final, states, _split(module, r, split))
     return y, s_final, states
 
 
@@ -96,7 +90,7 @@ def wkv7_chunked_backward(
     module = kernels.load("v7-chunked", r.shape[-1])
     dr, dlw, dk, dv, da, db, ds0 = new_gradients(r, ds_final.shape)
     split = _split(module, r, split)
-    module.backward(r, lw, k, v, a, b, states, dy, _aligned(ds_final), dr, dlw, dk, dv, da, db, ds0, split)
+    module.backward(r, lw, k, v, a, b, states, dy, kernels.aligned(ds_final), dr, dlw, dk, dv, da, db, ds0, split)
     return dr, dlw, dk, dv, da, db, ds0
 
 

@@ -298,15 +298,24 @@ def wkv_diag_chunked(
 
 
 def _run(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None, backend: str, who: str
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None, backend: str, who: str,
+    chunked: bool | str,
 ) -> tuple[Tensor, Tensor]:
     if backend not in BACKENDS:
         raise ValueError(f"{who}: unknown backend {backend!r}; valid choices: {', '.join(repr(x) for x in BACKENDS)}")
-    if backend != "torch" and kernels.use_cuda(backend, "v" + who[-1], r, r.shape[-1]):
-        from rwkv_train.ops.wkv_diag_cuda import wkv5_cuda, wkv6_cuda
+    if chunked not in (True, False, "auto"):
+        raise ValueError(f"{who}: chunked must be True, False or 'auto', got {chunked!r}")
+    if backend != "torch":
+        if chunked == "auto":
+            chunked = r.shape[-1] in kernels.head_sizes("v6-chunked")
+        # The tensor-core kernel where asked for, else (or where "auto" cannot build it) the sequential one.
+        for generation in ("v6-chunked", "v" + who[-1]) if chunked else ("v" + who[-1],):
+            if kernels.use_cuda(backend, generation, r, r.shape[-1]):
+                from rwkv_train.ops.wkv_diag_cuda import wkv5_cuda, wkv6_cuda
 
-        y, s_final = (wkv5_cuda if who == "wkv5" else wkv6_cuda)(r, lw, k, v, u, state)
-        return y.to(r.dtype), s_final
+                op = wkv5_cuda if who == "wkv5" else wkv6_cuda
+                y, s_final = op(r, lw, k, v, u, state, chunked=generation == "v6-chunked")
+                return y.to(r.dtype), s_final
     if who == "wkv5":
         lw = lw.expand_as(r)
     # The recurrence runs in float32 or better whatever autocast region the model is in: bf16 state
@@ -318,25 +327,30 @@ def _run(
 
 
 def wkv5(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, backend: str = "torch"
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, backend: str = "torch",
+    chunked: bool | str = False,
 ) -> tuple[Tensor, Tensor]:
     """The WKV-5 interface the RWKV-5 model calls: one log-decay lw [H, N] for every step.
 
     r, k, v [B, T, H, N]; u [H, N]; state [B, H, N, N] or None. backend: "torch" (chunked pure
-    PyTorch), "cuda" (the bf16 kernel) or "auto" (the kernel for CUDA inputs where it builds).
-    Returns (y, final state).
+    PyTorch), "cuda" (a bf16 kernel) or "auto" (the kernel for CUDA inputs where it builds). The
+    kernel is the sequential one (`rwkv_train.ops.wkv_diag_cuda`) with chunked=False, the tensor-core
+    one (`rwkv_train.ops.wkv_diag_chunked_cuda`: head sizes 32 and 64, per-step lw >= -8) with
+    chunked=True, and with "auto" the tensor-core one where it has the head size (else the sequential
+    one). Returns (y, final state).
     """
     if lw.shape != u.shape:
         raise ValueError(f"wkv5: lw has shape {tuple(lw.shape)}, expected {tuple(u.shape)} = [H, N] like u")
-    return _run(r, lw, k, v, u, state, backend, "wkv5")
+    return _run(r, lw, k, v, u, state, backend, "wkv5", chunked)
 
 
 def wkv6(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, backend: str = "torch"
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, backend: str = "torch",
+    chunked: bool | str = False,
 ) -> tuple[Tensor, Tensor]:
     """The WKV-6 interface the RWKV-6 model calls: a log-decay lw [B, T, H, N] per step.
 
-    r, k, v [B, T, H, N]; u [H, N]; state [B, H, N, N] or None. backend as for `wkv5`.
+    r, k, v [B, T, H, N]; u [H, N]; state [B, H, N, N] or None. backend and chunked as for `wkv5`.
     Returns (y, final state).
     """
-    return _run(r, lw, k, v, u, state, backend, "wkv6")
+    return _run(r, lw, k, v, u, state, backend, "wkv6", chunked)

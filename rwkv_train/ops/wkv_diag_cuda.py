@@ -77,28 +77,38 @@ def _backward(ctx, dy: Tensor | None, ds_final: Tensor | None):
 wkv_diag_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _run(r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+def _run(
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None, chunked: bool
+) -> tuple[Tensor, Tensor]:
     B, _, H, N = r.shape
     r, k, v = (x.to(torch.bfloat16).contiguous() for x in (r, k, v))
     lw, u = lw.to(torch.float32).contiguous(), u.to(torch.float32).contiguous()
-    if state is None:
-        state = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device)
-    return wkv_diag_forward(r, lw, k, v, u, state.to(torch.float32).contiguous())
+    state = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device) if state is None else state
+    state = state.to(torch.float32).contiguous()
+    if chunked:
+        from rwkv_train.ops.wkv_diag_chunked_cuda import wkv_diag_chunked_forward
+
+        y, s_final, _ = wkv_diag_chunked_forward(r, lw, k, v, u, state)
+        return y, s_final
+    return wkv_diag_forward(r, lw, k, v, u, state)
 
 
 def wkv6_cuda(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, chunked: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """WKV-6 on the CUDA kernel: lw [B, T, H, N]. Returns (y bf16, final state float32)."""
+    """WKV-6 on a CUDA kernel: lw [B, T, H, N]. Returns (y bf16, final state float32). chunked: the
+    tensor-core kernel (`rwkv_train.ops.wkv_diag_chunked_cuda`: head sizes 32 and 64, lw >= -8 per
+    step), else the sequential one."""
     if lw.shape != r.shape:
         raise ValueError(f"wkv6_cuda: lw has shape {tuple(lw.shape)}, expected {tuple(r.shape)} like r")
-    return _run(r, lw, k, v, u, state)
+    return _run(r, lw, k, v, u, state, chunked)
 
 
 def wkv5_cuda(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, chunked: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """WKV-5 on the CUDA kernel: one lw [H, N] for every step. Returns (y bf16, final state float32)."""
+    """WKV-5 on a CUDA kernel: one lw [H, N] for every step. Returns (y bf16, final state float32).
+    chunked as for wkv6_cuda."""
     if lw.shape != u.shape:
         raise ValueError(f"wkv5_cuda: lw has shape {tuple(lw.shape)}, expected {tuple(u.shape)} = [H, N] like u")
-    return _run(r, lw, k, v, u, state)
+    return _run(r, lw, k, v, u, state, chunked)
