@@ -59,7 +59,8 @@ def build_jobs(generations: list[str], head_sizes: list[int], versions: bool) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v7", "v7-chunked"], choices=sorted(kernels.SOURCES))
+    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v6-chunked", "v7", "v7-chunked"],
+                        choices=sorted(kernels.SOURCES))
     parser.add_argument("--head-sizes", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--jobs", type=int, default=4, help="builds at once (each also uses MAX_JOBS compiler jobs)")
     parser.add_argument("--versions", action="store_true",

@@ -70,10 +70,12 @@ from rwkv_train.ops import kernels
 
 STEPS = ("build", "tests", "sanitizer", "racecheck", "profile", "splits", "versions", "kernels", "train",
          "train-chunked", "train-compiled", "train-modes", "train-autotune", "train-accumulate")
-GENERATIONS = tuple(kernels.SOURCES)  # v4, v5, v6, v7, v7-chunked
+GENERATIONS = tuple(kernels.SOURCES)  # v4, v5, v6, v7, v7-chunked, v6-chunked
 # pytest -k expressions that pick one kernel's tests out of tests/test_kernels_cuda.py by their ids
-# (v7-h64, v7-chunked-h64, [sequential] / [chunked] for the model step)
-TEST_FILTER = {"v4": "v4", "v5": "v5", "v6": "v6", "v7": "(v7 and not chunked) or sequential", "v7-chunked": "chunked"}
+# (v7-h64, v7-chunked-h64, v5-chunked-h64, [sequential] / [chunked] for the model step)
+TEST_FILTER = {"v4": "v4", "v5": "v5 and not v5-chunked", "v6": "v6 and not v6-chunked",
+               "v7": "(v7 and not chunked) or sequential",
+               "v7-chunked": "chunked and not v5-chunked and not v6-chunked", "v6-chunked": "v5-chunked or v6-chunked"}
 # steps that only concern one kernel
 STEP_KERNEL = {"splits": "v7-chunked", "versions": "v7-chunked", "train": "v7", "train-chunked": "v7-chunked",
                "train-compiled": "v7-chunked", "train-modes": "v7-chunked", "train-autotune": "v7-chunked",
@@ -112,7 +114,7 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
     chosen = list(generations or GENERATIONS)
     narrow = generations is not None
     # every head size the GPU tests load (the chunked kernel's tests also run head size 32)
-    build = ["--head-sizes", *(["32"] if "v7-chunked" in chosen else []), "64", "128"]
+    build = ["--head-sizes", *(["32"] if {"v7-chunked", "v6-chunked"} & set(chosen) else []), "64", "128"]
     if "v7-chunked" in chosen:
         build.append("--versions")  # the versions step's earlier kernels, built beside the others
     tests, sanitize, bench = [], [], []
@@ -121,7 +123,7 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
         tests = ["-k", " or ".join(f"({TEST_FILTER[g]})" for g in chosen)]
         sanitize = chosen
         bench = ["--generations", *dict.fromkeys(g.removesuffix("-chunked") for g in chosen)]
-    profiled = chosen if narrow else ["v7", "v7-chunked"]
+    profiled = chosen if narrow else ["v6", "v6-chunked", "v7", "v7-chunked"]
 
     def sanitizer(tool: str) -> list[str]:  # compute-sanitizer's `tool` over sanitize_kernels.py
         return [kernels.cuda_tool("compute-sanitizer") or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1", py,

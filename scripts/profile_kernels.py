@@ -43,13 +43,14 @@ def _inputs(generation: str, B: int, T: int, C: int, N: int) -> tuple[list[torch
         w = leaf(-torch.exp(torch.randn(C, device=dev, generator=g) * 0.5 - 1), torch.float32)
         xs = [w, randn(C, scale=0.5, dtype=torch.float32), randn(B, T, C), randn(B, T, C)]
         return xs, lambda w, u, k, v: wkv4_cuda(w, u, k, v)[0]
-    if generation in ("v5", "v6"):
+    if generation in ("v5", "v6", "v6-chunked"):
         from rwkv_train.ops.wkv_diag_cuda import wkv6_cuda
 
+        chunked = generation == "v6-chunked"
         lw = leaf(-torch.exp((torch.randn(B, T, H, N, device=dev, generator=g) - 1).clamp(-8, 2)), torch.float32)
         xs = [randn(B, T, H, N, scale=0.5), lw, randn(B, T, H, N, scale=0.5), randn(B, T, H, N),
               randn(H, N, scale=0.5, dtype=torch.float32)]
-        return xs, lambda r, lw, k, v, u: wkv6_cuda(r, lw, k, v, u)[0]
+        return xs, lambda r, lw, k, v, u: wkv6_cuda(r, lw, k, v, u, chunked=chunked)[0]
     from rwkv_train.ops.wkv7_chunked_cuda import wkv7_chunked_cuda
     from rwkv_train.ops.wkv7_cuda import wkv7_cuda
 
@@ -62,8 +63,8 @@ def _inputs(generation: str, B: int, T: int, C: int, N: int) -> tuple[list[torch
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v7", "v7-chunked"],
-                        choices=["v4", "v5", "v6", "v7", "v7-chunked"])
+    parser.add_argument("--generations", nargs="+", default=["v4", "v6", "v6-chunked", "v7", "v7-chunked"],
+                        choices=["v4", "v5", "v6", "v6-chunked", "v7", "v7-chunked"])
     parser.add_argument("--shape", nargs=3, type=int, default=[8, 4096, 4096], metavar=("B", "T", "C"))
     parser.add_argument("--head-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="profiled and timed runs each (default 5)")

@@ -26,7 +26,7 @@ except ImportError:  # run from a checkout without installing the package
 
 from rwkv_train.ops import kernels
 
-GENERATIONS = ("v4", "v5", "v6", "v7", "v7-chunked")
+GENERATIONS = ("v4", "v5", "v6", "v7", "v7-chunked", "v6-chunked")
 B, T, H, N = 1, 33, 1, 64
 V4_STEPS = 200  # 13 chunks of 16: the v4 kernel runs them as 3 groups, the last partial
 
@@ -53,7 +53,8 @@ def run_v4() -> list[torch.Tensor]:
     return _backward([y, *final], [w, u, k, v, *state])
 
 
-def run_diag(generation: str) -> list[torch.Tensor]:
+def run_diag(generation: str, chunked: bool = False) -> list[torch.Tensor]:
+    """RWKV-5 (one lw per channel) or RWKV-6 on the sequential kernel, or with `chunked` the tensor-core one."""
     from rwkv_train.ops.wkv_diag_cuda import wkv5_cuda, wkv6_cuda
 
     r, k, v = (_leaf(_randn(B, T, H, N), torch.bfloat16) for _ in range(3))
@@ -62,7 +63,7 @@ def run_diag(generation: str) -> list[torch.Tensor]:
     u = _leaf(0.5 * _randn(H, N), torch.float32)
     state = _leaf(_randn(B, H, N, N), torch.float32)
     op = wkv5_cuda if generation == "v5" else wkv6_cuda
-    y, final = op(r, lw, k, v, u, state)
+    y, final = op(r, lw, k, v, u, state, chunked=chunked)
     return _backward([y, final], [r, lw, k, v, u, state])
 
 
@@ -99,7 +100,8 @@ def run_v7_chunked() -> list[torch.Tensor]:
 
 
 RUNNERS = {"v4": run_v4, "v5": lambda: run_diag("v5"), "v6": lambda: run_diag("v6"), "v7": run_v7,
-           "v7-chunked": run_v7_chunked}
+           "v7-chunked": run_v7_chunked,
+           "v6-chunked": lambda: run_diag("v5", chunked=True) + run_diag("v6", chunked=True)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,8 @@ def test_generations_narrow_every_step_and_drop_the_training_runs_of_other_kerne
     steps = {line.split()[0]: line for line in result.stdout.strip().splitlines()}
     assert list(steps) == ["build", "tests", "sanitizer", "racecheck", "profile", "splits", "versions", "kernels",
                            "train-chunked", "train-compiled", "train-modes", "train-autotune", "train-accumulate"]
-    assert steps["build"].endswith("--generations v7-chunked") and steps["tests"].endswith("-k (chunked)")
+    assert steps["build"].endswith("--generations v7-chunked")
+    assert steps["tests"].endswith("-k (chunked and not v5-chunked and not v6-chunked)")
     assert steps["sanitizer"].endswith("sanitize_kernels.py v7-chunked")
     assert steps["racecheck"].endswith("sanitize_kernels.py v7-chunked")
     assert steps["kernels"].endswith("--generations v7")  # the kernel benchmark's v7 row times both kernels
@@ -190,3 +191,18 @@ def test_the_gpu_tests_error_table_keeps_the_largest_error_per_kernel_and_quanti
     assert lines[4:] == ["| v7 | 64 | y | 3.00e-03 | T=1000, initial state |", "| v7 | 64 | dk | 2.00e-03 | T=16 |",
                          "| v7-chunked | 64 | y | 4.00e-03 | T=33, initial state |"]
     assert "3.00e-03" in text and str(tmp_path / "errors.csv") in text
+
+
+@pytest.mark.parametrize("kernel", ["v6", "v6-chunked", "v7-chunked"])
+def test_test_filters_pick_that_kernels_gpu_tests(kernel):
+    """Each -k expression selects tests of its kernel only, and some: the chunked kernels' ids share
+    "chunked", and "v6" is a prefix of "v6-chunked"."""
+    proc = run_cli("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                   "tests/test_kernels_cuda.py", "-k", gpu_report.TEST_FILTER[kernel])
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert ids, proc.stdout[-2000:]
+    others = {"v6": ("chunked", "v7", "v5", "v4"), "v6-chunked": ("v7", "v4", "[v5-h", "[v6-h"),
+              "v7-chunked": ("v5-chunked", "v6-chunked", "v4")}[kernel]
+    assert not [i for i in ids if any(other in i for other in others)], ids
+    wanted = {"v6": "v6-h64", "v6-chunked": "v6-chunked-h32", "v7-chunked": "v7-chunked-h64"}[kernel]
+    assert any(wanted in i for i in ids), ids

@@ -55,14 +55,15 @@ V4_CHANNELS = 100  # v4 has no heads; C % 8 != 0 takes the kernel's element-by-e
 V4_VECTOR_CHANNELS = 136
 TOL = 1e-2  # relative error for values that pass through bf16 (every kernel's inputs and y are bf16)
 CONFIGS = [("v4", None), ("v5", 64), ("v5", 128), ("v6", 64), ("v6", 128), ("v7", 64), ("v7", 128),
-           ("v7-chunked", 32), ("v7-chunked", 64)]
+           ("v7-chunked", 32), ("v7-chunked", 64), ("v5-chunked", 64), ("v6-chunked", 32), ("v6-chunked", 64)]
+KERNEL_OF = {"v5-chunked": "v6-chunked"}  # a tested generation run on another's build: RWKV-5 on the v5/v6 one
 # (T, with initial state): short and odd lengths cover partial chunks inside the kernels; 1000 the long run.
 CASES = [(1, False), (1, True), (7, True), (16, False), (33, True), (200, False), (200, True), (1000, True)]
 
 
 def require_kernel(generation: str, head_size: int | None) -> None:
     """Skip, with the loader's reason, when this kernel cannot be built or run here."""
-    reason = kernels.unavailable_reason(generation, head_size)
+    reason = kernels.unavailable_reason(KERNEL_OF.get(generation, generation), head_size)
     if reason is not None:
         pytest.skip(f"{generation} CUDA kernel unavailable: {reason}")
 
@@ -143,12 +144,13 @@ def make_problem(generation: str, head_size: int | None, T: int, seed: int, chan
         return Problem(["r", "lw", "k", "v", "a", "b", "state"], inputs, 1, ["y", "state"], kernel, reference)
 
     u = 0.5 * _randn(g, H, N)  # time_faaaa, the current token's bonus
-    if generation == "v6":  # data-dependent decay: lw = -exp(time_decay + lora(x)) per token
+    chunked = generation.endswith("-chunked")  # the tensor-core kernel (lw >= -8 per step, as drawn here)
+    if generation.startswith("v6"):  # data-dependent decay: lw = -exp(time_decay + lora(x)) per token
         lw = -torch.exp((_randn(g, B, T, H, N) - 1).clamp(-8, 2))
-        cuda_op = wkv6_cuda
+        cuda_op = functools.partial(wkv6_cuda, chunked=chunked)
     else:  # v5: one decay per channel for all steps
         lw = -torch.exp((1.5 * _randn(g, H, N) - 2.5).clamp(-8, 2))
-        cuda_op = wkv5_cuda
+        cuda_op = functools.partial(wkv5_cuda, chunked=chunked)
     inputs = [_to(r, bf), _to(lw, f32), _to(k, bf), _to(v, bf), _to(u, f32), _to(state, f32)]
 
     def kernel(r, lw, k, v, u, s):
@@ -283,7 +285,8 @@ def compare_with_reference(generation, head_size, T, with_state, error_log, chan
     assert not problems, f"{generation} head {head_size} split {split} T={T} state={with_state}:\n  " + "\n  ".join(problems)
 
 
-DETERMINISM = [("v4", None, 0), ("v5", 64, 0), ("v6", 64, 0), ("v7", 64, 0), ("v7-chunked", 64, 1), ("v7-chunked", 64, 4)]
+DETERMINISM = [("v4", None, 0), ("v5", 64, 0), ("v6", 64, 0), ("v7", 64, 0), ("v7-chunked", 64, 1), ("v7-chunked", 64, 4),
+               ("v6-chunked", 64, 0)]
 
 
 @pytest.mark.parametrize("generation,head_size,split", DETERMINISM,
@@ -412,7 +415,7 @@ def _compute_sanitizer() -> str | None:
                     reason="compute-sanitizer not found on PATH or in $CUDA_HOME/bin (it ships with the CUDA toolkit)")
 def test_kernels_pass_compute_sanitizer_memcheck():
     """No out-of-bounds or misaligned access in any kernel, forward or backward (scripts/sanitize_kernels.py)."""
-    for generation in ("v4", "v5", "v6", "v7"):
+    for generation in ("v4", "v5", "v6", "v7", "v7-chunked", "v6-chunked"):
         require_kernel(generation, None if generation == "v4" else 64)
     cmd = [_compute_sanitizer(), "--tool", "memcheck", "--error-exitcode", "1",
            sys.executable, str(REPO / "scripts" / "sanitize_kernels.py")]

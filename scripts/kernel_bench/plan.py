@@ -46,10 +46,13 @@ def make_plan(generations: list[str], shapes: list[Shape], columns: list[str], r
                 spec = ours_build(g, s.N)
                 builds[spec.key] = spec
                 jobs.append(Job(row, Variant(f"{g}:ours-cuda", column, OURS_LABELS[column][g], spec.key)))
-                if g == "v7" and s.N in kernels.head_sizes("v7-chunked"):  # both v7 kernels; the cell names the faster
-                    spec = ours_build("v7-chunked", s.N)
+                # Both kernels of a generation that has a chunked one; the cell names the faster.
+                chunked = {"v7": "v7-chunked", "v6": "v6-chunked", "v5": "v6-chunked"}.get(g)
+                if chunked and s.N in kernels.head_sizes(chunked):
+                    spec = ours_build(chunked, s.N)
                     builds[spec.key] = spec
-                    jobs.append(Job(row, Variant("v7:ours-cuda-chunked", column, "wkv7_chunked_cuda", spec.key)))
+                    label = "wkv7_chunked_cuda" if g == "v7" else f"wkv{g[1]}_cuda chunked"
+                    jobs.append(Job(row, Variant(f"{g}:ours-cuda-chunked", column, label, spec.key)))
             elif column == "fla":
                 jobs.append(Job(row, Variant(f"{g}:fla", column, FLA_LABELS[g])))
             else:

@@ -87,11 +87,11 @@ def _v4_ours(x: dict[str, Tensor], backend: str) -> Prepared:
 def _diag_ours(x: dict[str, Tensor], generation: str, backend: str) -> Prepared:
     r, k, v = _leaves(x, "r", "k", "v")
     lw, u = _leaf(x["lw"]), _leaf(x["u"].float())
-    if backend == "cuda":
+    if backend in ("cuda", "cuda-chunked"):
         from rwkv_train.ops import wkv_diag_cuda
 
-        fn = getattr(wkv_diag_cuda, f"wkv{generation[1]}_cuda")
-        return (lambda: fn(r, lw, k, v, u)[0]), [r, lw, k, v, u]
+        fn, chunked = getattr(wkv_diag_cuda, f"wkv{generation[1]}_cuda"), backend == "cuda-chunked"
+        return (lambda: fn(r, lw, k, v, u, chunked=chunked)[0]), [r, lw, k, v, u]
     from rwkv_train.ops import wkv_diag
 
     fn = getattr(wkv_diag, f"wkv{generation[1]}")
@@ -211,10 +211,12 @@ PREPARE: dict[str, Callable[[dict[str, Tensor], Any], Prepared]] = {
     "v4:fla": lambda x, _: _v4_fla(x),
     "v5:ours-cuda": lambda x, _: _diag_ours(x, "v5", "cuda"),
     "v5:ours-torch": lambda x, _: _diag_ours(x, "v5", "torch"),
+    "v5:ours-cuda-chunked": lambda x, _: _diag_ours(x, "v5", "cuda-chunked"),
     "v5:rwkvlm": _v5_rwkvlm,
     "v5:fla": lambda x, _: _diag_fla(x, "v5"),
     "v6:ours-cuda": lambda x, _: _diag_ours(x, "v6", "cuda"),
     "v6:ours-torch": lambda x, _: _diag_ours(x, "v6", "torch"),
+    "v6:ours-cuda-chunked": lambda x, _: _diag_ours(x, "v6", "cuda-chunked"),
     "v6:rwkvlm": _v6_rwkvlm,
     "v6:fla": lambda x, _: _diag_fla(x, "v6"),
     "v7:ours-cuda": lambda x, _: _v7_ours(x, "cuda"),
