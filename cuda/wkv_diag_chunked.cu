@@ -269,8 +269,9 @@ struct BackwardLoads {
     ChunkLoads x;
     bf16 dy[PER];
 };
-__device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states, const HeadRows& rows,
-                                              int h, int64_t head, int chunks, int c, int T, BackwardLoads& l) {
+__device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states,
+                                              const HeadRows& rows, int h, int64_t head, int chunks, int c, int T,
+                                              BackwardLoads& l) {
     const int t0 = c * L, steps = min(L, T - t0), n = threadIdx.x % N, first = threadIdx.x / N * PER;
     load_saved<N>(states + (head * chunks + c) * N * N, l.start);
     load_chunk(in, rows, h, t0, steps, l.x);
@@ -427,7 +428,8 @@ wkvdc::Inputs inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const T
     const bool per_step = lw.dim() == 4;
     wkv_binding::check(OP, lw, "lw", at::kFloat, per_step ? n : heads);
     wkv_binding::check(OP, u, "u", at::kFloat, heads);
-    wkv_binding::check_aligned(OP, states, "states", at::kBFloat16, r.size(0) * r.size(2) * chunks * wkvdc::N * wkvdc::N);
+    const int64_t saved = r.size(0) * r.size(2) * chunks * wkvdc::N * wkvdc::N;
+    wkv_binding::check_aligned(OP, states, "states", at::kBFloat16, saved);
     return wkvdc::Inputs{bf16_in(r), bf16_in(k), bf16_in(v), lw.data_ptr<float>(), u.data_ptr<float>(), per_step};
 }
 
@@ -449,7 +451,8 @@ void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor u, Tensor states, 
     const wkvdc::Inputs in = inputs(r, lw, k, v, u, states);
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t n = r.numel(), ns = int64_t(B) * H * wkvdc::N * wkvdc::N;
-    for (auto [x, name] : {std::pair{dy, "dy"}, {dr, "dr"}, {dk, "dk"}, {dv, "dv"}}) wkv_binding::check(OP, x, name, at::kBFloat16, n);
+    for (auto [x, name] : {std::pair{dy, "dy"}, {dr, "dr"}, {dk, "dk"}, {dv, "dv"}})
+        wkv_binding::check(OP, x, name, at::kBFloat16, n);
     wkv_binding::check(OP, dlw, "dlw (per step)", at::kFloat, n);
     wkv_binding::check(OP, du, "du (per batch and head)", at::kFloat, int64_t(B) * H * wkvdc::N);
     wkv_binding::check_aligned(OP, ds_final, "ds_final", at::kFloat, ns);
@@ -467,7 +470,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("head_size") = wkvdc::N;
     m.attr("chunk_len") = wkvdc::L;
     m.attr("log_decay_min") = wkvdc::LW_MIN;
-    m.def("forward", &forward, "chunked WKV-5/6 forward: writes y, the final state and every chunk's start state (bf16)");
-    m.def("backward", &backward, "chunked WKV-5/6 backward: writes dr, dlw (per step), dk, dv, du (per batch and head), ds0");
+    m.def("forward", &forward,
+          "chunked WKV-5/6 forward: writes y, the final state and every chunk's start state (bf16)");
+    m.def("backward", &backward,
+          "chunked WKV-5/6 backward: writes dr, dlw (per step), dk, dv, du (per batch and head), ds0");
 }
 #endif  // WKV_KERNELS_ONLY

@@ -69,7 +69,7 @@ class KernelUsage:
     spill_loads: int = 0
     stack: int = 0
     smem: int = 0
-    generic_mma: int | None = None  # wmma fragment loads and stores through generic addresses (see the module docstring)
+    generic_mma: int | None = None  # wmma fragment moves through generic addresses (see the module docstring)
 
     @property
     def spills(self) -> bool:
@@ -286,7 +286,8 @@ def format_table(results: list[BuildResult], names: dict[str, str]) -> list[str]
             flag = "  <- SPILLS" if k.spills else ""
             rows.append((b.source, "-" if b.head_size is None else str(b.head_size), ",".join(b.generations),
                          short_name(names.get(k.name, k.name)), str(k.registers), str(k.spill_stores),
-                         str(k.spill_loads), str(k.stack), str(k.smem), "?" if k.generic_mma is None else str(k.generic_mma), flag))
+                         str(k.spill_loads), str(k.stack), str(k.smem),
+                         "?" if k.generic_mma is None else str(k.generic_mma), flag))
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
     numeric = set(range(4, len(COLUMNS)))
 

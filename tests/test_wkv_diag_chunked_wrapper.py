@@ -148,7 +148,8 @@ def test_model_with_the_chunked_kernel_matches_the_torch_backend(emulated, monke
     import rwkv_train.ops.wkv_diag as wkv_diag_module
 
     real_use_cuda = kernels.use_cuda
-    monkeypatch.setattr(kernels, "use_cuda", lambda kernel, gen, x, n=None: gen == "v6-chunked" or real_use_cuda(kernel, gen, x, n))
+    monkeypatch.setattr(kernels, "use_cuda",
+                        lambda kernel, gen, x, n=None: gen == "v6-chunked" or real_use_cuda(kernel, gen, x, n))
     cfg = ModelConfig(version=version, n_layer=2, n_embd=64, head_size=32, vocab_size=61, kernel="cuda",
                       wkv_diag_chunked=True)
     torch.manual_seed(0)
