@@ -55,11 +55,6 @@ constexpr float LW_MIN = -5.f;  // per-step log-decay floor: factors stay within
 constexpr int LDM = L2 + 8;     // leading dimension of the [2L][2L] tiles
 static_assert(N % 16 == 0 && N >= 32 && N <= 64, "the chunked kernel is built for head sizes 32 and 64");
 
-// How many blocks a head's value rows may be split over: N / SPLIT rows each, a whole number of
-// 16-row tiles (so 1 and 2 at N = 32, 1, 2 and 4 at N = 64).
-__host__ __device__ constexpr bool valid_split(int split) {
-    return split >= 1 && split <= 4 && N % split == 0 && (N / split) % 16 == 0;
-}
 
 constexpr size_t STATE_F = size_t(N) * LDH * 4, STATE_H = size_t(N) * LDH * 2;
 constexpr size_t TILE_H = size_t(L2) * LDH * 2, TILE_F = size_t(L2) * LDH * 4;
@@ -219,16 +214,6 @@ __device__ __forceinline__ void solve_x(const float* M, const float* P, int i, c
     }
 }
 
-// Which part of a head a block works on: blockIdx.x = h * SPLIT + rank, value rows [v0, v0 + VALUES)
-// of head h, and in the backward key channels [k0, k0 + KEYS) for the input gradients.
-template <int SPLIT>
-struct Part {
-    static_assert(valid_split(SPLIT), "N / SPLIT rows per block, whole 16-row tiles");
-    static constexpr int VALUES = N / SPLIT, KEYS = N / SPLIT;
-    int h, rank, v0, k0;
-    __device__ __forceinline__ Part()
-        : h(blockIdx.x / SPLIT), rank(blockIdx.x % SPLIT), v0(rank * VALUES), k0(rank * KEYS) {}
-};
 
 template <int SPLIT>
 __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
@@ -338,32 +323,6 @@ __device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, 
     const bool value = block_value<VALUES>(n);
 #pragma unroll
     for (int j = 0; j < PER; j++) l.dy[j] = first + j < steps && value ? d[j * rows.stride] : zero;
-}
-
-// The blocks of a split head form a thread block cluster (sm_90 and later; a build for an older
-// device has the split kernels trap, and the binding never launches them there).
-template <typename T>
-__device__ __forceinline__ T* in_block(T* p, int rank) {  // p's place in the shared memory of the cluster's block `rank`
-#if defined(_CG_HAS_CLUSTER_GROUP)
-    return cg::this_cluster().map_shared_rank(p, rank);
-#else
-    __trap();
-    return p;
-#endif
-}
-// A barrier for every thread of the blocks sharing a head, with their shared-memory writes before it
-// visible to all of them after it (one block: __syncthreads).
-template <int SPLIT>
-__device__ __forceinline__ void sync_head() {
-    if constexpr (SPLIT == 1) {
-        __syncthreads();
-    } else {
-#if defined(_CG_HAS_CLUSTER_GROUP)
-        cg::this_cluster().sync();
-#else
-        __trap();
-#endif
-    }
 }
 
 // The block's part of the sums over value rows that the key-side gradients need: its KEYS columns
@@ -613,22 +572,16 @@ inline bool launch_backward_split(cudaStream_t stream, int B, int T, int H, Inpu
 
 inline bool launch_forward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const float* s0, bf16* y,
                            float* s_final, bf16* states) {
-    switch (split) {
-        case 1: return launch_forward_split<1>(stream, B, T, H, in, s0, y, s_final, states);
-        case 2: return launch_forward_split<2>(stream, B, T, H, in, s0, y, s_final, states);
-        case 4: return launch_forward_split<4>(stream, B, T, H, in, s0, y, s_final, states);
-        default: return false;
-    }
+    return with_split(split, [&](auto s) {
+        return launch_forward_split<decltype(s)::value>(stream, B, T, H, in, s0, y, s_final, states);
+    });
 }
 
 inline bool launch_backward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const bf16* dy,
                             const bf16* states, const float* ds_final, Grads out, float* ds0) {
-    switch (split) {
-        case 1: return launch_backward_split<1>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
-        case 2: return launch_backward_split<2>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
-        case 4: return launch_backward_split<4>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
-        default: return false;
-    }
+    return with_split(split, [&](auto s) {
+        return launch_backward_split<decltype(s)::value>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
+    });
 }
 
 }  // namespace wkv7c
@@ -669,14 +622,8 @@ void check_inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const Tens
     check_state(states, "states", at::kBFloat16, r.size(0) * r.size(2) * chunks * wkv7c::N * wkv7c::N);
 }
 
-// A head split over `split` blocks (a cluster in the backward) needs a valid split and sm_90 or later.
 void check_split(int64_t split, const Tensor& on) {
-    TORCH_CHECK(wkv7c::valid_split(int(split)), "wkv7_chunked: split ", split, " is not one of 1, 2, 4 with ",
-                wkv7c::N, " / split value rows a multiple of 16");
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, on.get_device()));
-    TORCH_CHECK(split == 1 || major >= 9, "wkv7_chunked: split ", split,
-                " needs thread block clusters (compute capability 9.0 or later); this device has ", major, ".x");
+    wkv_binding::check_split("wkv7_chunked", split, wkv7c::valid_split(int(split)), wkv7c::N, on);
 }
 
 void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, Tensor y, Tensor s_final,

@@ -29,6 +29,17 @@ inline void check_aligned(const char* op, const torch::Tensor& x, const char* na
                 " must start 16-byte aligned (a fresh tensor or .clone() is)");
 }
 
+// A head split over `split` blocks (a thread block cluster in the backward) needs a split the kernel
+// was built for (`valid`) and compute capability 9.0 or later.
+inline void check_split(const char* op, int64_t split, bool valid, int head_size, const torch::Tensor& on) {
+    TORCH_CHECK(valid, op, ": split ", split, " is not one of 1, 2, 4 with ", head_size,
+                " / split values a multiple of 16");
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, on.get_device()));
+    TORCH_CHECK(split == 1 || major >= 9, op, ": split ", split,
+                " needs thread block clusters (compute capability 9.0 or later); this device has ", major, ".x");
+}
+
 // A bf16 tensor's data as CUDA's bf16 type.
 inline const __nv_bfloat16* bf16_in(const torch::Tensor& x) {
     return reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());

@@ -282,4 +282,60 @@ __device__ __forceinline__ void write_dlw(const float* shared, const float* Z, c
     }
 }
 
+// How many blocks a head's values may be split over (the state's value rows in RWKV-7's layout, its
+// value columns in RWKV-5/6's): N / SPLIT each, whole 16-wide tiles (so 1 and 2 at N = 32, 1, 2 and 4
+// at N = 64).
+__host__ __device__ constexpr bool valid_split(int split) {
+    return split >= 1 && split <= 4 && N % split == 0 && (N / split) % 16 == 0;
+}
+
+// Which part of a head a block works on: blockIdx.x = h * SPLIT + rank, values [v0, v0 + VALUES) of
+// head h, and in the backward key channels [k0, k0 + KEYS) for the input gradients.
+template <int SPLIT>
+struct Part {
+    static_assert(valid_split(SPLIT), "N / SPLIT values per block, whole 16-wide tiles");
+    static constexpr int VALUES = N / SPLIT, KEYS = N / SPLIT;
+    int h, rank, v0, k0;
+    __device__ __forceinline__ Part()
+        : h(blockIdx.x / SPLIT), rank(blockIdx.x % SPLIT), v0(rank * VALUES), k0(rank * KEYS) {}
+};
+
+// f(std::integral_constant<int, SPLIT>{}) for a split of 1, 2 or 4, the launch of one compiled split;
+// false for any other.
+template <typename F>
+inline bool with_split(int split, F&& f) {
+    switch (split) {
+        case 1: return f(std::integral_constant<int, 1>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 4: return f(std::integral_constant<int, 4>{});
+        default: return false;
+    }
+}
+
+// The blocks of a split head form a thread block cluster (sm_90 and later; a build for an older
+// device has the split kernels trap, and the binding never launches them there).
+template <typename T>
+__device__ __forceinline__ T* in_block(T* p, int rank) {  // p's place in the shared memory of cluster block `rank`
+#if defined(_CG_HAS_CLUSTER_GROUP)
+    return cg::this_cluster().map_shared_rank(p, rank);
+#else
+    __trap();
+    return p;
+#endif
+}
+// A barrier for every thread of the blocks sharing a head, with their shared-memory writes before it
+// visible to all of them after it (one block: __syncthreads).
+template <int SPLIT>
+__device__ __forceinline__ void sync_head() {
+    if constexpr (SPLIT == 1) {
+        __syncthreads();
+    } else {
+#if defined(_CG_HAS_CLUSTER_GROUP)
+        cg::this_cluster().sync();
+#else
+        __trap();
+#endif
+    }
+}
+
 }  // namespace wkvc

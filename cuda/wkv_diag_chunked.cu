@@ -44,42 +44,142 @@ constexpr int PARTS = 4;        // threads summing one step's bonus, N / PARTS c
 static_assert(N % 16 == 0 && N >= 32 && N <= 64, "the chunked diagonal kernel is built for head sizes 32 and 64");
 static_assert(L * PARTS <= THREADS / 2 && N <= THREADS / 2, "bonus sums and Z each fit in half the block");
 
-constexpr size_t STATE_F = size_t(N) * LDH * 4, STATE_H = size_t(N) * LDH * 2;
+// Tiles and the state's block of value columns: [rows][VALUES] with leading dimension ldv<VALUES>.
+template <int VALUES>
+constexpr int ldv = VALUES + 8;  // a multiple of 8 (16 bytes of bf16, 32 of float)
 constexpr size_t TILE_H = size_t(L) * LDH * 2, TILE_F = size_t(L) * LDH * 4;
 constexpr size_t SQUARE_F = size_t(L) * LDM * 4, SQUARE_H = size_t(L) * LDM * 2;
+template <int VALUES>
+constexpr size_t state_bytes(int element) { return size_t(N) * ldv<VALUES> * element; }  // [N keys][VALUES]
+template <int VALUES>
+constexpr size_t value_tile_bytes(int element) { return size_t(L) * ldv<VALUES> * element; }  // [L][VALUES]
 
 // The forward keeps under 56 KB at N = 64: 4 blocks per H100 multiprocessor.
+template <int VALUES>
 struct ForwardSmem {
     size_t S, Sh, left, right, hat, ends, V, bonus, M, Mh, Y, parts, diag, decay, bytes;
     __host__ __device__ constexpr ForwardSmem()
         : S(), Sh(), left(), right(), hat(), ends(), V(), bonus(), M(), Mh(), Y(), parts(), diag(), decay(), bytes() {
         Carve c;
-        S = c.take(STATE_F), Sh = c.take(STATE_H);
-        left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H), V = c.take(TILE_H);
-        bonus = c.take(TILE_F), M = c.take(SQUARE_F), Mh = c.take(SQUARE_H), Y = c.take(TILE_F);
-        parts = c.take(L * PARTS * 4), diag = c.take(L * 4), decay = c.take(N * 4);
+        S = c.take(state_bytes<VALUES>(4)), Sh = c.take(state_bytes<VALUES>(2));
+        left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H);
+        V = c.take(value_tile_bytes<VALUES>(2)), bonus = c.take(TILE_F), M = c.take(SQUARE_F), Mh = c.take(SQUARE_H);
+        Y = c.take(value_tile_bytes<VALUES>(4)), parts = c.take(L * PARTS * 4), diag = c.take(L * 4);
+        decay = c.take(N * 4);
         bytes = c.end;
     }
 };
-static_assert(N != 64 || ForwardSmem().bytes + 1024 <= 228 * 1024 / 4, "4 forward blocks per multiprocessor");
+static_assert(N != 64 || ForwardSmem<N>().bytes + 1024 <= 228 * 1024 / 4, "4 forward blocks per multiprocessor");
 
+template <int VALUES>
 struct BackwardSmem {
-    size_t Sh, dS, dSh, left, right, hat, ends, V, dY, bonus, M, Mh, dM, dMh, d_left, d_right, d_hat, d_ends, dV, cum,
-        Z, decay, parts, diag, clamped, bytes;
+    size_t Sh, dS, dSh, left, right, hat, ends, rt, kt, V, dY, bonus, M, Mh, dM, dMh, d_left, d_right, d_hat, d_ends,
+        dV, cum, Z, decay, parts, diag, dd, clamped, bytes;
     __host__ __device__ constexpr BackwardSmem()
-        : Sh(), dS(), dSh(), left(), right(), hat(), ends(), V(), dY(), bonus(), M(), Mh(), dM(), dMh(), d_left(),
-          d_right(), d_hat(), d_ends(), dV(), cum(), Z(), decay(), parts(), diag(), clamped(), bytes() {
+        : Sh(), dS(), dSh(), left(), right(), hat(), ends(), rt(), kt(), V(), dY(), bonus(), M(), Mh(), dM(), dMh(),
+          d_left(), d_right(), d_hat(), d_ends(), dV(), cum(), Z(), decay(), parts(), diag(), dd(), clamped(), bytes() {
         Carve c;
-        Sh = c.take(STATE_H), dS = c.take(STATE_F), dSh = c.take(STATE_H);
-        left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H), V = c.take(TILE_H);
-        dY = c.take(TILE_H), bonus = c.take(TILE_F);
+        Sh = c.take(state_bytes<VALUES>(2)), dS = c.take(state_bytes<VALUES>(4)), dSh = c.take(state_bytes<VALUES>(2));
+        left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H);
+        rt = c.take(TILE_H), kt = c.take(TILE_H);
+        V = c.take(value_tile_bytes<VALUES>(2)), dY = c.take(value_tile_bytes<VALUES>(2)), bonus = c.take(TILE_F);
         M = c.take(SQUARE_F), Mh = c.take(SQUARE_H), dM = c.take(SQUARE_F), dMh = c.take(SQUARE_H);
         d_left = c.take(TILE_F), d_right = c.take(TILE_F), d_hat = c.take(TILE_F), d_ends = c.take(TILE_F);
-        dV = c.take(TILE_F), cum = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4);
-        parts = c.take(L * PARTS * 4), diag = c.take(L * 4), clamped = c.take(N * 4);
+        dV = c.take(value_tile_bytes<VALUES>(4)), cum = c.take(size_t(L) * N * 4), Z = c.take(N * 4);
+        decay = c.take(N * 4), parts = c.take(L * PARTS * 4), diag = c.take(L * 4), dd = c.take(L * 4);
+        clamped = c.take(N * 4);
         bytes = c.end;
     }
 };
+
+// A block's VALUES value columns of the float32 state (or its gradient), all N key rows, in shared
+// memory [N][ldv] with a bf16 copy for the products; in global memory the columns v0 .. of a
+// row-major [N][N] state. The helpers deal them out in 16-byte pieces of 4 columns: a thread's i-th
+// piece is p = tid + i * THREADS, row p / (VALUES / 4), so a thread keeps the same columns.
+template <int VALUES>
+constexpr int PIECES = N * VALUES / (4 * THREADS);  // 4-float pieces per thread
+template <int VALUES>
+__device__ __forceinline__ int piece_row(int i) { return (int(threadIdx.x) + i * THREADS) / (VALUES / 4); }
+template <int VALUES>
+__device__ __forceinline__ int piece_col(int i) { return (int(threadIdx.x) + i * THREADS) % (VALUES / 4) * 4; }
+template <int VALUES>
+__device__ __forceinline__ void load_columns(const float* src, float* f, bf16* h) {  // src: (row 0, column v0)
+    static_assert(N * VALUES % (4 * THREADS) == 0 && THREADS % (VALUES / 4) == 0, "whole pieces, fixed columns");
+    float4 q[PIECES<VALUES>];
+#pragma unroll
+    for (int i = 0; i < PIECES<VALUES>; i++) q[i] = load4(src + piece_row<VALUES>(i) * N + piece_col<VALUES>(i));
+#pragma unroll
+    for (int i = 0; i < PIECES<VALUES>; i++) {
+        const int at = piece_row<VALUES>(i) * ldv<VALUES> + piece_col<VALUES>(i);
+        store4(f + at, q[i]), store_bf16x4(h + at, q[i]);
+    }
+}
+template <int VALUES>
+__device__ __forceinline__ void store_columns(const float* f, float* dst) {
+#pragma unroll
+    for (int i = 0; i < PIECES<VALUES>; i++)
+        store4(dst + piece_row<VALUES>(i) * N + piece_col<VALUES>(i),
+               load4(f + piece_row<VALUES>(i) * ldv<VALUES> + piece_col<VALUES>(i)));
+}
+template <int VALUES>
+__device__ __forceinline__ void round_columns(const float* f, bf16* h) {
+#pragma unroll
+    for (int i = 0; i < PIECES<VALUES>; i++) {
+        const int at = piece_row<VALUES>(i) * ldv<VALUES> + piece_col<VALUES>(i);
+        store_bf16x4(h + at, load4(f + at));
+    }
+}
+template <int VALUES>
+__device__ __forceinline__ void scale_rows(float* f, const float* decay) {  // f[j, :] *= decay[j]
+#pragma unroll
+    for (int i = 0; i < PIECES<VALUES>; i++) {
+        const int row = piece_row<VALUES>(i), at = row * ldv<VALUES> + piece_col<VALUES>(i);
+        const float d = decay[row];
+        float4 x = load4(f + at);
+        x.x *= d, x.y *= d, x.z *= d, x.w *= d;
+        store4(f + at, x);
+    }
+}
+// The same columns of a saved chunk-start state ([N][N] bf16 in global memory), 16 bytes (8 columns) a
+// piece; with fewer pieces than threads the rest sit out.
+template <int VALUES>
+constexpr int SAVED_PIECES = (N * VALUES / VEC + THREADS - 1) / THREADS;
+template <int VALUES>
+struct SavedColumns {
+    uint4 piece[SAVED_PIECES<VALUES>];
+};
+template <int VALUES>
+__device__ __forceinline__ bool saved_piece(int i, int& row, int& col) {
+    const int p = int(threadIdx.x) + i * THREADS;
+    row = p / (VALUES / VEC), col = p % (VALUES / VEC) * VEC;
+    return p < N * VALUES / VEC;
+}
+template <int VALUES>
+__device__ __forceinline__ void save_columns(const bf16* Sh, bf16* dst) {
+#pragma unroll
+    for (int i = 0; i < SAVED_PIECES<VALUES>; i++) {
+        int row, col;
+        if (saved_piece<VALUES>(i, row, col))
+            *reinterpret_cast<uint4*>(dst + row * N + col) =
+                *reinterpret_cast<const uint4*>(Sh + row * ldv<VALUES> + col);
+    }
+}
+template <int VALUES>
+__device__ __forceinline__ void load_saved_columns(const bf16* src, SavedColumns<VALUES>& s) {
+#pragma unroll
+    for (int i = 0; i < SAVED_PIECES<VALUES>; i++) {
+        int row, col;
+        if (saved_piece<VALUES>(i, row, col)) s.piece[i] = *reinterpret_cast<const uint4*>(src + row * N + col);
+    }
+}
+template <int VALUES>
+__device__ __forceinline__ void store_saved_columns(const SavedColumns<VALUES>& s, bf16* Sh) {
+#pragma unroll
+    for (int i = 0; i < SAVED_PIECES<VALUES>; i++) {
+        int row, col;
+        if (saved_piece<VALUES>(i, row, col)) *reinterpret_cast<uint4*>(Sh + row * ldv<VALUES> + col) = s.piece[i];
+    }
+}
 
 struct Inputs {
     const bf16 *r, *k, *v;
@@ -87,15 +187,20 @@ struct Inputs {
     bool lw_per_step;  // lw is [B, T, H, N] (RWKV-6), else one [H, N] for every step (RWKV-5)
 };
 
-// A chunk's inputs as one thread uses them: every step's log-decay of its channel n = tid % N, and r,
-// k, v of the PER consecutive steps t = tid / N * PER + j of that channel (v of value channel n),
-// all loaded before any is used (one memory latency per chunk, not one per step).
+// A chunk's inputs as one thread uses them: every step's log-decay of its channel n = tid % N, and r
+// and k of the PER consecutive steps t = tid / N * PER + j of that channel, v of the same steps of
+// value channel v0 + n where n < VALUES (the block's values), all loaded before any is used (one
+// memory latency per chunk, not one per step).
 struct ChunkLoads {
     float lw[L];                  // 0 past the end
     bf16 r[PER], k[PER], v[PER];  // 0 past the end
 };
 
-__device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& rows, int h, int t0, int steps,
+template <int VALUES>
+__device__ __forceinline__ bool block_value(int n) { return VALUES == N || n < VALUES; }
+
+template <int VALUES>
+__device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& rows, int h, int t0, int steps, int v0,
                                            ChunkLoads& x) {
     const int n = threadIdx.x % N, first = threadIdx.x / N * PER;
     if (in.lw_per_step) {
@@ -108,12 +213,13 @@ __device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& row
         for (int t = 0; t < L; t++) x.lw[t] = t < steps ? lw : 0.f;
     }
     const int64_t at = rows.at(t0 + first, n);
-    const bf16 *r = in.r + at, *k = in.k + at, *v = in.v + at, zero = to_bf16(0.f);
+    const bf16 *r = in.r + at, *k = in.k + at, *v = in.v + at + v0, zero = to_bf16(0.f);
+    const bool value = block_value<VALUES>(n);
 #pragma unroll
     for (int j = 0; j < PER; j++) {
         const bool live = first + j < steps;
         const int64_t o = j * rows.stride;
-        x.r[j] = live ? r[o] : zero, x.k[j] = live ? k[o] : zero, x.v[j] = live ? v[o] : zero;
+        x.r[j] = live ? r[o] : zero, x.k[j] = live ? k[o] : zero, x.v[j] = live && value ? v[o] : zero;
     }
 }
 
@@ -136,11 +242,14 @@ __device__ __forceinline__ void pick(const float c[L + 1], int group, int j, flo
         if (group == other) c_in = c[other * PER + j + 1], c_ex = c[other * PER + j];
 }
 
-// One chunk's factor tiles (left, right, hat, ends, V; the bonus terms r u k in float32), decay[n] =
-// e^(c_L), and where cum is given c_t into cum [L][N]. Each thread its own (step, channel) pairs;
-// no synchronisation inside. Returns the thread's channel's floored steps.
+// One chunk's factor tiles (left, right, hat, ends over all N key channels; the block's VALUES columns
+// of V; the bonus terms r u k in float32), decay[n] = e^(c_L), and where given c_t into cum [L][N] and
+// r, k as loaded into rt, kt. Each thread its own (step, channel) pairs; no synchronisation inside.
+// Returns the thread's channel's floored steps.
+template <int VALUES>
 __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, float u, bf16* left, bf16* right, bf16* hat,
-                                                  bf16* ends, bf16* V, float* bonus, float* decay, float* cum) {
+                                                  bf16* ends, bf16* V, float* bonus, float* decay, float* cum,
+                                                  bf16* rt, bf16* kt) {
     const int n = threadIdx.x % N, group = threadIdx.x / N;
     float c[L + 1];
     const unsigned clamped = cumulative(x.lw, c);
@@ -154,9 +263,9 @@ __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, float u, 
         const float r = f32(x.r[j]), k = f32(x.k[j]);
         left[at] = to_bf16(r * __expf(c_ex - c_ref)), hat[at] = to_bf16(r * __expf(c_ex));
         right[at] = to_bf16(k * __expf(c_ref - c_in)), ends[at] = to_bf16(k * __expf(c_L - c_in));
-        V[at] = x.v[j];
+        if (block_value<VALUES>(n)) V[t * ldv<VALUES> + n] = x.v[j];
         bonus[at] = r * u * k;
-        if (cum) cum[t * N + n] = c_in;
+        if (cum) cum[t * N + n] = c_in, rt[at] = x.r[j], kt[at] = x.k[j];
     }
     return clamped;
 }
@@ -194,25 +303,19 @@ __device__ __forceinline__ void mask_m(const float* M, const float* parts, bf16*
     }
 }
 static_assert(L * L % THREADS == 0 && L * LDH >= THREADS, "whole entries of M per thread; du sums fit the bonus tile");
+template <int VALUES>
+constexpr int STRIDE = THREADS / VALUES;  // steps between a thread's outputs of one value channel
+static_assert(THREADS % N == 0 && L % (THREADS / 16) == 0, "whole steps of one value channel per thread");
 
-// The block's float32 state rows scaled by the decay of their key channel: f[j, :] *= decay[j].
-__device__ __forceinline__ void scale_rows(float* f, const float* decay) {
-#pragma unroll
-    for (int i = 0; i < QUADS<N>; i++) {
-        const int at = quad_at(i);
-        const float d = decay[at / LDH];
-        float4 x = load4(f + at);
-        x.x *= d, x.y *= d, x.z *= d, x.w *= d;
-        store4(f + at, x);
-    }
-}
-
+template <int SPLIT>
 __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
                                                           bf16* __restrict__ y, float* __restrict__ s_final,
                                                           bf16* __restrict__ states) {
+    using Part = wkvc::Part<SPLIT>;
+    constexpr int VALUES = Part::VALUES, LDV = ldv<VALUES>;
     WKV_DYNAMIC_SMEM(smem);
-    constexpr ForwardSmem F;
-    float* S = reinterpret_cast<float*>(smem + F.S);
+    constexpr ForwardSmem<VALUES> F;
+    float* S = reinterpret_cast<float*>(smem + F.S);  // the block's value columns
     bf16* Sh = reinterpret_cast<bf16*>(smem + F.Sh);
     bf16 *left = reinterpret_cast<bf16*>(smem + F.left), *right = reinterpret_cast<bf16*>(smem + F.right);
     bf16 *hat = reinterpret_cast<bf16*>(smem + F.hat), *ends = reinterpret_cast<bf16*>(smem + F.ends);
@@ -222,40 +325,44 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
     float *Y = reinterpret_cast<float*>(smem + F.Y), *parts = reinterpret_cast<float*>(smem + F.parts);
     float *diag = reinterpret_cast<float*>(smem + F.diag), *decay = reinterpret_cast<float*>(smem + F.decay);
 
-    const int b = blockIdx.y, h = blockIdx.x, tid = threadIdx.x;
+    const Part part;
+    const int b = blockIdx.y, h = part.h, tid = threadIdx.x;
     const HeadRows g(T, H, b, h);
     const int64_t head = int64_t(b) * H + h;
     const int chunks = (T + L - 1) / L;
     const float u = in.u[h * N + tid % N];
-    load_state<N>(s0 + head * N * N, S, Sh);
+    load_columns<VALUES>(s0 + head * N * N + part.v0, S, Sh);
     __syncthreads();
     for (int c = 0; c < chunks; c++) {
         const int t0 = c * L, steps = min(L, T - t0);
         ChunkLoads x;
-        load_chunk(in, g, h, t0, steps, x);
-        save_state<N>(Sh, states + (head * chunks + c) * N * N);
-        chunk_factors(x, u, left, right, hat, ends, V, bonus, decay, nullptr);
+        load_chunk<VALUES>(in, g, h, t0, steps, part.v0, x);
+        save_columns<VALUES>(Sh, states + (head * chunks + c) * N * N + part.v0);
+        chunk_factors<VALUES>(x, u, left, right, hat, ends, V, bonus, decay, nullptr, nullptr, nullptr);
         __syncthreads();
         if (tid < 32) tile_mma<row, col>(M, LDM, left, LDH, right, LDH, N, false);  // left right^T
         bonus_parts(bonus, parts, THREADS / 2);
         __syncthreads();
         mask_m(M, parts, Mh, diag);
         __syncthreads();
-        matmul<row, row>(Y, LDH, Mh, LDM, V, LDH, L, N, L, false);  // M V
-        matmul<row, row>(Y, LDH, hat, LDH, Sh, LDH, L, N, N, true);  // + hat S (each warp its own tiles)
-        scale_rows(S, decay);
+        matmul<row, row>(Y, LDV, Mh, LDM, V, LDV, L, VALUES, L, false);  // M V
+        matmul<row, row>(Y, LDV, hat, LDH, Sh, LDV, L, VALUES, N, true);  // + hat S (each warp its own tiles)
+        scale_rows<VALUES>(S, decay);
         __syncthreads();
-        matmul<col, row>(S, LDH, ends, LDH, V, LDH, N, N, L, true);  // S += ends^T V
+        matmul<col, row>(S, LDV, ends, LDH, V, LDV, N, VALUES, L, true);  // S += ends^T V
+        {  // a thread's outputs: one value channel at every STRIDE-th step
+            constexpr int EVERY = STRIDE<VALUES>;
+            const int i = tid % VALUES;
+            bf16* out = y + g.at(t0 + tid / VALUES, part.v0 + i);
 #pragma unroll
-        for (int q = 0; q < L * N / THREADS; q++) {
-            const int e = tid + q * THREADS, t = e / N, i = e % N;
-            if (t < steps) y[g.at(t0 + t, i)] = to_bf16(Y[t * LDH + i] + diag[t] * f32(V[t * LDH + i]));
+            for (int t = tid / VALUES, q = 0; q < L / EVERY; q++, t += EVERY, out += EVERY * g.stride)
+                if (t < steps) *out = to_bf16(Y[t * LDV + i] + diag[t] * f32(V[t * LDV + i]));
         }
         __syncthreads();
-        round_state<N>(S, Sh);
+        round_columns<VALUES>(S, Sh);
         __syncthreads();
     }
-    store_state<N>(S, s_final + head * N * N);
+    store_columns<VALUES>(S, s_final + head * N * N + part.v0);
 }
 
 struct Grads {
@@ -263,109 +370,165 @@ struct Grads {
     float *dlw, *du;  // dlw per step [B, T, H, N]; du per (batch, head) [B, H, N]
 };
 
-// Everything the backward reads from global memory for chunk c: its start state, its inputs and dy.
+// Everything the backward reads from global memory for chunk c: the block's columns of its start
+// state, its inputs and dy (of the block's values).
+template <int VALUES>
 struct BackwardLoads {
-    SavedState<N> start;
+    SavedColumns<VALUES> start;
     ChunkLoads x;
     bf16 dy[PER];
 };
+template <int VALUES>
 __device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states,
                                               const HeadRows& rows, int h, int64_t head, int chunks, int c, int T,
-                                              BackwardLoads& l) {
+                                              int v0, BackwardLoads<VALUES>& l) {
     const int t0 = c * L, steps = min(L, T - t0), n = threadIdx.x % N, first = threadIdx.x / N * PER;
-    load_saved<N>(states + (head * chunks + c) * N * N, l.start);
-    load_chunk(in, rows, h, t0, steps, l.x);
-    const bf16 *d = dy + rows.at(t0 + first, n), zero = to_bf16(0.f);
+    load_saved_columns<VALUES>(states + (head * chunks + c) * N * N + v0, l.start);
+    load_chunk<VALUES>(in, rows, h, t0, steps, v0, l.x);
+    const bf16 *d = dy + rows.at(t0 + first, v0 + n), zero = to_bf16(0.f);
+    const bool value = block_value<VALUES>(n);
 #pragma unroll
-    for (int j = 0; j < PER; j++) l.dy[j] = first + j < steps ? d[j * rows.stride] : zero;
+    for (int j = 0; j < PER; j++) l.dy[j] = first + j < steps && value ? d[j * rows.stride] : zero;
 }
 
+// The sums over value columns that the key-side gradients need, where a head's values are split over
+// the blocks of a cluster: all of dM (every block needs it; below the diagonal into dMh in bf16, the
+// diagonal, the bonus' gradient, into dd), and the block's KEYS columns of d_ends and d_hat and its
+// entries of Z plus the other blocks' partial sums of the same. Only the block's own columns and
+// entries are written in place and the other blocks read only theirs, so nothing read is being written.
+template <int SPLIT>
+__device__ __forceinline__ void gather_key_sums(const Part<SPLIT>& part, const float* dM, bf16* dMh, float* dd,
+                                                float* d_ends, float* d_hat, float* Z) {
+    constexpr int KEYS = Part<SPLIT>::KEYS;
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int q = 0; q < L * L / THREADS; q++) {
+        const int e = tid + q * THREADS, t = e / L, s = e % L;
+        float m = dM[t * LDM + s];
+#pragma unroll
+        for (int o = 1; o < SPLIT; o++) m += in_block(dM, (part.rank + o) % SPLIT)[t * LDM + s];
+        if (s == t) dd[t] = m;
+        dMh[t * LDM + s] = to_bf16(s < t ? m : 0.f);
+    }
+    if constexpr (SPLIT > 1) {
+        for (int e = tid; e < 2 * L * KEYS; e += THREADS) {
+            float* tile = e < L * KEYS ? d_ends : d_hat;
+            const int q = e % (L * KEYS), at = q / KEYS * LDH + part.k0 + q % KEYS;
+            float sum = tile[at];
+#pragma unroll
+            for (int o = 1; o < SPLIT; o++) sum += in_block(tile, (part.rank + o) % SPLIT)[at];
+            tile[at] = sum;
+        }
+        for (int j = tid; j < KEYS; j += THREADS) {
+            float z = Z[part.k0 + j];
+#pragma unroll
+            for (int o = 1; o < SPLIT; o++) z += in_block(Z, (part.rank + o) % SPLIT)[part.k0 + j];
+            Z[part.k0 + j] = z;
+        }
+    }
+}
+
+template <int SPLIT>
 __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
                                                            const bf16* __restrict__ states,
                                                            const float* __restrict__ ds_final, Grads out,
                                                            float* __restrict__ ds0) {
+    using Part = wkvc::Part<SPLIT>;
+    constexpr int VALUES = Part::VALUES, KEYS = Part::KEYS, LDV = ldv<VALUES>;
     WKV_DYNAMIC_SMEM(smem);
-    constexpr BackwardSmem B_;
-    bf16* Sh = reinterpret_cast<bf16*>(smem + B_.Sh);
+    constexpr BackwardSmem<VALUES> B_;
+    bf16* Sh = reinterpret_cast<bf16*>(smem + B_.Sh);  // the block's value columns of S, dS
     float* dS = reinterpret_cast<float*>(smem + B_.dS);
     bf16* dSh = reinterpret_cast<bf16*>(smem + B_.dSh);
     bf16 *left = reinterpret_cast<bf16*>(smem + B_.left), *right = reinterpret_cast<bf16*>(smem + B_.right);
     bf16 *hat = reinterpret_cast<bf16*>(smem + B_.hat), *ends = reinterpret_cast<bf16*>(smem + B_.ends);
+    bf16 *rt = reinterpret_cast<bf16*>(smem + B_.rt), *kt = reinterpret_cast<bf16*>(smem + B_.kt);
     bf16 *V = reinterpret_cast<bf16*>(smem + B_.V), *dYh = reinterpret_cast<bf16*>(smem + B_.dY);
     float *bonus = reinterpret_cast<float*>(smem + B_.bonus), *M = reinterpret_cast<float*>(smem + B_.M);
     bf16* Mh = reinterpret_cast<bf16*>(smem + B_.Mh);
-    float* dM = reinterpret_cast<float*>(smem + B_.dM);
+    float* dM = reinterpret_cast<float*>(smem + B_.dM);  // the block's partial sum
     bf16* dMh = reinterpret_cast<bf16*>(smem + B_.dMh);
     float *d_left = reinterpret_cast<float*>(smem + B_.d_left), *d_right = reinterpret_cast<float*>(smem + B_.d_right);
     float *d_hat = reinterpret_cast<float*>(smem + B_.d_hat), *d_ends = reinterpret_cast<float*>(smem + B_.d_ends);
     float *dV = reinterpret_cast<float*>(smem + B_.dV), *cum = reinterpret_cast<float*>(smem + B_.cum);
     float *Z = reinterpret_cast<float*>(smem + B_.Z), *decay = reinterpret_cast<float*>(smem + B_.decay);
     float *parts = reinterpret_cast<float*>(smem + B_.parts), *diag = reinterpret_cast<float*>(smem + B_.diag);
+    float* dd = reinterpret_cast<float*>(smem + B_.dd);
     unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);
 
-    const int b = blockIdx.y, h = blockIdx.x, tid = threadIdx.x, warp = tid / 32;
-    const int n = tid % N, group = tid / N, first = group * PER;  // the thread's channel and steps
+    const Part part;
+    const int b = blockIdx.y, h = part.h, tid = threadIdx.x, warp = tid / 32;
+    const int n = tid % N, first = tid / N * PER;  // the thread's channel and steps as it loads them
+    // ... and as it finishes the input gradients of the block's key channels
+    constexpr int K_GROUPS = THREADS / KEYS, K_PER = L / K_GROUPS;  // threads per channel, steps per thread
+    static_assert(THREADS % KEYS == 0 && L % K_GROUPS == 0 && K_PER >= 2, "whole steps of one channel per thread");
+    const int kn = part.k0 + tid % KEYS, k_group = tid / KEYS, k_first = k_group * K_PER;
     const HeadRows g(T, H, b, h);
     const int64_t head = int64_t(b) * H + h;
     const int chunks = (T + L - 1) / L;
-    const float u = in.u[h * N + n];
-    float du = 0.f;  // sum over the thread's steps of d_t r k
-    load_state<N>(ds_final + head * N * N, dS, dSh);
-    BackwardLoads next;  // the chunk's global reads, issued while the chunk after it is worked on
-    load_backward(in, dy, states, g, h, head, chunks, chunks - 1, T, next);
+    const float u = in.u[h * N + n], u_k = in.u[h * N + kn];
+    float du = 0.f;  // sum over the thread's steps of channel kn of d_t r k
+    load_columns<VALUES>(ds_final + head * N * N + part.v0, dS, dSh);
+    BackwardLoads<VALUES> next;  // the chunk's global reads, issued while the chunk after it is worked on
+    load_backward<VALUES>(in, dy, states, g, h, head, chunks, chunks - 1, T, part.v0, next);
     for (int c = chunks - 1; c >= 0; c--) {
         const int t0 = c * L, steps = min(L, T - t0);
-        const BackwardLoads now = next;
-        store_saved<N>(now.start, Sh);
-        const unsigned clamped_steps = chunk_factors(now.x, u, left, right, hat, ends, V, bonus, decay, cum);
+        const BackwardLoads<VALUES> now = next;
+        store_saved_columns<VALUES>(now.start, Sh);
+        const unsigned clamped_steps = chunk_factors<VALUES>(now.x, u, left, right, hat, ends, V, bonus, decay, cum,
+                                                             rt, kt);
         if (tid < N) clamped[tid] = clamped_steps;
+        if (block_value<VALUES>(n))
 #pragma unroll
-        for (int j = 0; j < PER; j++) dYh[(first + j) * LDH + n] = now.dy[j];
-        if (c > 0) load_backward(in, dy, states, g, h, head, chunks, c - 1, T, next);
+            for (int j = 0; j < PER; j++) dYh[(first + j) * LDV + n] = now.dy[j];
+        if (c > 0) load_backward<VALUES>(in, dy, states, g, h, head, chunks, c - 1, T, part.v0, next);
         __syncthreads();
-        if (warp == 0) tile_mma<row, col>(M, LDM, left, LDH, right, LDH, N, false);  // left right^T
-        if (warp == 1) tile_mma<row, col>(dM, LDM, dYh, LDH, V, LDH, N, false);      // dY V^T
+        if (warp == 0) tile_mma<row, col>(M, LDM, left, LDH, right, LDH, N, false);     // left right^T
+        if (warp == 1) tile_mma<row, col>(dM, LDM, dYh, LDV, V, LDV, VALUES, false);  // dY V^T (the block's part)
         bonus_parts(bonus, parts, THREADS / 2);
-        matmul<row, col>(d_hat, LDH, dYh, LDH, Sh, LDH, L, N, N, false);  // dY S^T
-        matmul<row, col>(d_ends, LDH, V, LDH, dSh, LDH, L, N, N, false);  // V dS^T
-        if (tid < N) {  // Z_j = sum_i S[j,i] dS[j,i], before dS moves on
+        matmul<row, col>(d_hat, LDH, dYh, LDV, Sh, LDV, L, N, VALUES, false);  // dY S^T (the block's part)
+        matmul<row, col>(d_ends, LDH, V, LDV, dSh, LDV, L, N, VALUES, false);  // V dS^T (the block's part)
+        if (tid < N) {  // Z_j = sum_i S[j,i] dS[j,i] over the block's values, before dS moves on
             float z = 0.f;
-            for (int i = 0; i < N; i++) z += f32(Sh[tid * LDH + i]) * dS[tid * LDH + i];
+            for (int i = 0; i < VALUES; i++) z += f32(Sh[tid * LDV + i]) * dS[tid * LDV + i];
             Z[tid] = z;
         }
-        __syncthreads();
+        sync_head<SPLIT>();  // every block's partial sums are made
+        gather_key_sums<SPLIT>(part, dM, dMh, dd, d_ends, d_hat, Z);
         mask_m(M, parts, Mh, diag);
+        scale_rows<VALUES>(dS, decay);
+        sync_head<SPLIT>();  // and read: from here a block writes its own again
+        matmul<col, row>(dV, LDV, Mh, LDM, dYh, LDV, L, VALUES, L, false);   // M^T dY
+        matmul<row, row>(dV, LDV, ends, LDH, dSh, LDV, L, VALUES, N, true);  // + ends dS
+        matmul<row, row>(d_left + part.k0, LDH, dMh, LDM, right + part.k0, LDH, L, KEYS, L, false);  // dM right
+        matmul<col, row>(d_right + part.k0, LDH, dMh, LDM, left + part.k0, LDH, L, KEYS, L, false);  // dM^T left
+        matmul<col, row>(dS, LDV, hat, LDH, dYh, LDV, N, VALUES, L, true);  // dS += hat^T dY
+        __syncthreads();
+        {  // dv of the block's values: one value channel at every STRIDE-th step per thread
+            constexpr int EVERY = STRIDE<VALUES>;
+            const int i = tid % VALUES;
+            bf16* dv = out.dv + g.at(t0 + tid / VALUES, part.v0 + i);
 #pragma unroll
-        for (int q = 0; q < L * L / THREADS; q++) {  // dM below the diagonal (its diagonal is the bonus')
-            const int e = tid + q * THREADS, t = e / L, s = e % L;
-            dMh[t * LDM + s] = to_bf16(s < t ? dM[t * LDM + s] : 0.f);
+            for (int t = tid / VALUES, q = 0; q < L / EVERY; q++, t += EVERY, dv += EVERY * g.stride)
+                if (t < steps) *dv = to_bf16(dV[t * LDV + i] + diag[t] * f32(dYh[t * LDV + i]));
         }
-        scale_rows(dS, decay);
-        __syncthreads();
-        matmul<col, row>(dV, LDH, Mh, LDM, dYh, LDH, L, N, L, false);     // M^T dY
-        matmul<row, row>(dV, LDH, ends, LDH, dSh, LDH, L, N, N, true);    // + ends dS
-        matmul<row, row>(d_left, LDH, dMh, LDM, right, LDH, L, N, L, false);  // dM right
-        matmul<col, row>(d_right, LDH, dMh, LDM, left, LDH, L, N, L, false);  // dM^T left
-        matmul<col, row>(dS, LDH, hat, LDH, dYh, LDH, N, N, L, true);         // dS += hat^T dY
-        __syncthreads();
-        // The input gradients of channel n at the thread's steps, the last first; dlw_s = sum_{t>=s} dc_t
-        // + sum_{t>s} dc_ex[t] + dc_L, summed over the thread's own steps as it goes. What the channel's
-        // other threads need of it (the sum of dc_t + dc_ex over its steps, its terms of dc_L) it leaves
-        // in two of its own (step, channel) places of d_right, which nobody else reads here.
+        // The input gradients of key channel kn at the thread's steps, the last first; dlw_s = sum_{t>=s}
+        // dc_t + sum_{t>s} dc_ex[t] + dc_L, summed over the thread's own steps as it goes. What the
+        // channel's other threads need of it (the sum of dc_t + dc_ex over its steps, its terms of dc_L)
+        // it leaves in two of its own (step, channel) places of d_right, which nobody else reads here.
         {
-            const float c_L = cum[(L - 1) * N + n], c_ref = 0.5f * c_L;
-            float suffix[PER], run = 0.f, dc_L = 0.f;
+            const float c_L = cum[(L - 1) * N + kn], c_ref = 0.5f * c_L;
+            float suffix[K_PER], run = 0.f, dc_L = 0.f;
 #pragma unroll
-            for (int j = PER - 1; j >= 0; j--) {
-                const int t = first + j, at = t * LDH + n;
-                const float c_in = cum[t * N + n], c_ex = t > 0 ? cum[(t - 1) * N + n] : 0.f;
+            for (int j = K_PER - 1; j >= 0; j--) {
+                const int t = k_first + j, at = t * LDH + kn;
+                const float c_in = cum[t * N + kn], c_ex = t > 0 ? cum[(t - 1) * N + kn] : 0.f;
                 const float gl = d_left[at], gh = d_hat[at], gr = d_right[at], ge = d_ends[at];
-                const float bonus_d = dM[t * LDM + t], r = f32(now.x.r[j]), k = f32(now.x.k[j]);
+                const float bonus_d = dd[t], r = f32(rt[at]), k = f32(kt[at]);
                 if (t < steps) {
-                    const int64_t o = g.at(t0 + t, n);
-                    out.dr[o] = to_bf16(gl * __expf(c_ex - c_ref) + gh * __expf(c_ex) + bonus_d * u * k);
-                    out.dk[o] = to_bf16(gr * __expf(c_ref - c_in) + ge * __expf(c_L - c_in) + bonus_d * u * r);
-                    out.dv[o] = to_bf16(dV[at] + diag[t] * f32(dYh[at]));
+                    const int64_t o = g.at(t0 + t, kn);
+                    out.dr[o] = to_bf16(gl * __expf(c_ex - c_ref) + gh * __expf(c_ex) + bonus_d * u_k * k);
+                    out.dk[o] = to_bf16(gr * __expf(c_ref - c_in) + ge * __expf(c_L - c_in) + bonus_d * u_k * r);
                 }
                 du += bonus_d * r * k;
                 const float t_end = ge * f32(ends[at]);
@@ -374,37 +537,70 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
                 run += gl * f32(left[at]) + gh * f32(hat[at]);  // dc_ex[t]
                 dc_L += t_end;
             }
-            d_right[first * LDH + n] = run, d_right[(first + 1) * LDH + n] = dc_L;
-            round_state<N>(dS, dSh);
+            d_right[k_first * LDH + kn] = run, d_right[(k_first + 1) * LDH + kn] = dc_L;
+            round_columns<VALUES>(dS, dSh);
             __syncthreads();
-            write_dlw<GROUPS, PER>(d_right, Z, decay, n, group, suffix, clamped[n], steps, out.dlw, g, t0);
+            write_dlw<K_GROUPS, K_PER>(d_right, Z, decay, kn, k_group, suffix, clamped[kn], steps, out.dlw, g, t0);
         }
         __syncthreads();
     }
-    store_state<N>(dS, ds0 + head * N * N);
-    bonus[tid] = du;  // the channel's GROUPS partial sums (the bonus tile is free after the last chunk)
+    store_columns<VALUES>(dS, ds0 + head * N * N + part.v0);
+    bonus[tid] = du;  // the channel's K_GROUPS partial sums (the bonus tile is free after the last chunk)
     __syncthreads();
-    if (tid < N) {
+    if (tid < KEYS) {
         float sum = 0.f;
 #pragma unroll
-        for (int other = 0; other < GROUPS; other++) sum += bonus[other * N + tid];
-        out.du[head * N + tid] = sum;
+        for (int other = 0; other < K_GROUPS; other++) sum += bonus[other * KEYS + tid];
+        out.du[head * N + part.k0 + tid] = sum;
     }
 }
 
-// Launches, shared by the torch binding below and the CPU emulation in tests/cuda_cpu.
-inline void launch_forward(cudaStream_t stream, int B, int T, int H, Inputs in, const float* s0, bf16* y,
-                           float* s_final, bf16* states) {
-    constexpr ForwardSmem F;
-    WKV_ALLOW_SMEM(forward_kernel, F.bytes);
-    WKV_LAUNCH(forward_kernel, dim3(H, B), THREADS, F.bytes, stream, T, H, in, s0, y, s_final, states);
+// Launches, shared by the torch binding below and the CPU emulation in tests/cuda_cpu. split: the
+// blocks per head (above 1 needs clusters in the backward, so sm_90 or later); false, launching
+// nothing, for a split that is not valid_split.
+template <int SPLIT>
+inline bool launch_forward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const float* s0, bf16* y,
+                                 float* s_final, bf16* states) {
+    if constexpr (!valid_split(SPLIT)) {
+        return false;
+    } else {
+        constexpr ForwardSmem<N / SPLIT> F;
+        WKV_ALLOW_SMEM(forward_kernel<SPLIT>, F.bytes);
+        WKV_LAUNCH(forward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, F.bytes, stream, T, H, in, s0, y, s_final,
+                   states);
+        return true;
+    }
 }
 
-inline void launch_backward(cudaStream_t stream, int B, int T, int H, Inputs in, const bf16* dy, const bf16* states,
-                            const float* ds_final, Grads out, float* ds0) {
-    constexpr BackwardSmem S;
-    WKV_ALLOW_SMEM(backward_kernel, S.bytes);
-    WKV_LAUNCH(backward_kernel, dim3(H, B), THREADS, S.bytes, stream, T, H, in, dy, states, ds_final, out, ds0);
+template <int SPLIT>
+inline bool launch_backward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const bf16* dy,
+                                  const bf16* states, const float* ds_final, Grads out, float* ds0) {
+    if constexpr (!valid_split(SPLIT)) {
+        return false;
+    } else {
+        constexpr BackwardSmem<N / SPLIT> S;
+        WKV_ALLOW_SMEM(backward_kernel<SPLIT>, S.bytes);
+        if constexpr (SPLIT == 1)
+            WKV_LAUNCH(backward_kernel<1>, dim3(H, B), THREADS, S.bytes, stream, T, H, in, dy, states, ds_final, out, ds0);
+        else
+            WKV_LAUNCH_CLUSTER(backward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, S.bytes, stream, SPLIT, T, H, in,
+                               dy, states, ds_final, out, ds0);
+        return true;
+    }
+}
+
+inline bool launch_forward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const float* s0, bf16* y,
+                           float* s_final, bf16* states) {
+    return with_split(split, [&](auto s) {
+        return launch_forward_split<decltype(s)::value>(stream, B, T, H, in, s0, y, s_final, states);
+    });
+}
+
+inline bool launch_backward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const bf16* dy,
+                            const bf16* states, const float* ds_final, Grads out, float* ds0) {
+    return with_split(split, [&](auto s) {
+        return launch_backward_split<decltype(s)::value>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
+    });
 }
 
 }  // namespace wkvdc
@@ -413,6 +609,8 @@ inline void launch_backward(cudaStream_t stream, int B, int T, int H, Inputs in,
 // ---------------------------------------------------------------------------------------------
 // Host side. Python allocates every output (so tests can poison them) and checks shapes; here we
 // check what would make the kernels read or write out of bounds.
+#include <vector>
+
 namespace {
 
 using torch::Tensor;
@@ -433,22 +631,29 @@ wkvdc::Inputs inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const T
     return wkvdc::Inputs{bf16_in(r), bf16_in(k), bf16_in(v), lw.data_ptr<float>(), u.data_ptr<float>(), per_step};
 }
 
-void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor s_final, Tensor states) {
+void check_split(int64_t split, const Tensor& on) {
+    wkv_binding::check_split(OP, split, wkvdc::valid_split(int(split)), wkvdc::N, on);
+}
+
+void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor s_final, Tensor states,
+             int64_t split) {
     const wkvdc::Inputs in = inputs(r, lw, k, v, u, states);
+    check_split(split, r);
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t ns = int64_t(B) * H * wkvdc::N * wkvdc::N;
     wkv_binding::check(OP, y, "y", at::kBFloat16, r.numel());
     wkv_binding::check_aligned(OP, s0, "s0", at::kFloat, ns);
     wkv_binding::check_aligned(OP, s_final, "s_final", at::kFloat, ns);
     if (B == 0 || H == 0) return;
-    wkvdc::launch_forward(c10::cuda::getCurrentCUDAStream(), B, T, H, in, s0.data_ptr<float>(), bf16_out(y),
+    wkvdc::launch_forward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, in, s0.data_ptr<float>(), bf16_out(y),
                           s_final.data_ptr<float>(), bf16_out(states));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor u, Tensor states, Tensor dy, Tensor ds_final, Tensor dr,
-              Tensor dlw, Tensor dk, Tensor dv, Tensor du, Tensor ds0) {
+              Tensor dlw, Tensor dk, Tensor dv, Tensor du, Tensor ds0, int64_t split) {
     const wkvdc::Inputs in = inputs(r, lw, k, v, u, states);
+    check_split(split, r);
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t n = r.numel(), ns = int64_t(B) * H * wkvdc::N * wkvdc::N;
     for (auto [x, name] : {std::pair{dy, "dy"}, {dr, "dr"}, {dk, "dk"}, {dv, "dv"}})
@@ -459,7 +664,7 @@ void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor u, Tensor states, 
     wkv_binding::check_aligned(OP, ds0, "ds0", at::kFloat, ns);
     if (B == 0 || H == 0) return;
     const wkvdc::Grads out{bf16_out(dr), bf16_out(dk), bf16_out(dv), dlw.data_ptr<float>(), du.data_ptr<float>()};
-    wkvdc::launch_backward(c10::cuda::getCurrentCUDAStream(), B, T, H, in, bf16_in(dy), bf16_in(states),
+    wkvdc::launch_backward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, in, bf16_in(dy), bf16_in(states),
                            ds_final.data_ptr<float>(), out, ds0.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -470,9 +675,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("head_size") = wkvdc::N;
     m.attr("chunk_len") = wkvdc::L;
     m.attr("log_decay_min") = wkvdc::LW_MIN;
+    m.attr("splits") = [] {  // the blocks a head's value columns may be split over
+        std::vector<int> splits;
+        for (int split : {1, 2, 4})
+            if (wkvdc::valid_split(split)) splits.push_back(split);
+        return splits;
+    }();
     m.def("forward", &forward,
-          "chunked WKV-5/6 forward: writes y, the final state and every chunk's start state (bf16)");
+          "chunked WKV-5/6 forward: writes y, the final state and every chunk's start state (bf16); "
+          "split: blocks per head");
     m.def("backward", &backward,
-          "chunked WKV-5/6 backward: writes dr, dlw (per step), dk, dv, du (per batch and head), ds0");
+          "chunked WKV-5/6 backward: writes dr, dlw (per step), dk, dv, du (per batch and head), ds0; "
+          "split: blocks per head");
 }
 #endif  // WKV_KERNELS_ONLY

@@ -53,8 +53,9 @@ def run_v4() -> list[torch.Tensor]:
     return _backward([y, *final], [w, u, k, v, *state])
 
 
-def run_diag(generation: str, chunked: bool = False) -> list[torch.Tensor]:
-    """RWKV-5 (one lw per channel) or RWKV-6 on the sequential kernel, or with `chunked` the tensor-core one."""
+def run_diag(generation: str, split: int | None = None) -> list[torch.Tensor]:
+    """RWKV-5 (one lw per channel) or RWKV-6 on the sequential kernel, or with `split` the tensor-core one
+    at that many blocks per head."""
     from rwkv_train.ops.wkv_diag_cuda import wkv5_cuda, wkv6_cuda
 
     r, k, v = (_leaf(_randn(B, T, H, N), torch.bfloat16) for _ in range(3))
@@ -63,7 +64,7 @@ def run_diag(generation: str, chunked: bool = False) -> list[torch.Tensor]:
     u = _leaf(0.5 * _randn(H, N), torch.float32)
     state = _leaf(_randn(B, H, N, N), torch.float32)
     op = wkv5_cuda if generation == "v5" else wkv6_cuda
-    y, final = op(r, lw, k, v, u, state, chunked=chunked)
+    y, final = op(r, lw, k, v, u, state) if split is None else op(r, lw, k, v, u, state, chunked=True, split=split)
     return _backward([y, final], [r, lw, k, v, u, state])
 
 
@@ -91,17 +92,22 @@ def _backward(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[t
     return [o.detach() for o in outputs] + list(grads)
 
 
-def run_v7_chunked() -> list[torch.Tensor]:
+def _splits() -> list[int]:
     """One block per head, and where clusters exist (sm_90+) each head split over 4 blocks as a cluster."""
-    results = run_v7(split=1)
-    if torch.cuda.get_device_capability()[0] >= 9:
-        results += run_v7(split=4)
-    return results
+    return [1, 4] if torch.cuda.get_device_capability()[0] >= 9 else [1]
+
+
+def run_v7_chunked() -> list[torch.Tensor]:
+    return [x for split in _splits() for x in run_v7(split=split)]
+
+
+def run_diag_chunked() -> list[torch.Tensor]:
+    return [x for split in _splits() for generation in ("v5", "v6") for x in run_diag(generation, split=split)]
 
 
 RUNNERS = {"v4": run_v4, "v5": lambda: run_diag("v5"), "v6": lambda: run_diag("v6"), "v7": run_v7,
            "v7-chunked": run_v7_chunked,
-           "v6-chunked": lambda: run_diag("v5", chunked=True) + run_diag("v6", chunked=True)}
+           "v6-chunked": run_diag_chunked}
 
 
 def main(argv: list[str] | None = None) -> int:

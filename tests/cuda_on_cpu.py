@@ -168,37 +168,40 @@ class WkvDiagChunkedModule:
         self.head_size = self.lib.head_size()
         self.chunk_len = self.lib.chunk_len()
         self.log_decay_min = self.lib.log_decay_min()
+        self.splits = [split for split in (1, 2, 4) if self.lib.valid_split(split)]  # as the binding lists them
 
-    def forward(self, r, lw, k, v, u, s0, y, s_final, states) -> None:
+    def forward(self, r, lw, k, v, u, s0, y, s_final, states, split) -> None:
         B, T, H, _ = r.shape
-        self.lib.forward(B, T, H, _ptr(r), _ptr(lw), int(lw.dim() == 4), *map(_ptr, (k, v, u, s0, y, s_final, states)))
+        pointers = map(_ptr, (k, v, u, s0, y, s_final, states))
+        if not self.lib.forward(split, B, T, H, _ptr(r), _ptr(lw), int(lw.dim() == 4), *pointers):
+            raise ValueError(f"wkv_diag_chunked: split {split} is not one of {self.splits}")
 
-    def backward(self, r, lw, k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0) -> None:
+    def backward(self, r, lw, k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0, split) -> None:
         B, T, H, _ = r.shape
         pointers = map(_ptr, (k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0))
-        self.lib.backward(B, T, H, _ptr(r), _ptr(lw), int(lw.dim() == 4), *pointers)
+        if not self.lib.backward(split, B, T, H, _ptr(r), _ptr(lw), int(lw.dim() == 4), *pointers):
+            raise ValueError(f"wkv_diag_chunked: split {split} is not one of {self.splits}")
 
 
 class WkvDiagChunkedOnCpu(WkvDiagChunkedModule):
     """cuda/wkv_diag_chunked.cu on the CPU, allocating its outputs (NaN first): the CUDA op's contract."""
 
-    def forward(self, r, lw, k, v, u, s0) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, r, lw, k, v, u, s0, split: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """bf16 r, k, v [B, T, H, N], float32 lw ([B, T, H, N] or [H, N]), u [H, N] and s0 -> (y bf16, final
-        state, chunk states bf16)."""
+        state, chunk states bf16); split: blocks per head."""
         B, T, H, N = r.shape
         y, s_final = _nan(r.shape, torch.bfloat16), _nan(s0.shape, torch.float32)
         states = _nan((B, H, -(-T // self.chunk_len), N, N), torch.bfloat16)
-        super().forward(r, lw, k, v, u, s0, y, s_final, states)
+        super().forward(r, lw, k, v, u, s0, y, s_final, states, split)
         return y, s_final, states
 
-    def backward(self, r, lw, k, v, u, states, dy, ds_final) -> tuple[Tensor, ...]:
+    def backward(self, r, lw, k, v, u, states, dy, ds_final, split: int = 1) -> tuple[Tensor, ...]:
         """-> (dr, dlw per step [B, T, H, N], dk, dv, du per (batch, head) [B, H, N], ds0)."""
         B, _, H, N = r.shape
         dr, dk, dv = (_nan(r.shape, torch.bfloat16) for _ in range(3))
         dlw, du, ds0 = _nan(r.shape, torch.float32), _nan((B, H, N), torch.float32), _nan(ds_final.shape, torch.float32)
-        super().backward(r, lw, k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0)
+        super().backward(r, lw, k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0, split)
         return dr, dlw, dk, dv, du, ds0
-
 
 def emulate(monkeypatch, generation: str, module_class) -> list[tuple[str, int | None]]:
     """Points kernels.load(generation, N) at module_class(N), the CPU emulation (one per head size);
@@ -217,3 +220,20 @@ def emulate(monkeypatch, generation: str, module_class) -> list[tuple[str, int |
 
     monkeypatch.setattr(kernels, "load", load)
     return asked
+
+
+def assert_splits_match_one_block(kernel, inputs: list[Tensor], s0: Tensor, dy: Tensor, ds_final: Tensor,
+                                  grad_names: tuple[str, ...]) -> None:
+    """kernel (an ...OnCpu emulation) at each of its splits against one block per head: the forward's y,
+    final state and saved states bitwise equal (each block's values evolve on their own), the backward's
+    gradients within float32 rounding (its sums across the cluster only change order)."""
+    from tests.conftest import rel_error
+
+    one = kernel.forward(*inputs, s0, split=1)
+    one_grads = kernel.backward(*inputs, one[2], dy, ds_final, split=1)
+    for split in kernel.splits[1:]:
+        for name, x, ref in zip(("y", "final state", "saved states"), kernel.forward(*inputs, s0, split=split), one):
+            assert torch.equal(x, ref), f"split {split}: {name} differs from one block per head"
+        grads = kernel.backward(*inputs, one[2], dy, ds_final, split=split)
+        for name, x, ref in zip(grad_names, grads, one_grads):
+            assert rel_error(x, ref) < 1e-5, f"split {split}: {name} {rel_error(x, ref):.1e} from one block per head"

@@ -70,6 +70,9 @@ def test_chunked_diagonal_kernel_is_clean_under_the_sanitizer(sanitizer, head_si
     program = cuda_on_cpu.build_program("wkv_diag_chunked_sanitized.cpp", head_size, sanitizer)
     result = run(program)
     assert result.returncode == 0 and "Sanitizer" not in result.stderr, result.stderr[-6000:]
-    for T, state in ((2 * CHUNK_LEN + 5, 0), (CHUNK_LEN, 1)):  # every launch ran
-        for per_step in (1, 0):
-            assert f"N {head_size} T {T} state {state} per-step lw {per_step}: ran" in result.stdout
+    splits = cuda_on_cpu.WkvDiagChunkedModule(head_size).splits
+    assert splits[-1] > 1, "a split head (a cluster) is among the runs"
+    for split in splits:  # every launch ran
+        for T, state in ((2 * CHUNK_LEN + 5, 0), (CHUNK_LEN, 1)):
+            for per_step in (1, 0):
+                assert f"N {head_size} split {split} T {T} state {state} per-step lw {per_step}: ran" in result.stdout

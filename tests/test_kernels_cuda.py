@@ -147,10 +147,10 @@ def make_problem(generation: str, head_size: int | None, T: int, seed: int, chan
     chunked = generation.endswith("-chunked")  # the tensor-core kernel (lw >= -8 per step, as drawn here)
     if generation.startswith("v6"):  # data-dependent decay: lw = -exp(time_decay + lora(x)) per token
         lw = -torch.exp((_randn(g, B, T, H, N) - 1).clamp(-8, 2))
-        cuda_op = functools.partial(wkv6_cuda, chunked=chunked)
+        cuda_op = functools.partial(wkv6_cuda, chunked=chunked, **({"split": split} if chunked else {}))
     else:  # v5: one decay per channel for all steps
         lw = -torch.exp((1.5 * _randn(g, H, N) - 2.5).clamp(-8, 2))
-        cuda_op = functools.partial(wkv5_cuda, chunked=chunked)
+        cuda_op = functools.partial(wkv5_cuda, chunked=chunked, **({"split": split} if chunked else {}))
     inputs = [_to(r, bf), _to(lw, f32), _to(k, bf), _to(v, bf), _to(u, f32), _to(state, f32)]
 
     def kernel(r, lw, k, v, u, s):
@@ -254,6 +254,17 @@ def test_chunked_kernel_per_split_matches_float64_reference(head_size, split, T,
     if split > 1:
         require_clusters()
     compare_with_reference("v7-chunked", head_size, T, with_state, error_log, split=split)
+
+
+@pytest.mark.parametrize("T,with_state", [(1, True), (33, True), (200, False), (1000, True)])
+@pytest.mark.parametrize("generation", ["v5-chunked", "v6-chunked"])
+@pytest.mark.parametrize("head_size,split", SPLITS, ids=[f"h{n}-split{s}" for n, s in SPLITS])
+def test_chunked_diagonal_kernel_per_split_matches_float64_reference(head_size, split, generation, T, with_state,
+                                                                     error_log):
+    """Each head's value columns over `split` blocks, the key-side gradients summed across the cluster."""
+    if split > 1:
+        require_clusters()
+    compare_with_reference(generation, head_size, T, with_state, error_log, split=split)
 
 
 def compare_with_reference(generation, head_size, T, with_state, error_log, channels=V4_CHANNELS, split=0):

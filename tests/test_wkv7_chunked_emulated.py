@@ -112,14 +112,7 @@ def test_split_heads_compute_each_value_row_as_one_block_does(kernel):
     g = torch.Generator().manual_seed(32)
     s0 = 0.5 * torch.randn(B, H, N, N, generator=g)
     dy, ds_final = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16), torch.randn(B, H, N, N, generator=g)
-    one = kernel.forward(*inputs, s0, split=1)
-    one_grads = kernel.backward(*inputs, one[2], dy, ds_final, split=1)
-    for split in kernel.splits[1:]:
-        for name, x, ref in zip(("y", "final state", "saved states"), kernel.forward(*inputs, s0, split=split), one):
-            assert torch.equal(x, ref), f"split {split}: {name} differs from one block per head"
-        grads = kernel.backward(*inputs, one[2], dy, ds_final, split=split)
-        for name, x, ref in zip(GRADS, grads, one_grads):
-            assert rel_error(x, ref) < 1e-5, f"split {split}: {name} {rel_error(x, ref):.1e} from one block per head"
+    cuda_on_cpu.assert_splits_match_one_block(kernel, inputs, s0, dy, ds_final, GRADS)
 
 
 def test_a_split_the_head_size_does_not_allow_is_refused(kernel):

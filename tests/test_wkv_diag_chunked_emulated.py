@@ -52,14 +52,15 @@ def model_like_inputs(B: int, T: int, H: int, N: int, seed: int, v5: bool = Fals
     return [bf[0], lw.float().contiguous(), bf[1], bf[2], u.contiguous()]
 
 
-def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int, lw_floor: float | None = None):
+def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int, lw_floor: float | None = None,
+                            split: int = 1):
     B, T, H, N = inputs[0].shape
     g = torch.Generator().manual_seed(seed + 1)
     dy = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16)
     ds_final = torch.randn(B, H, N, N, generator=g)
 
-    y, s_final, states = kernel.forward(*inputs, s0)
-    dr, dlw, dk, dv, du, ds0 = kernel.backward(*inputs, states, dy, ds_final)
+    y, s_final, states = kernel.forward(*inputs, s0, split)
+    dr, dlw, dk, dv, du, ds0 = kernel.backward(*inputs, states, dy, ds_final, split)
     dlw = dlw if inputs[1].dim() == 4 else dlw.sum(dim=(0, 1))  # RWKV-5: one lw for every step
     grads = (dr, dlw, dk, dv, du.sum(0), ds0)
 
@@ -92,6 +93,41 @@ def test_rwkv5_one_log_decay_for_every_step(kernel, T):
     B, H, N = 2, 2, kernel.head_size
     s0 = 0.5 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(T))
     check_against_reference(kernel, model_like_inputs(B, T, H, N, seed=T + 5, v5=True), s0, seed=T + 6)
+
+
+@pytest.mark.parametrize("T,with_state", [(1, True), (37, True), (100, False)])
+def test_split_heads_match_float64_recurrence(kernel, T, with_state):
+    """Each head's value columns over 2 (and 4) blocks; the backward's cluster sums the key-side
+    gradients, RWKV-6's and RWKV-5's decays alike."""
+    assert kernel.splits == ([1, 2] if kernel.head_size == 32 else [1, 2, 4])
+    B, H, N = 2, 2, kernel.head_size
+    for split in kernel.splits[1:]:
+        for v5 in (False, True):
+            seed = 1000 * T + with_state + 7 * split + v5
+            s0 = torch.zeros(B, H, N, N)
+            if with_state:
+                s0 = 0.5 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(seed + 2))
+            check_against_reference(kernel, model_like_inputs(B, T, H, N, seed, v5=v5), s0, seed, split=split)
+
+
+def test_split_heads_compute_each_value_column_as_one_block_does(kernel):
+    """A value column of the state evolves on its own, so the forward gives bitwise the same y, final
+    state and saved states however the columns are dealt out; the backward's key-side sums only change
+    order, so its gradients agree to float32 rounding."""
+    B, T, H, N = 1, 45, 2, kernel.head_size
+    inputs = model_like_inputs(B, T, H, N, seed=31)
+    g = torch.Generator().manual_seed(32)
+    s0 = 0.5 * torch.randn(B, H, N, N, generator=g)
+    dy, ds_final = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16), torch.randn(B, H, N, N, generator=g)
+    cuda_on_cpu.assert_splits_match_one_block(kernel, inputs, s0, dy, ds_final, GRADS)
+
+
+def test_a_split_the_head_size_does_not_allow_is_refused(kernel):
+    inputs = model_like_inputs(1, 5, 1, kernel.head_size, seed=41)
+    s0 = torch.zeros(1, 1, kernel.head_size, kernel.head_size)
+    for split in (0, 3, 8, 4 if kernel.head_size == 32 else 5):
+        with pytest.raises(ValueError, match=f"split {split} is not one of"):
+            kernel.forward(*inputs, s0, split=split)
 
 
 def test_saved_chunk_states_are_the_states_at_chunk_starts(kernel):

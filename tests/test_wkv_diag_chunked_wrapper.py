@@ -39,11 +39,13 @@ def test_python_constants_match_the_kernel(emulated):
     assert (module.chunk_len, module.log_decay_min) == (CHUNK_LEN, LOG_DECAY_MIN)
 
 
+@pytest.mark.parametrize("split", [0, 2], ids=["own-choice", "split2"])
 @pytest.mark.parametrize("version", ["v5", "v6"])
 @pytest.mark.parametrize("uses", ["y and state", "y only", "state only"])
-def test_op_gradients_match_float64_autograd(emulated, uses, version):
+def test_op_gradients_match_float64_autograd(emulated, uses, version, split):
     """Through the custom ops and their autograd: a loss of y, of the final state, or of both; RWKV-5's lw
-    [H, N] gets the per-step gradients summed, u its sum over the batch."""
+    [H, N] gets the per-step gradients summed, u its sum over the batch; with the op's choice of blocks
+    per head (one, off CUDA) and with each head's value columns split over two."""
     B, T, H, N = 2, 37, 2, 32
     inputs = model_like_inputs(B, T, H, N, seed=21, v5=version == "v5")
     s0 = 0.5 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(22))
@@ -56,7 +58,7 @@ def test_op_gradients_match_float64_autograd(emulated, uses, version):
     leaves = [x.float().clone().requires_grad_() for x in (*inputs, s0)]  # the wrapper casts to the kernel's dtypes
     op = wkv5_cuda if version == "v5" else wkv6_cuda
     with kernels.poisoned_outputs():
-        y, s = op(*leaves, chunked=True)
+        y, s = op(*leaves, chunked=True, split=split)
         loss(y, s).backward()
     ref = [x.detach().double().requires_grad_() for x in (*inputs, s0)]
     r, lw, k, v, u, s_ref0 = ref
@@ -70,6 +72,12 @@ def test_op_gradients_match_float64_autograd(emulated, uses, version):
         err = rel_error(got.grad, want.grad)
         assert err < TOL, f"d{name}: relative error {err:.2e}"
     assert set(emulated) == {("v6-chunked", N)}
+
+
+def test_an_unsupported_split_is_refused_by_the_op(emulated):
+    inputs = model_like_inputs(1, 5, 1, 32, seed=5)
+    with pytest.raises(ValueError, match="split 4 is not one of"):
+        wkv6_cuda(*inputs, chunked=True, split=4)  # head size 32: 8 value columns per block is not a whole tile
 
 
 def test_backward_fills_no_gradient_for_the_saved_states(emulated):

@@ -29,7 +29,7 @@ from torch import Tensor
 from rwkv_train.ops import kernels
 from rwkv_train.ops.wkv7_cuda import fake_gradients, kernel_inputs, new_gradients
 
-__all__ = ["CHUNK_LEN", "LOG_DECAY_MIN", "value_split", "wkv7_chunked_cuda"]
+__all__ = ["CHUNK_LEN", "LOG_DECAY_MIN", "blocks_per_head", "value_split", "wkv7_chunked_cuda"]
 
 CHUNK_LEN = 16  # L in cuda/wkv7_chunked.cu (the kernel checks the saved states' shape)
 LOG_DECAY_MIN = -5.0  # LW_MIN there
@@ -49,7 +49,7 @@ def value_split(batch_heads: int, splits: Sequence[int], multiprocessors: int) -
     return splits[-1]
 
 
-def _split(module, r: Tensor, asked: int) -> int:
+def blocks_per_head(module, r: Tensor, asked: int) -> int:
     """The split to run with: `asked`, or for 0 value_split on r's device (1 before compute capability 9.0,
     which has no thread block clusters, and off CUDA)."""
     if asked:
@@ -71,7 +71,7 @@ def wkv7_chunked_forward(
     y = kernels.new_output(r.shape, torch.bfloat16, r.device)
     s_final = kernels.new_output(s0.shape, torch.float32, r.device)
     states = kernels.new_output((B, H, _n_chunks(T), N, N), torch.bfloat16, r.device)
-    module.forward(r, lw, k, v, a, b, kernels.aligned(s0), y, s_final, states, _split(module, r, split))
+    module.forward(r, lw, k, v, a, b, kernels.aligned(s0), y, s_final, states, blocks_per_head(module, r, split))
     return y, s_final, states
 
 
@@ -89,7 +89,7 @@ def wkv7_chunked_backward(
     """Returns the gradients of (r, lw, k, v, a, b, s0)."""
     module = kernels.load("v7-chunked", r.shape[-1])
     dr, dlw, dk, dv, da, db, ds0 = new_gradients(r, ds_final.shape)
-    split = _split(module, r, split)
+    split = blocks_per_head(module, r, split)
     module.backward(r, lw, k, v, a, b, states, dy, kernels.aligned(ds_final), dr, dlw, dk, dv, da, db, ds0, split)
     return dr, dlw, dk, dv, da, db, ds0
 

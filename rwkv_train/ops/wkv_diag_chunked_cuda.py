@@ -13,6 +13,10 @@ what that leaves of the older state is below bf16's resolution beside the newer 
 The forward also returns the state at the start of every chunk in bf16 ([B, H, ceil(T/16), N, N]),
 which the backward reads instead of recomputing the forward. The extension is built (or loaded from
 the cache) at the first call.
+
+Where one block per (batch, head) would leave multiprocessors idle (B = 1 at long T), each head's
+value columns are split over `split` blocks (2 or 4; a thread block cluster in the backward, so
+compute capability 9.0 or later), chosen as for the chunked RWKV-7 kernel (`value_split`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor
 
 from rwkv_train.ops import kernels
+from rwkv_train.ops.wkv7_chunked_cuda import blocks_per_head
 
 __all__ = ["CHUNK_LEN", "LOG_DECAY_MIN", "wkv_diag_chunked_forward"]
 
@@ -35,27 +40,28 @@ def _n_chunks(T: int) -> int:  # T may be a symbolic size under torch.compile
 
 @torch.library.custom_op("rwkv_train::wkv_diag_chunked_forward", mutates_args=())
 def wkv_diag_chunked_forward(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, s0: Tensor
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, s0: Tensor, split: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y bf16, final state float32, chunk start states bf16: kept for the backward)."""
+    """Returns (y bf16, final state float32, chunk start states bf16: kept for the backward). split: blocks
+    per head, 0 for value_split's choice."""
     B, T, H, N = r.shape
     module = kernels.load(GENERATION, N)
     y = kernels.new_output(r.shape, torch.bfloat16, r.device)
     s_final = kernels.new_output(s0.shape, torch.float32, r.device)
     states = kernels.new_output((B, H, _n_chunks(T), N, N), torch.bfloat16, r.device)
-    module.forward(r, lw, k, v, u, kernels.aligned(s0), y, s_final, states)
+    module.forward(r, lw, k, v, u, kernels.aligned(s0), y, s_final, states, blocks_per_head(module, r, split))
     return y, s_final, states
 
 
 @wkv_diag_chunked_forward.register_fake
-def _(r, lw, k, v, u, s0):
+def _(r, lw, k, v, u, s0, split):
     B, T, H, N = r.shape
     return torch.empty_like(r), torch.empty_like(s0), r.new_empty((B, H, _n_chunks(T), N, N))
 
 
 @torch.library.custom_op("rwkv_train::wkv_diag_chunked_backward", mutates_args=())
 def wkv_diag_chunked_backward(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, states: Tensor, dy: Tensor, ds_final: Tensor
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, states: Tensor, dy: Tensor, ds_final: Tensor, split: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns the gradients of (r, lw, k, v, u, s0); lw's and u's summed to their shapes."""
     B, _, H, N = r.shape
@@ -64,13 +70,14 @@ def wkv_diag_chunked_backward(
     dlw_steps = kernels.new_output(r.shape, torch.float32, r.device)
     du_part = kernels.new_output((B, H, N), torch.float32, r.device)
     ds0 = kernels.new_output(ds_final.shape, torch.float32, r.device)
-    module.backward(r, lw, k, v, u, states, dy, kernels.aligned(ds_final), dr, dlw_steps, dk, dv, du_part, ds0)
+    module.backward(r, lw, k, v, u, states, dy, kernels.aligned(ds_final), dr, dlw_steps, dk, dv, du_part, ds0,
+                    blocks_per_head(module, r, split))
     dlw = dlw_steps if lw.dim() == 4 else dlw_steps.sum(dim=(0, 1))
     return dr, dlw, dk, dv, du_part.sum(0), ds0
 
 
 @wkv_diag_chunked_backward.register_fake
-def _(r, lw, k, v, u, states, dy, ds_final):
+def _(r, lw, k, v, u, states, dy, ds_final, split):
     return (
         torch.empty_like(r), torch.empty_like(lw), torch.empty_like(r), torch.empty_like(r),
         torch.empty_like(u), torch.empty_like(ds_final),
@@ -79,6 +86,7 @@ def _(r, lw, k, v, u, states, dy, ds_final):
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # else the unused states output gets a zero gradient (as large as y)
+    ctx.split = inputs[6]
     ctx.save_for_backward(*inputs[:5], output[2])
 
 
@@ -87,7 +95,7 @@ def _backward(ctx, dy: Tensor | None, ds_final: Tensor | None, _dstates: Tensor 
     B, _, H, N = r.shape
     dy = torch.zeros_like(r) if dy is None else dy.to(torch.bfloat16).contiguous()
     ds_final = r.new_zeros((B, H, N, N), dtype=torch.float32) if ds_final is None else ds_final.float().contiguous()
-    return wkv_diag_chunked_backward(r, lw, k, v, u, states, dy, ds_final)
+    return *wkv_diag_chunked_backward(r, lw, k, v, u, states, dy, ds_final, ctx.split), None
 
 
 wkv_diag_chunked_forward.register_autograd(_backward, setup_context=_setup_context)

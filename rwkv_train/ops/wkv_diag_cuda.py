@@ -78,7 +78,7 @@ wkv_diag_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _run(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None, chunked: bool
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None, chunked: bool, split: int = 0
 ) -> tuple[Tensor, Tensor]:
     B, _, H, N = r.shape
     r, k, v = (x.to(torch.bfloat16).contiguous() for x in (r, k, v))
@@ -88,27 +88,30 @@ def _run(
     if chunked:
         from rwkv_train.ops.wkv_diag_chunked_cuda import wkv_diag_chunked_forward
 
-        y, s_final, _ = wkv_diag_chunked_forward(r, lw, k, v, u, state)
+        y, s_final, _ = wkv_diag_chunked_forward(r, lw, k, v, u, state, split)
         return y, s_final
     return wkv_diag_forward(r, lw, k, v, u, state)
 
 
 def wkv6_cuda(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, chunked: bool = False
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, chunked: bool = False,
+    split: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """WKV-6 on a CUDA kernel: lw [B, T, H, N]. Returns (y bf16, final state float32). chunked: the
     tensor-core kernel (`rwkv_train.ops.wkv_diag_chunked_cuda`: head sizes 32 and 64, lw >= -8 per
-    step), else the sequential one."""
+    step; `split` its blocks per head, 1, 2 or 4 at head size 64, 0 to let it choose), else the
+    sequential one."""
     if lw.shape != r.shape:
         raise ValueError(f"wkv6_cuda: lw has shape {tuple(lw.shape)}, expected {tuple(r.shape)} like r")
-    return _run(r, lw, k, v, u, state, chunked)
+    return _run(r, lw, k, v, u, state, chunked, split)
 
 
 def wkv5_cuda(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, chunked: bool = False
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, chunked: bool = False,
+    split: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """WKV-5 on a CUDA kernel: one lw [H, N] for every step. Returns (y bf16, final state float32).
     chunked as for wkv6_cuda."""
     if lw.shape != u.shape:
         raise ValueError(f"wkv5_cuda: lw has shape {tuple(lw.shape)}, expected {tuple(u.shape)} = [H, N] like u")
-    return _run(r, lw, k, v, u, state, chunked)
+    return _run(r, lw, k, v, u, state, chunked, split)

@@ -1,16 +1,17 @@
 // cuda/wkv_diag_chunked.cu's forward and backward as a program, for g++'s sanitizers (see
-// wkv7_chunked_sanitized.cpp for what each reports): a T that needs padding and one that does not,
-// with and without an initial state, RWKV-6's per-step log-decays and RWKV-5's one per channel.
+// wkv7_chunked_sanitized.cpp for what each reports): every split the head size allows, a T that needs
+// padding and one that does not, with and without an initial state, RWKV-6's per-step log-decays and
+// RWKV-5's one per channel.
 // Inputs are random (the arithmetic is checked against float64 in
-// tests/test_wkv_diag_chunked_emulated.py). Exits 0 when every launch ran, with the sanitizer's exit
-// code when it reported anything.
+// tests/test_wkv_diag_chunked_emulated.py). Exits 0 when every launch ran, 3 when one was refused, with
+// the sanitizer's exit code when it reported anything.
 #include <random>
 
 #include "wkv_diag_chunked.cpp"
 
 namespace {
 
-void run(int B, int T, int H, bool with_state, bool per_step, unsigned seed) {
+bool run(int split, int B, int T, int H, bool with_state, bool per_step, unsigned seed) {
     const int N = wkvdc::N;
     const size_t n = size_t(B) * T * H * N, ns = size_t(B) * H * N * N;
     const size_t chunks = size_t(T + wkvdc::L - 1) / wkvdc::L;
@@ -29,22 +30,30 @@ void run(int B, int T, int H, bool with_state, bool per_step, unsigned seed) {
 
     std::vector<bf16> y(n), states(size_t(B) * H * chunks * N * N), dr(n), dk(n), dv(n);
     std::vector<float> s_final(ns), dlw(n), du(size_t(B) * H * N), ds0(ns);
-    forward(B, T, H, r.data(), lw.data(), per_step, k.data(), v.data(), u.data(), s0.data(), y.data(), s_final.data(),
-            states.data());
-    backward(B, T, H, r.data(), lw.data(), per_step, k.data(), v.data(), u.data(), states.data(), dy.data(),
-             ds_final.data(), dr.data(), dlw.data(), dk.data(), dv.data(), du.data(), ds0.data());
+    if (!forward(split, B, T, H, r.data(), lw.data(), per_step, k.data(), v.data(), u.data(), s0.data(), y.data(),
+                 s_final.data(), states.data()))
+        return false;
+    return backward(split, B, T, H, r.data(), lw.data(), per_step, k.data(), v.data(), u.data(), states.data(),
+                    dy.data(), ds_final.data(), dr.data(), dlw.data(), dk.data(), dv.data(), du.data(), ds0.data());
 }
 
 }  // namespace
 
 int main() {
     unsigned seed = 0;
-    // T = 2 L + 5: three chunks, the last padded; T = L: one whole chunk.
-    for (int T : {2 * wkvdc::L + 5, wkvdc::L})
-        for (bool per_step : {true, false}) {
-            const bool with_state = T == wkvdc::L;
-            run(1, T, 2, with_state, per_step, seed++);
-            std::printf("N %d T %d state %d per-step lw %d: ran\n", wkvdc::N, T, int(with_state), int(per_step));
-        }
+    for (int split : {1, 2, 4}) {
+        if (!wkvdc::valid_split(split)) continue;
+        // T = 2 L + 5: three chunks, the last padded; T = L: one whole chunk.
+        for (int T : {2 * wkvdc::L + 5, wkvdc::L})
+            for (bool per_step : {true, false}) {
+                const bool with_state = T == wkvdc::L;
+                if (!run(split, 1, T, 2, with_state, per_step, seed++)) {
+                    std::fprintf(stderr, "split %d, T %d: the launch was refused\n", split, T);
+                    return 3;
+                }
+                std::printf("N %d split %d T %d state %d per-step lw %d: ran\n", wkvdc::N, split, T, int(with_state),
+                            int(per_step));
+            }
+    }
     return 0;
 }
