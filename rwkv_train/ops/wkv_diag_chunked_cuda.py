@@ -26,6 +26,7 @@ from torch import Tensor
 
 from rwkv_train.ops import kernels
 from rwkv_train.ops.wkv7_chunked_cuda import blocks_per_head
+from rwkv_train.ops.wkv_diag_cuda import fake_gradients, new_gradients, summed_gradients
 
 __all__ = ["CHUNK_LEN", "LOG_DECAY_MIN", "wkv_diag_chunked_forward"]
 
@@ -64,24 +65,15 @@ def wkv_diag_chunked_backward(
     r: Tensor, lw: Tensor, k: Tensor, v: Tensor, u: Tensor, states: Tensor, dy: Tensor, ds_final: Tensor, split: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns the gradients of (r, lw, k, v, u, s0); lw's and u's summed to their shapes."""
-    B, _, H, N = r.shape
-    module = kernels.load(GENERATION, N)
-    dr, dk, dv = (kernels.new_output(r.shape, torch.bfloat16, r.device) for _ in range(3))
-    dlw_steps = kernels.new_output(r.shape, torch.float32, r.device)
-    du_part = kernels.new_output((B, H, N), torch.float32, r.device)
-    ds0 = kernels.new_output(ds_final.shape, torch.float32, r.device)
-    module.backward(r, lw, k, v, u, states, dy, kernels.aligned(ds_final), dr, dlw_steps, dk, dv, du_part, ds0,
-                    blocks_per_head(module, r, split))
-    dlw = dlw_steps if lw.dim() == 4 else dlw_steps.sum(dim=(0, 1))
-    return dr, dlw, dk, dv, du_part.sum(0), ds0
+    module = kernels.load(GENERATION, r.shape[-1])
+    grads = new_gradients(r, ds_final.shape)
+    module.backward(r, lw, k, v, u, states, dy, kernels.aligned(ds_final), *grads, blocks_per_head(module, r, split))
+    return summed_gradients(lw, *grads)
 
 
 @wkv_diag_chunked_backward.register_fake
 def _(r, lw, k, v, u, states, dy, ds_final, split):
-    return (
-        torch.empty_like(r), torch.empty_like(lw), torch.empty_like(r), torch.empty_like(r),
-        torch.empty_like(u), torch.empty_like(ds_final),
-    )  # fmt: skip
+    return fake_gradients(r, lw, u, ds_final)
 
 
 def _setup_context(ctx, inputs, output) -> None:

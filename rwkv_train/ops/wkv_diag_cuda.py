@@ -42,23 +42,36 @@ def wkv_diag_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns the gradients of (r, lw, k, v, u, s0); lw's and u's summed to their shapes."""
     module = kernels.load("v6", r.shape[-1])
+    grads = new_gradients(r, s0.shape)
+    rdrs = torch.empty(r.shape, dtype=torch.float32, device=r.device)  # scratch, fully written by the first pass
+    module.backward(r, lw, k, v, u, s0, s_final, dy, ds_final, *grads, rdrs)
+    return summed_gradients(lw, *grads)
+
+
+def new_gradients(r: Tensor, state_shape: torch.Size) -> tuple[Tensor, ...]:
+    """A diagonal-decay backward's outputs (dr, dlw per step, dk, dv, du per batch and head [B, H, N], ds0):
+    bf16 like r, the rest float32."""
     B, _, H, N = r.shape
     dr, dk, dv = (kernels.new_output(r.shape, torch.bfloat16, r.device) for _ in range(3))
     dlw_steps = kernels.new_output(r.shape, torch.float32, r.device)
     du_part = kernels.new_output((B, H, N), torch.float32, r.device)
-    ds0 = kernels.new_output(s0.shape, torch.float32, r.device)
-    rdrs = torch.empty(r.shape, dtype=torch.float32, device=r.device)  # scratch, fully written by the first pass
-    module.backward(r, lw, k, v, u, s0, s_final, dy, ds_final, dr, dlw_steps, dk, dv, du_part, ds0, rdrs)
+    return dr, dlw_steps, dk, dv, du_part, kernels.new_output(state_shape, torch.float32, r.device)
+
+
+def summed_gradients(lw: Tensor, dr, dlw_steps, dk, dv, du_part, ds0) -> tuple[Tensor, ...]:
+    """new_gradients' tensors as the op returns them: lw's and u's gradients summed to their shapes."""
     dlw = dlw_steps if lw.dim() == 4 else dlw_steps.sum(dim=(0, 1))
     return dr, dlw, dk, dv, du_part.sum(0), ds0
 
 
+def fake_gradients(r: Tensor, lw: Tensor, u: Tensor, state: Tensor) -> tuple[Tensor, ...]:
+    """summed_gradients' shapes and dtypes, for the ops' fake implementations."""
+    return tuple(torch.empty_like(x) for x in (r, lw, r, r, u, state))
+
+
 @wkv_diag_backward.register_fake
 def _(r, lw, k, v, u, s0, s_final, dy, ds_final):
-    return (
-        torch.empty_like(r), torch.empty_like(lw), torch.empty_like(r), torch.empty_like(r),
-        torch.empty_like(u), torch.empty_like(s0),
-    )  # fmt: skip
+    return fake_gradients(r, lw, u, s0)
 
 
 def _setup_context(ctx, inputs, output) -> None:
