@@ -17,7 +17,7 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   sanitizer  compute-sanitizer memcheck over scripts/sanitize_kernels.py
   racecheck  compute-sanitizer racecheck over the same: shared-memory hazards between threads
   profile    scripts/profile_kernels.py: per-kernel time of both v7 kernels
-  splits     scripts/bench_wkv7_split.py: the chunked v7 kernel at 1, 2 and 4 blocks per head, B=1 to 8
+  splits     scripts/bench_wkv7_split.py: the chunked kernels at 1, 2 and 4 blocks per head, B=1 to 8
   versions   scripts/bench_wkv7_versions.py: the chunked v7 kernel beside the earlier versions exported to
              third_party/wkv7_versions (--export REV), timed on this GPU in the same run
   kernels    scripts/bench_kernels.py (forward + backward times against RWKV-LM and fla)
@@ -31,8 +31,10 @@ Steps, each a subprocess with its own time limit, its output kept in --out/<step
   train-accumulate  1.5B as train-compiled with 4 micro-batches per optimiser step, without checkpointing
                  and with selective-wkv (--accumulate 4 --grad-cp off selective-wkv), profiled as train-modes
 --generations narrows the builds, tests, sanitizers, profile and kernel benchmark to those kernels
-(v7-chunked is the chunked RWKV-7 kernel; the kernel benchmark times both RWKV-7 kernels for either),
-and keeps a training step (and splits) only where its kernel is chosen (train: v7; the others: v7-chunked).
+(v7-chunked and v6-chunked are the chunked RWKV-7 and RWKV-5/6 kernels; the kernel benchmark times
+both kernels of a generation for either), and keeps a step that concerns some kernels only where one
+of them is chosen (train: v7; splits: the chunked ones; versions and the other training runs:
+v7-chunked).
 --steps runs only the steps named, in the order given (the most important first), where --skip
 leaves steps out of the default order.
 
@@ -76,10 +78,10 @@ GENERATIONS = tuple(kernels.SOURCES)  # v4, v5, v6, v7, v7-chunked, v6-chunked
 TEST_FILTER = {"v4": "v4", "v5": "v5 and not v5-chunked", "v6": "v6 and not v6-chunked",
                "v7": "(v7 and not chunked) or sequential",
                "v7-chunked": "chunked and not v5-chunked and not v6-chunked", "v6-chunked": "v5-chunked or v6-chunked"}
-# steps that only concern one kernel
-STEP_KERNEL = {"splits": "v7-chunked", "versions": "v7-chunked", "train": "v7", "train-chunked": "v7-chunked",
-               "train-compiled": "v7-chunked", "train-modes": "v7-chunked", "train-autotune": "v7-chunked",
-               "train-accumulate": "v7-chunked"}
+# steps that only concern some kernels: run where --generations names one of them
+STEP_KERNEL = {"splits": ("v7-chunked", "v6-chunked"), "versions": ("v7-chunked",), "train": ("v7",),
+               "train-chunked": ("v7-chunked",), "train-compiled": ("v7-chunked",), "train-modes": ("v7-chunked",),
+               "train-autotune": ("v7-chunked",), "train-accumulate": ("v7-chunked",)}
 MIN_STEP_S = 30  # with --budget, a step is started only with at least this many seconds left
 LOG_TAIL_LINES = 40  # lines of a failed step's log in the report
 
@@ -138,7 +140,8 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
         Step("racecheck", sanitizer("racecheck"), 900, r"RACECHECK SUMMARY"),
         Step("profile", [py, "scripts/profile_kernels.py", "--generations", *profiled], 600,
              rf"^{profiled[-1]} +forward \+ backward"),
-        Step("splits", [py, "scripts/bench_wkv7_split.py", "--out", str(out / "splits")], 600, r"written:|error",
+        Step("splits", [py, "scripts/bench_wkv7_split.py", "--out", str(out / "splits"), "--kernels",
+                        *[g for g in ("v7-chunked", "v6-chunked") if g in chosen]], 600, r"written:|error",
              out / "splits" / "bench_wkv7_split.md"),
         Step("versions", [py, "scripts/bench_wkv7_versions.py", "--out", str(out / "versions")], 600, r"written:|error",
              out / "versions" / "bench_wkv7_versions.md"),
@@ -168,7 +171,7 @@ def plan(out: Path, jobs: int, generations: list[str] | None = None) -> list[Ste
                                   "--out", str(out / "train-accumulate")],
              1800, r"written:|error", out / "train-accumulate" / "bench_train.md"),
     ]
-    return [s for s in steps if s.name not in STEP_KERNEL or STEP_KERNEL[s.name] in chosen]
+    return [s for s in steps if s.name not in STEP_KERNEL or set(STEP_KERNEL[s.name]) & set(chosen)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -202,7 +205,7 @@ def chosen_steps(args: argparse.Namespace) -> list[Step]:
     if args.steps:
         missing = [name for name in args.steps if name not in planned]
         if missing:
-            kernel = ", ".join(sorted({STEP_KERNEL[name] for name in missing}))
+            kernel = " or ".join(sorted({k for name in missing for k in STEP_KERNEL[name]}))
             raise ValueError(f"--steps {' '.join(missing)}: only run with the {kernel} kernel, which --generations "
                              f"{' '.join(args.generations or [])} leaves out; add it to --generations or drop the step")
         steps = [planned[name] for name in args.steps]

@@ -75,7 +75,10 @@ def test_generations_narrow_every_step_and_drop_the_training_runs_of_other_kerne
     assert steps["racecheck"].endswith("sanitize_kernels.py v7-chunked")
     assert steps["kernels"].endswith("--generations v7")  # the kernel benchmark's v7 row times both kernels
     v6 = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v6").stdout
-    assert "bench_wkv7_split.py" not in v6 and "bench_wkv7_versions.py" not in v6  # steps for the chunked kernel alone
+    assert "bench_wkv7_split.py" not in v6 and "bench_wkv7_versions.py" not in v6  # steps for the chunked kernels alone
+    v6_chunked = {line.split()[0]: line for line in
+                  run_cli("scripts/gpu_report.py", "--plan", "--generations", "v6-chunked").stdout.splitlines()}
+    assert v6_chunked["splits"].endswith("--kernels v6-chunked") and "versions" not in v6_chunked
     bad = run_cli("scripts/gpu_report.py", "--plan", "--generations", "v8")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
