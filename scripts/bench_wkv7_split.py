@@ -86,7 +86,8 @@ def time_shape(kernel: str, B: int, T: int, C: int, N: int, splits: list[int], c
         forward_ms = kernels.median_cuda_ms(forward, repeats, warmup=2)
         both_ms = kernels.median_cuda_ms(both, repeats, warmup=2)
         mark = " *" if split == chosen else ""
-        rows.append(f"| {kernel} | {B} | {T} | {split}{mark} | {B * C // N * split} | {forward_ms:.2f} | {both_ms:.2f} |")
+        blocks = B * C // N * split
+        rows.append(f"| {kernel} | {B} | {T} | {split}{mark} | {blocks} | {forward_ms:.2f} | {both_ms:.2f} |")
         print(rows[-1], flush=True)
     return rows
 
