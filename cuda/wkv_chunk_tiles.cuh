@@ -137,8 +137,9 @@ __device__ __forceinline__ void matmul(float* c, int ldc, const bf16* a, int lda
     const int warp = threadIdx.x / 32, tiles_n = cols / 16, tiles = rows / 16 * tiles_n;
     for (int tile = warp; tile < tiles; tile += WARPS) {
         const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16;
-        tile_mma<LA, LB>(c + m0 * ldc + n0, ldc, a + (is_row<LA> ? m0 * lda : m0), lda, b + (is_row<LB> ? n0 : n0 * ldb),
-                         ldb, K, accumulate, c_t ? c_t + n0 * ldc_t + m0 : nullptr, ldc_t);
+        const bf16 *a0 = a + (is_row<LA> ? m0 * lda : m0), *b0 = b + (is_row<LB> ? n0 : n0 * ldb);
+        tile_mma<LA, LB>(c + m0 * ldc + n0, ldc, a0, lda, b0, ldb, K, accumulate, c_t ? c_t + n0 * ldc_t + m0 : nullptr,
+                         ldc_t);
     }
 }
 

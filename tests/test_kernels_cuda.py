@@ -349,11 +349,13 @@ def _trained_looking(model: torch.nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g, device="cuda", dtype=p.dtype) * 0.1)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["sequential", "chunked"])
-def test_model_trains_a_step_with_the_cuda_kernel(chunked):
-    """A tiny v7 model: model.kernel=cuda gives a finite loss, and the loss and gradients of model.kernel=torch."""
-    require_kernel("v7-chunked" if chunked else "v7", 64)
-    dims = dict(version="v7", n_layer=2, n_embd=128, head_size=64, vocab_size=256)
+@pytest.mark.parametrize("version,chunked", [("v7", False), ("v7", True), ("v6", True)],
+                         ids=["sequential", "chunked", "v6-chunked"])
+def test_model_trains_a_step_with_the_cuda_kernel(version, chunked):
+    """A tiny v7 model (and v6 on its chunked kernel): model.kernel=cuda gives a finite loss, and the loss and
+    gradients of model.kernel=torch."""
+    require_kernel(f"{version}-chunked" if chunked else version, 64)
+    dims = dict(version=version, n_layer=2, n_embd=128, head_size=64, vocab_size=256)
     start = build_model(ModelConfig(**dims, kernel="torch"), device="cuda")
     _trained_looking(start, seed=3)
     weights = {k: v.clone() for k, v in start.state_dict().items()}
@@ -362,7 +364,8 @@ def test_model_trains_a_step_with_the_cuda_kernel(chunked):
 
     results = {}
     for kernel in ("torch", "cuda"):
-        model = build_model(ModelConfig(**dims, kernel=kernel, wkv7_chunked=chunked), device="cuda", init=False)
+        model = build_model(ModelConfig(**dims, kernel=kernel, wkv7_chunked=chunked, wkv_diag_chunked=chunked),
+                            device="cuda", init=False)
         model.load_state_dict(weights)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         with kernels.poisoned_outputs():
