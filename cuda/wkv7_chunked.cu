@@ -540,47 +540,22 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
 // Launches, shared by the torch binding below and the CPU emulation in tests/cuda_cpu. split: the
 // blocks per head (above 1 needs clusters, so sm_90 or later); false, launching nothing, for a split
 // that is not valid_split.
-template <int SPLIT>
-inline bool launch_forward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const float* s0, bf16* y,
-                                 float* s_final, bf16* states) {
-    if constexpr (!valid_split(SPLIT)) {
-        return false;
-    } else {
-        constexpr ForwardSmem F;
-        WKV_ALLOW_SMEM(forward_kernel<SPLIT>, F.bytes);
-        WKV_LAUNCH(forward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, F.bytes, stream, T, H, in, s0, y, s_final, states);
-        return true;
-    }
-}
-
-template <int SPLIT>
-inline bool launch_backward_split(cudaStream_t stream, int B, int T, int H, Inputs in, const bf16* dy,
-                                  const bf16* states, const float* ds_final, Grads out, float* ds0) {
-    if constexpr (!valid_split(SPLIT)) {
-        return false;
-    } else {
-        constexpr BackwardSmem S;
-        WKV_ALLOW_SMEM(backward_kernel<SPLIT>, S.bytes);
-        if constexpr (SPLIT == 1)
-            WKV_LAUNCH(backward_kernel<1>, dim3(H, B), THREADS, S.bytes, stream, T, H, in, dy, states, ds_final, out, ds0);
-        else
-            WKV_LAUNCH_CLUSTER(backward_kernel<SPLIT>, dim3(H * SPLIT, B), THREADS, S.bytes, stream, SPLIT, T, H, in,
-                               dy, states, ds_final, out, ds0);
-        return true;
-    }
-}
-
 inline bool launch_forward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const float* s0, bf16* y,
                            float* s_final, bf16* states) {
     return with_split(split, [&](auto s) {
-        return launch_forward_split<decltype(s)::value>(stream, B, T, H, in, s0, y, s_final, states);
+        constexpr int SPLIT = decltype(s)::value;
+        constexpr ForwardSmem F;
+        launch_heads<SPLIT>(forward_kernel<SPLIT>, F.bytes, false, stream, B, H, T, H, in, s0, y, s_final, states);
     });
 }
 
 inline bool launch_backward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const bf16* dy,
                             const bf16* states, const float* ds_final, Grads out, float* ds0) {
     return with_split(split, [&](auto s) {
-        return launch_backward_split<decltype(s)::value>(stream, B, T, H, in, dy, states, ds_final, out, ds0);
+        constexpr int SPLIT = decltype(s)::value;
+        constexpr BackwardSmem S;
+        launch_heads<SPLIT>(backward_kernel<SPLIT>, S.bytes, true, stream, B, H, T, H, in, dy, states, ds_final, out,
+                            ds0);
     });
 }
 

@@ -301,16 +301,37 @@ struct Part {
         : h(blockIdx.x / SPLIT), rank(blockIdx.x % SPLIT), v0(rank * VALUES), k0(rank * KEYS) {}
 };
 
-// f(std::integral_constant<int, SPLIT>{}) for a split of 1, 2 or 4, the launch of one compiled split;
-// false for any other.
+// f(std::integral_constant<int, SPLIT>{}), the launch of one compiled split, and true for a split of 1,
+// 2 or 4 that valid_split allows; false, launching nothing, for any other.
+template <int SPLIT, typename F>
+inline bool call_split(F& f) {
+    if constexpr (valid_split(SPLIT)) {
+        f(std::integral_constant<int, SPLIT>{});
+        return true;
+    } else {
+        return false;
+    }
+}
 template <typename F>
 inline bool with_split(int split, F&& f) {
     switch (split) {
-        case 1: return f(std::integral_constant<int, 1>{});
-        case 2: return f(std::integral_constant<int, 2>{});
-        case 4: return f(std::integral_constant<int, 4>{});
+        case 1: return call_split<1>(f);
+        case 2: return call_split<2>(f);
+        case 4: return call_split<4>(f);
         default: return false;
     }
+}
+
+// kernel over B x H heads at SPLIT blocks each (blockIdx.x = h * SPLIT + rank, blockIdx.y = b) with
+// `smem` bytes of dynamic shared memory; with `cluster` a head's blocks run as a thread block cluster.
+template <int SPLIT, typename... Params, typename... Args>
+inline void launch_heads(void (*kernel)(Params...), size_t smem, bool cluster, cudaStream_t stream, int B, int H,
+                         Args... args) {
+    WKV_ALLOW_SMEM(kernel, smem);
+    if (SPLIT > 1 && cluster)
+        WKV_LAUNCH_CLUSTER(kernel, dim3(H * SPLIT, B), THREADS, smem, stream, SPLIT, args...);
+    else
+        WKV_LAUNCH(kernel, dim3(H * SPLIT, B), THREADS, smem, stream, args...);
 }
 
 // The blocks of a split head form a thread block cluster (sm_90 and later; a build for an older
