@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -222,13 +223,17 @@ def emulate(monkeypatch, generation: str, module_class) -> list[tuple[str, int |
     return asked
 
 
-def assert_splits_match_one_block(kernel, inputs: list[Tensor], s0: Tensor, dy: Tensor, ds_final: Tensor,
-                                  grad_names: tuple[str, ...]) -> None:
-    """kernel (an ...OnCpu emulation) at each of its splits against one block per head: the forward's y,
-    final state and saved states bitwise equal (each block's values evolve on their own), the backward's
-    gradients within float32 rounding (its sums across the cluster only change order)."""
+def assert_splits_match_one_block(kernel, inputs: list[Tensor], grad_names: tuple[str, ...]) -> None:
+    """kernel (an ...OnCpu emulation) at each of its splits against one block per head, from a random state
+    and with random dy and final-state gradient: the forward's y, final state and saved states bitwise
+    equal (each block's values evolve on their own), the backward's gradients within float32 rounding
+    (its sums across the cluster only change order)."""
     from tests.conftest import rel_error
 
+    B, T, H, N = inputs[0].shape
+    g = torch.Generator().manual_seed(32)
+    s0 = 0.5 * torch.randn(B, H, N, N, generator=g)
+    dy, ds_final = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16), torch.randn(B, H, N, N, generator=g)
     one = kernel.forward(*inputs, s0, split=1)
     one_grads = kernel.backward(*inputs, one[2], dy, ds_final, split=1)
     for split in kernel.splits[1:]:
@@ -237,3 +242,12 @@ def assert_splits_match_one_block(kernel, inputs: list[Tensor], s0: Tensor, dy: 
         grads = kernel.backward(*inputs, one[2], dy, ds_final, split=split)
         for name, x, ref in zip(grad_names, grads, one_grads):
             assert rel_error(x, ref) < 1e-5, f"split {split}: {name} {rel_error(x, ref):.1e} from one block per head"
+
+
+def assert_unsupported_splits_refused(kernel, inputs: list[Tensor]) -> None:
+    """Splits the kernel was not built for (0, 3, 8, and 4 at head size 32 or 5) are refused, launching nothing."""
+    B, _, H, N = inputs[0].shape
+    s0 = torch.zeros(B, H, N, N)
+    for split in (0, 3, 8, 4 if N == 32 else 5):
+        with pytest.raises(ValueError, match=f"split {split} is not one of"):
+            kernel.forward(*inputs, s0, split=split)

@@ -107,20 +107,12 @@ def test_split_heads_compute_each_value_row_as_one_block_does(kernel):
     """A value row of the state evolves on its own (row i of S' needs only row i of S and v_i), so the
     forward gives bitwise the same y, final state and saved states however the rows are dealt out; the
     backward's key-side sums only change order, so its gradients agree to float32 rounding."""
-    B, T, H, N = 1, 45, 2, kernel.head_size
-    inputs = model_like_inputs(B, T, H, N, seed=31)
-    g = torch.Generator().manual_seed(32)
-    s0 = 0.5 * torch.randn(B, H, N, N, generator=g)
-    dy, ds_final = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16), torch.randn(B, H, N, N, generator=g)
-    cuda_on_cpu.assert_splits_match_one_block(kernel, inputs, s0, dy, ds_final, GRADS)
+    inputs = model_like_inputs(1, 45, 2, kernel.head_size, seed=31)
+    cuda_on_cpu.assert_splits_match_one_block(kernel, inputs, GRADS)
 
 
 def test_a_split_the_head_size_does_not_allow_is_refused(kernel):
-    inputs = model_like_inputs(1, 5, 1, kernel.head_size, seed=41)
-    s0 = torch.zeros(1, 1, kernel.head_size, kernel.head_size)
-    for split in (0, 3, 8, 4 if kernel.head_size == 32 else 5):
-        with pytest.raises(ValueError, match=f"split {split} is not one of"):
-            kernel.forward(*inputs, s0, split=split)
+    cuda_on_cpu.assert_unsupported_splits_refused(kernel, model_like_inputs(1, 5, 1, kernel.head_size, seed=41))
 
 
 def test_saved_chunk_states_are_the_states_at_chunk_starts(kernel):
