@@ -77,6 +77,7 @@ struct ForwardSmem {
 };
 static_assert(TILE_H % 128 == 0, "right starts 128-byte aligned");
 static_assert(SQUARE_F <= TILE_F, "the backward keeps M^T in d_ends' tile until d_ends is made");
+static_assert(size_t(L) * N * 4 <= SQUARE_F, "a chunk's log-decays are staged in M's place");
 static_assert(N != 64 || ForwardSmem().bytes + 1024 <= 228 * 1024 / 4, "4 forward blocks per multiprocessor");
 
 struct BackwardSmem {
@@ -100,55 +101,53 @@ struct Inputs {
     const float* lw;
 };
 
-// Whether channel n (0 <= n < N) is one of the block's VALUES value channels (the first VALUES; the
-// block's v0 offsets them in global memory). Constant true with one block per head.
+// A chunk's inputs as loaded, in 16-byte pieces (`Pieces`): every step's log-decays and a, r, b, k
+// of the chunk's steps, and v of the block's VALUES value channels (from v0). A chunk's loads are its
+// longest wait, so each thread issues all of its loads before it uses any (one memory latency per
+// chunk instead of one per step), and nothing waits for them until stage_chunk, so the backward can
+// load the next chunk while it works on this one.
 template <int VALUES>
-__device__ __forceinline__ bool block_value(int n) { return VALUES == N || n < VALUES; }
-
-// A chunk's inputs as one thread uses them: every step's log-decay of its channel n = tid % N, and
-// a, r, b, k of the PER consecutive steps t = tid / N * PER + j of that channel, and v of the same
-// steps of value channel v0 + n where n < VALUES (the block's value rows). A chunk's loads
-// are its longest wait, so each thread issues all of its loads before it uses any (one memory
-// latency per chunk instead of one per step), and keeps them as loaded, unconverted: nothing waits
-// for them until chunk_factors, so the backward can load the next chunk while it works on this one.
 struct ChunkLoads {
-    float lw[L];                                  // 0 past the end
-    bf16 a[PER], r[PER], b[PER], k[PER], v[PER];  // 0 past the end
+    Pieces<float, N> lw;                  // 0 past the end
+    Pieces<bf16, N> a, r, b, k;           // 0 past the end
+    Pieces<bf16, VALUES> v;               // 0 past the end
 };
 
 template <int VALUES>
 __device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& rows, int t0, int steps, int v0,
-                                           ChunkLoads& x) {
-    const int n = threadIdx.x % N, first = threadIdx.x / N * PER;
-    const float* lw = in.lw + rows.at(t0, n);
-#pragma unroll
-    for (int t = 0; t < L; t++, lw += rows.stride) x.lw[t] = t < steps ? *lw : 0.f;
-    const int64_t at = rows.at(t0 + first, n);
-    const bf16 *a = in.a + at, *r = in.r + at, *b = in.b + at, *k = in.k + at, *v = in.v + at + v0, zero = to_bf16(0.f);
-    const bool value = block_value<VALUES>(n);
-#pragma unroll
-    for (int j = 0; j < PER; j++) {
-        const bool live = first + j < steps;
-        const int64_t o = j * rows.stride;
-        x.a[j] = live ? a[o] : zero, x.r[j] = live ? r[o] : zero, x.b[j] = live ? b[o] : zero;
-        x.k[j] = live ? k[o] : zero, x.v[j] = live && value ? v[o] : zero;
-    }
+                                           ChunkLoads<VALUES>& x) {
+    x.lw.load(in.lw, rows, t0, steps, 0);
+    x.a.load(in.a, rows, t0, steps, 0), x.r.load(in.r, rows, t0, steps, 0);
+    x.b.load(in.b, rows, t0, steps, 0), x.k.load(in.k, rows, t0, steps, 0);
+    x.v.load(in.v, rows, t0, steps, v0);
 }
 
-// Builds one chunk's factor tiles from its inputs (left, right, hat, ends; the block's VALUES columns
-// of V into rows L.. of xv),
-// decay[n] = e^(c_L), and where cum is given, c_t into cum [L][N]. Each thread its own (step,
-// channel) pairs; no synchronisation inside. Returns the thread's channel's clamped steps (bit t:
-// step t's log-decay was below LW_MIN and was taken as LW_MIN, so its gradient is 0).
+// A chunk's loads into shared memory where chunk_factors reads them: the log-decays into lw ([L][N]
+// floats), a and r into hat's rows, b and k into ends' (chunk_factors turns them into the factors in
+// place), v into rows L.. of xv. A barrier must follow before chunk_factors.
 template <int VALUES>
-__device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* left, bf16* right, bf16* hat, bf16* ends,
-                                                  bf16* xv, float* decay, float* cum) {
+__device__ __forceinline__ void stage_chunk(const ChunkLoads<VALUES>& x, float* lw, bf16* hat, bf16* ends, bf16* xv) {
+    x.lw.store(lw, N);
+    x.a.store(hat, LDH), x.r.store(hat + L * LDH, LDH), x.b.store(ends, LDH), x.k.store(ends + L * LDH, LDH);
+    x.v.store(xv + L * LDH, LDH);
+}
+
+// Builds one chunk's factor tiles from its staged inputs (left, right, and hat and ends in place of
+// the a, r, b, k staged there), decay[n] = e^(c_L), and where cum is given, c_t into cum [L][N]. Each
+// thread its own (step, channel) pairs, channel n = tid % N and PER consecutive steps; no
+// synchronisation inside. Returns the thread's channel's clamped steps (bit t: step t's log-decay was
+// below LW_MIN and was taken as LW_MIN, so its gradient is 0).
+__device__ __forceinline__ unsigned chunk_factors(const float* lw, bf16* left, bf16* right, bf16* hat, bf16* ends,
+                                                  float* decay, float* cum) {
     const int n = threadIdx.x % N, group = threadIdx.x / N;
     float c[L + 1];  // c[t + 1]: the cumulative log-decay through step t
     c[0] = 0.f;
     unsigned clamped = 0;
 #pragma unroll
-    for (int t = 0; t < L; t++) clamped |= unsigned(x.lw[t] < LW_MIN) << t, c[t + 1] = c[t] + fmaxf(x.lw[t], LW_MIN);
+    for (int t = 0; t < L; t++) {
+        const float w = lw[t * N + n];
+        clamped |= unsigned(w < LW_MIN) << t, c[t + 1] = c[t] + fmaxf(w, LW_MIN);
+    }
     // Every factor from two exponentials per step: e^(c_in) (the next step's e^(c_ex)) and
     // e^(c_ref - c_in), and the channel's e^(+-c_ref); all stay within float32's normal range
     // (c >= L * LW_MIN = -80).
@@ -166,7 +165,8 @@ __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* lef
         const int t = group * PER + j;
         if (j == 0) e_ex = __expf(c_ex);
         const float e_in = __expf(c_in), to_ref = __expf(c_ref - c_in), to_end = to_ref * up;
-        const float a = f32(x.a[j]), r = f32(x.r[j]), b = f32(x.b[j]), k = f32(x.k[j]);
+        const float a = f32(hat[t * LDH + n]), r = f32(hat[(L + t) * LDH + n]);
+        const float b = f32(ends[t * LDH + n]), k = f32(ends[(L + t) * LDH + n]);
         left[t * LDH + n] = to_bf16(a * (e_ex * down));
         left[(L + t) * LDH + n] = to_bf16(r * (e_in * down));
         right[t * LDH + n] = to_bf16(b * to_ref);
@@ -176,7 +176,6 @@ __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, bf16* lef
         ends[t * LDH + n] = to_bf16(b * to_end);
         ends[(L + t) * LDH + n] = to_bf16(k * to_end);
         e_ex = e_in;
-        if (block_value<VALUES>(n)) xv[(L + t) * LDH + n] = x.v[j];
         if (cum) cum[t * N + n] = c_in;
     }
     return clamped;
@@ -241,10 +240,12 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
     for (int c = 0; c < chunks; c++) {
         const int t0 = c * L, steps = min(L, T - t0);
         bf16* saved = states + (head * chunks + c) * N * N + rows;
-        ChunkLoads x;
+        ChunkLoads<VALUES> x;
         load_chunk<VALUES>(in, g, t0, steps, part.v0, x);
         save_state<VALUES>(Sh, saved);
-        chunk_factors<VALUES>(x, left, right, hat, ends, xv, decay, nullptr);
+        stage_chunk<VALUES>(x, M, hat, ends, xv);  // M is free until the first product
+        __syncthreads();
+        chunk_factors(M, left, right, hat, ends, decay, nullptr);
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
         __syncthreads();  // P overwrites left and right
@@ -269,9 +270,13 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
         }
         scale_columns<VALUES>(S, decay);
         __syncthreads();
-        {  // y_t = (P_r + M_rk V)[t] + sum_{s<=t} M_rb[t,s] x_s, x from P's a rows into registers once
-            constexpr int Y_GROUPS = THREADS / VALUES, Y_PER = L / Y_GROUPS;  // threads per channel, rows per thread
-            static_assert(THREADS % VALUES == 0 && L % Y_GROUPS == 0 && Y_PER % 2 == 0, "pairs of rows per thread");
+        // y_t = (P_r + M_rk V)[t] + sum_{s<=t} M_rb[t,s] x_s, x from P's a rows into registers once. With
+        // 4 or more rows per thread, y goes into hat's first rows (free since hat S^T) and out in pieces
+        // after the next barrier; with 2 (a split head), straight out (staging them spills registers).
+        constexpr int Y_GROUPS = THREADS / VALUES, Y_PER = L / Y_GROUPS;  // threads per channel, rows per thread
+        constexpr bool STAGE_Y = Y_PER >= 4;
+        static_assert(THREADS % VALUES == 0 && L % Y_GROUPS == 0 && Y_PER % 2 == 0, "pairs of rows per thread");
+        {
             const int i = tid % VALUES, group = tid / VALUES;
             float xs[L];
 #pragma unroll
@@ -286,14 +291,18 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
 #pragma unroll
                     for (int side = 0; side < 2; side++) {
                         const int t = side ? L - 1 - p : p;
-                        const float acc = row_dot(P[(L + t) * LDH + i], M + (L + t) * LDM, xs, 0, t);
-                        if (t < steps) y[g.at(t0 + t, part.v0 + i)] = to_bf16(acc);
+                        const bf16 y_t = to_bf16(row_dot(P[(L + t) * LDH + i], M + (L + t) * LDM, xs, 0, t));
+                        if constexpr (STAGE_Y)
+                            hat[t * LDH + i] = y_t;
+                        else if (t < steps)
+                            y[g.at(t0 + t, part.v0 + i)] = y_t;
                     }
             }
         }
         matmul<col, row>(S, LDH, xv, LDH, ends, LDH, VALUES, N, L2, true);  // S += [X; V]^T ends
         __syncthreads();
         round_state<VALUES>(S, Sh);
+        if constexpr (STAGE_Y) Pieces<bf16, VALUES>::write(hat, LDH, y, g, t0, steps, part.v0);
         __syncthreads();
     }
     store_state<VALUES>(S, s_final + head * N * N + rows);
@@ -309,20 +318,17 @@ struct Grads {
 template <int VALUES>
 struct BackwardLoads {
     SavedState<VALUES> start;
-    ChunkLoads x;
-    bf16 dy[PER];
+    ChunkLoads<VALUES> x;
+    Pieces<bf16, VALUES> dy;
 };
 template <int VALUES>
 __device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states, const HeadRows& rows,
                                               int64_t head, int chunks, int c, int T, int v0,
                                               BackwardLoads<VALUES>& l) {
-    const int t0 = c * L, steps = min(L, T - t0), n = threadIdx.x % N, first = threadIdx.x / N * PER;
+    const int t0 = c * L, steps = min(L, T - t0);
     load_saved<VALUES>(states + (head * chunks + c) * N * N + int64_t(v0) * N, l.start);
     load_chunk<VALUES>(in, rows, t0, steps, v0, l.x);
-    const bf16 *d = dy + rows.at(t0 + first, v0 + n), zero = to_bf16(0.f);
-    const bool value = block_value<VALUES>(n);
-#pragma unroll
-    for (int j = 0; j < PER; j++) l.dy[j] = first + j < steps && value ? d[j * rows.stride] : zero;
+    l.dy.load(dy, rows, t0, steps, v0);
 }
 
 // The block's part of the sums over value rows that the key-side gradients need: its KEYS columns
@@ -403,14 +409,13 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
     load_backward<VALUES>(in, dy, states, g, head, chunks, chunks - 1, T, part.v0, next);
     for (int c = chunks - 1; c >= 0; c--) {
         const int t0 = c * L, steps = min(L, T - t0);
-        const BackwardLoads<VALUES> now = next;
-        store_saved<VALUES>(now.start, Sh);
-        const unsigned clamped_steps = chunk_factors<VALUES>(now.x, left, right, hat, ends, xv, decay, cum);
-        if (tid < N) clamped[tid] = clamped_steps;  // kept here, not in registers through the chunk
-        if (block_value<VALUES>(tid % N))
-#pragma unroll
-            for (int j = 0; j < PER; j++) gdy[(L + tid / N * PER + j) * LDH + tid % N] = now.dy[j];
+        store_saved<VALUES>(next.start, Sh);
+        stage_chunk<VALUES>(next.x, M, hat, ends, xv);  // M is free until the first product
+        next.dy.store(gdy + L * LDH, LDH);
+        __syncthreads();
         if (c > 0) load_backward<VALUES>(in, dy, states, g, head, chunks, c - 1, T, part.v0, next);
+        const unsigned clamped_steps = chunk_factors(M, left, right, hat, ends, decay, cum);
+        if (tid < N) clamped[tid] = clamped_steps;  // kept here, not in registers through the chunk
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false, MT, LDM);  // M = left right^T, and M^T
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, VALUES, N, false);            // hat_a S^T
@@ -452,15 +457,16 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
                 gg[t] = row_dot<true>(row_dot<true>(E[t * LDH + i], m + L, d, t, L - 1), m, gg, t + 1, L - 1);
             }
             if constexpr (SHARED_DV) named_barrier_sync(1, 2 * VALUES);
+            bf16* dv = out.dv + g.at(t0, part.v0 + i);  // step t's, stepped on by g.stride
 #pragma unroll
-            for (int t = 0; t < L; t++) {
+            for (int t = 0; t < L; t++, dv += g.stride) {
                 const float* m = MT + (L + t) * LDM;
                 float acc;
                 if constexpr (SHARED_DV)
                     acc = row_dot(P[(L + t) * LDH + i], m, gg, t + 1, L - 1);
                 else
                     acc = row_dot(row_dot(E[(L + t) * LDH + i], m, gg, t + 1, L - 1), m + L, d, t, L - 1);
-                if (t < steps) out.dv[g.at(t0 + t, part.v0 + i)] = to_bf16(acc);
+                if (t < steps) *dv = to_bf16(acc);
                 gdy[t * LDH + i] = to_bf16(gg[t]);
             }
         }
@@ -492,8 +498,10 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         // sum_{t>s} dc_ex[t] + dc_L over its own steps as it goes (in registers). What the channel's
         // other threads need of it, the sum of dc_t + dc_ex over its steps and of their terms of dc_L,
         // it leaves in two of its own (step, channel) places in d_right, which nobody else reads here;
-        // after the barrier each thread adds the later steps' sums and dc_L and writes its dlw.
+        // after the barrier each thread adds the later steps' sums and dc_L and writes its dlw. da and dr
+        // go into xv's rows, db and dk into gdy's (both free now), and out in pieces after the barrier.
         {
+            bf16 *da_dr = xv, *db_dk = gdy;
             constexpr int K_GROUPS = THREADS / KEYS, K_PER = L / K_GROUPS;  // threads per channel, steps per thread
             static_assert(THREADS % KEYS == 0 && L % K_GROUPS == 0 && K_PER >= 2, "whole steps of one channel per thread");
             const int n = k0 + tid % KEYS, group = tid / KEYS, first = group * K_PER;
@@ -510,13 +518,10 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
                 const float gr_b = d_right[t * LDH + n], gr_k = d_right[(L + t) * LDH + n];
                 const float ge_b = d_ends[t * LDH + n], ge_k = d_ends[(L + t) * LDH + n];
                 const float gh_a = d_hat[t * LDH + n], gh_r = d_hat[(L + t) * LDH + n];
-                if (t < steps) {
-                    const int64_t at = g.at(t0 + t, n);
-                    out.da[at] = to_bf16(gl_a * (e_ex * down) + gh_a * e_ex);
-                    out.dr[at] = to_bf16(gl_r * (e_c * down) + gh_r * e_c);
-                    out.db[at] = to_bf16(gr_b * e_b + ge_b * e_end);
-                    out.dk[at] = to_bf16(gr_k * e_b + ge_k * e_end);
-                }
+                da_dr[t * LDH + n] = to_bf16(gl_a * (e_ex * down) + gh_a * e_ex);
+                da_dr[(L + t) * LDH + n] = to_bf16(gl_r * (e_c * down) + gh_r * e_c);
+                db_dk[t * LDH + n] = to_bf16(gr_b * e_b + ge_b * e_end);
+                db_dk[(L + t) * LDH + n] = to_bf16(gr_k * e_b + ge_k * e_end);
                 const float t_la = gl_a * f32(left[t * LDH + n]), t_lr = gl_r * f32(left[(L + t) * LDH + n]);
                 const float t_rb = gr_b * f32(right[t * LDH + n]), t_rk = gr_k * f32(right[(L + t) * LDH + n]);
                 const float t_end = ge_b * f32(ends[t * LDH + n]) + ge_k * f32(ends[(L + t) * LDH + n]);
@@ -530,9 +535,18 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             d_right[first * LDH + n] = run, d_right[(first + 1) * LDH + n] = dc_L;
             __syncthreads();
             write_dlw<K_GROUPS, K_PER>(d_right, Z, decay, n, group, suffix, clamped[n], steps, out.dlw, g, t0);
+            using Out = Pieces<bf16, KEYS>;
+            Out::write(da_dr + k0, LDH, out.da, g, t0, steps, k0);
+            Out::write(da_dr + L * LDH + k0, LDH, out.dr, g, t0, steps, k0);
+            Out::write(db_dk + k0, LDH, out.db, g, t0, steps, k0);
+            Out::write(db_dk + L * LDH + k0, LDH, out.dk, g, t0, steps, k0);
         }
         round_state<VALUES>(dS, dSh);
-        __syncthreads();
+        // No barrier before the next chunk's staging: what it writes was last read before the barrier
+        // above, except rows L.. of xv and gdy, which hold dr and dk until they are written out. There a
+        // piece of v or dy goes where the same thread read its piece of dr or dk (the same pieces of the
+        // same rows; with split heads, columns k0 .. of a block with k0 > 0 are never staged into).
+        static_assert(KEYS == VALUES, "dr, dk and the next chunk's v, dy in the same pieces");
     }
     store_state<VALUES>(dS, ds0 + head * N * N + rows);
 }
@@ -572,11 +586,8 @@ namespace {
 using torch::Tensor;
 using wkv7c::bf16;
 
+// Every tensor is read and written 16 bytes at a time, so each must start 16-byte aligned.
 void check(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
-    wkv_binding::check("wkv7_chunked", x, name, dtype, numel);
-}
-// The states (and the saved chunk states) are read and written 16 bytes at a time.
-void check_state(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
     wkv_binding::check_aligned("wkv7_chunked", x, name, dtype, numel);
 }
 
@@ -594,7 +605,7 @@ void check_inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const Tens
     const int64_t n = r.numel(), chunks = (r.size(1) + wkv7c::L - 1) / wkv7c::L;
     for (auto [x, name] : {std::pair{r, "r"}, {k, "k"}, {v, "v"}, {a, "a"}, {b, "b"}}) check(x, name, at::kBFloat16, n);
     check(lw, "lw", at::kFloat, n);
-    check_state(states, "states", at::kBFloat16, r.size(0) * r.size(2) * chunks * wkv7c::N * wkv7c::N);
+    check(states, "states", at::kBFloat16, r.size(0) * r.size(2) * chunks * wkv7c::N * wkv7c::N);
 }
 
 void check_split(int64_t split, const Tensor& on) {
@@ -608,8 +619,8 @@ void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t ns = int64_t(B) * H * wkv7c::N * wkv7c::N;
     check(y, "y", at::kBFloat16, r.numel());
-    check_state(s0, "s0", at::kFloat, ns);
-    check_state(s_final, "s_final", at::kFloat, ns);
+    check(s0, "s0", at::kFloat, ns);
+    check(s_final, "s_final", at::kFloat, ns);
     if (B == 0 || H == 0) return;
     wkv7c::launch_forward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, inputs(r, lw, k, v, a, b),
                           s0.data_ptr<float>(), mbf(y), s_final.data_ptr<float>(), mbf(states));
@@ -625,8 +636,8 @@ void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tenso
     for (auto [x, name] : {std::pair{dy, "dy"}, {dr, "dr"}, {dk, "dk"}, {dv, "dv"}, {da, "da"}, {db, "db"}})
         check(x, name, at::kBFloat16, n);
     check(dlw, "dlw", at::kFloat, n);
-    check_state(ds_final, "ds_final", at::kFloat, ns);
-    check_state(ds0, "ds0", at::kFloat, ns);
+    check(ds_final, "ds_final", at::kFloat, ns);
+    check(ds0, "ds0", at::kFloat, ns);
     if (B == 0 || H == 0) return;
     const wkv7c::Grads out{mbf(dr), mbf(dk), mbf(dv), mbf(da), mbf(db), dlw.data_ptr<float>()};
     wkv7c::launch_backward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, inputs(r, lw, k, v, a, b), cbf(dy),

@@ -253,7 +253,50 @@ __device__ __forceinline__ void save_state(const bf16* Sh, bf16* dst) {
     }
 }
 
-// A chunk's inputs are loaded one channel n = tid % N per thread, PER consecutive steps of it each.
+// A chunk's tile of a [B, T, H, N] tensor, L steps by COLS channels, moved between global and shared
+// memory in 16-byte pieces (E elements each): piece p = tid + i THREADS is step p / ROW, channels
+// column(i) .. + E - 1, so a warp's accesses are whole rows and one instruction moves E elements.
+// Loads fill the pieces past the chunk's last step with zeros; stores leave those steps alone.
+template <typename T, int COLS>
+struct Pieces {
+    static constexpr int E = 16 / int(sizeof(T)), ROW = COLS / E, COUNT = L * ROW;
+    static constexpr int PER_THREAD = (COUNT + THREADS - 1) / THREADS;
+    static_assert(COLS % E == 0, "whole 16-byte pieces per row");
+    uint4 piece[PER_THREAD];
+
+    __device__ __forceinline__ static bool has(int i) {
+        return COUNT % THREADS == 0 || int(threadIdx.x) + i * THREADS < COUNT;
+    }
+    __device__ __forceinline__ static int step(int i) { return (int(threadIdx.x) + i * THREADS) / ROW; }
+    __device__ __forceinline__ static int column(int i) { return (int(threadIdx.x) + i * THREADS) % ROW * E; }
+
+    // From channels c0 .. c0 + COLS - 1 of `src` at steps t0 .. t0 + steps - 1 (16-byte aligned rows).
+    __device__ __forceinline__ void load(const T* src, const HeadRows& rows, int t0, int steps, int c0) {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; i++)
+            if (has(i))
+                piece[i] = step(i) < steps
+                               ? *reinterpret_cast<const uint4*>(src + rows.at(t0 + step(i), c0 + column(i)))
+                               : make_uint4(0, 0, 0, 0);
+    }
+    // Into a [L][ld] tile in shared memory (its first column at `tile`, 16-byte aligned rows).
+    __device__ __forceinline__ void store(T* tile, int ld) const {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; i++)
+            if (has(i)) *reinterpret_cast<uint4*>(tile + step(i) * ld + column(i)) = piece[i];
+    }
+    // The chunk's first `steps` rows of a [L][ld] shared-memory tile to channels c0 .. of `dst`.
+    __device__ __forceinline__ static void write(const T* tile, int ld, T* dst, const HeadRows& rows, int t0, int steps,
+                                                 int c0) {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; i++)
+            if (has(i) && step(i) < steps)
+                *reinterpret_cast<uint4*>(dst + rows.at(t0 + step(i), c0 + column(i))) =
+                    *reinterpret_cast<const uint4*>(tile + step(i) * ld + column(i));
+    }
+};
+
+// A chunk's factors are built one channel n = tid % N per thread, PER consecutive steps of it each.
 constexpr int GROUPS = THREADS / N;  // threads per channel
 constexpr int PER = L / GROUPS;      // steps per thread
 static_assert(THREADS % N == 0 && L % GROUPS == 0 && PER % 2 == 0, "each thread builds whole steps of one channel");
@@ -276,10 +319,11 @@ __device__ __forceinline__ void write_dlw(const float* shared, const float* Z, c
         if (other > group) later += shared[other * STEPS * LDH + n];
     }
     const int first = group * STEPS;
+    dlw += g.at(t0 + first, n);
 #pragma unroll
-    for (int j = 0; j < STEPS; j++) {
+    for (int j = 0; j < STEPS; j++, dlw += g.stride) {
         const int t = first + j;
-        if (t < steps) dlw[g.at(t0 + t, n)] = floored >> t & 1 ? 0.f : later + suffix[j];
+        if (t < steps) *dlw = floored >> t & 1 ? 0.f : later + suffix[j];
     }
 }
 

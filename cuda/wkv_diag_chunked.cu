@@ -57,19 +57,21 @@ constexpr size_t value_tile_bytes(int element) { return size_t(L) * ldv<VALUES> 
 // The forward keeps under 56 KB at N = 64: 4 blocks per H100 multiprocessor.
 template <int VALUES>
 struct ForwardSmem {
-    size_t S, Sh, left, right, hat, ends, V, bonus, M, Mh, Y, parts, diag, decay, bytes;
+    size_t S, Sh, left, right, hat, ends, V, bonus, M, Mh, Y, lw, parts, diag, decay, bytes;
     __host__ __device__ constexpr ForwardSmem()
-        : S(), Sh(), left(), right(), hat(), ends(), V(), bonus(), M(), Mh(), Y(), parts(), diag(), decay(), bytes() {
+        : S(), Sh(), left(), right(), hat(), ends(), V(), bonus(), M(), Mh(), Y(), lw(), parts(), diag(), decay(),
+          bytes() {
         Carve c;
         S = c.take(state_bytes<VALUES>(4)), Sh = c.take(state_bytes<VALUES>(2));
         left = c.take(TILE_H), right = c.take(TILE_H), hat = c.take(TILE_H), ends = c.take(TILE_H);
         V = c.take(value_tile_bytes<VALUES>(2)), bonus = c.take(TILE_F), M = c.take(SQUARE_F), Mh = c.take(SQUARE_H);
-        Y = c.take(value_tile_bytes<VALUES>(4)), parts = c.take(L * PARTS * 4), diag = c.take(L * 4);
-        decay = c.take(N * 4);
+        Y = c.take(value_tile_bytes<VALUES>(4)), lw = c.take(size_t(L) * N * 4), parts = c.take(L * PARTS * 4);
+        diag = c.take(L * 4), decay = c.take(N * 4);
         bytes = c.end;
     }
 };
 static_assert(N != 64 || ForwardSmem<N>().bytes + 1024 <= 228 * 1024 / 4, "4 forward blocks per multiprocessor");
+static_assert(size_t(L) * N * 4 <= TILE_F, "the backward stages a chunk's log-decays in d_left's place");
 
 template <int VALUES>
 struct BackwardSmem {
@@ -187,49 +189,45 @@ struct Inputs {
     bool lw_per_step;  // lw is [B, T, H, N] (RWKV-6), else one [H, N] for every step (RWKV-5)
 };
 
-// A chunk's inputs as one thread uses them: every step's log-decay of its channel n = tid % N, and r
-// and k of the PER consecutive steps t = tid / N * PER + j of that channel, v of the same steps of
-// value channel v0 + n where n < VALUES (the block's values), all loaded before any is used (one
-// memory latency per chunk, not one per step).
+// A chunk's inputs as loaded, in 16-byte pieces (`Pieces`): r and k of the chunk's steps, v of the
+// block's VALUES value channels (from v0), and every step's log-decays where they are per step
+// (RWKV-6), all loaded before any is used (one memory latency per chunk, not one per step).
+template <int VALUES>
 struct ChunkLoads {
-    float lw[L];                  // 0 past the end
-    bf16 r[PER], k[PER], v[PER];  // 0 past the end
+    Pieces<float, N> lw;           // 0 past the end; loaded only where lw is per step
+    Pieces<bf16, N> r, k;          // 0 past the end
+    Pieces<bf16, VALUES> v;        // 0 past the end
 };
 
 template <int VALUES>
-__device__ __forceinline__ bool block_value(int n) { return VALUES == N || n < VALUES; }
-
-template <int VALUES>
-__device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& rows, int h, int t0, int steps, int v0,
-                                           ChunkLoads& x) {
-    const int n = threadIdx.x % N, first = threadIdx.x / N * PER;
-    if (in.lw_per_step) {
-        const float* lw = in.lw + rows.at(t0, n);
-#pragma unroll
-        for (int t = 0; t < L; t++, lw += rows.stride) x.lw[t] = t < steps ? *lw : 0.f;
-    } else {
-        const float lw = in.lw[h * N + n];
-#pragma unroll
-        for (int t = 0; t < L; t++) x.lw[t] = t < steps ? lw : 0.f;
-    }
-    const int64_t at = rows.at(t0 + first, n);
-    const bf16 *r = in.r + at, *k = in.k + at, *v = in.v + at + v0, zero = to_bf16(0.f);
-    const bool value = block_value<VALUES>(n);
-#pragma unroll
-    for (int j = 0; j < PER; j++) {
-        const bool live = first + j < steps;
-        const int64_t o = j * rows.stride;
-        x.r[j] = live ? r[o] : zero, x.k[j] = live ? k[o] : zero, x.v[j] = live && value ? v[o] : zero;
-    }
+__device__ __forceinline__ void load_chunk(const Inputs& in, const HeadRows& rows, int t0, int steps, int v0,
+                                           ChunkLoads<VALUES>& x) {
+    if (in.lw_per_step) x.lw.load(in.lw, rows, t0, steps, 0);
+    x.r.load(in.r, rows, t0, steps, 0), x.k.load(in.k, rows, t0, steps, 0);
+    x.v.load(in.v, rows, t0, steps, v0);
 }
 
-// The cumulative log-decays of the thread's channel through every step of the chunk: c[t + 1] through
-// step t, c[0] = 0, each step's log-decay floored at LW_MIN. Returns the floored steps (bit t).
-__device__ __forceinline__ unsigned cumulative(const float lw[L], float c[L + 1]) {
+// A chunk's loads into shared memory: the log-decays (where per step) into lw ([L][N] floats), r and k
+// into rt and kt ([L][LDH], where chunk_factors reads them; the forward passes hat and ends, which it
+// then overwrites in place), v into V. A barrier must follow before chunk_factors.
+template <int VALUES>
+__device__ __forceinline__ void stage_chunk(const ChunkLoads<VALUES>& x, bool lw_per_step, float* lw, bf16* rt,
+                                            bf16* kt, bf16* V) {
+    if (lw_per_step) x.lw.store(lw, N);
+    x.r.store(rt, LDH), x.k.store(kt, LDH), x.v.store(V, ldv<VALUES>);
+}
+
+// The cumulative log-decays of channel n through every step of the chunk: c[t + 1] through step t,
+// c[0] = 0, each step's log-decay (lw[t][n] from the staged tile, or lw_head at every step where lw
+// is nullptr; 0 past `steps`) floored at LW_MIN. Returns the floored steps (bit t).
+__device__ __forceinline__ unsigned cumulative(const float* lw, float lw_head, int n, int steps, float c[L + 1]) {
     unsigned clamped = 0;
     c[0] = 0.f;
 #pragma unroll
-    for (int t = 0; t < L; t++) clamped |= unsigned(lw[t] < LW_MIN) << t, c[t + 1] = c[t] + fmaxf(lw[t], LW_MIN);
+    for (int t = 0; t < L; t++) {
+        const float w = lw ? lw[t * N + n] : t < steps ? lw_head : 0.f;
+        clamped |= unsigned(w < LW_MIN) << t, c[t + 1] = c[t] + fmaxf(w, LW_MIN);
+    }
     return clamped;
 }
 
@@ -242,17 +240,17 @@ __device__ __forceinline__ void pick(const float c[L + 1], int group, int j, flo
         if (group == other) c_in = c[other * PER + j + 1], c_ex = c[other * PER + j];
 }
 
-// One chunk's factor tiles (left, right, hat, ends over all N key channels; the block's VALUES columns
-// of V; the bonus terms r u k in float32), decay[n] = e^(c_L), and where given c_t into cum [L][N] and
-// r, k as loaded into rt, kt. Each thread its own (step, channel) pairs; no synchronisation inside.
+// One chunk's factor tiles (left, right, hat, ends over all N key channels; the bonus terms r u k in
+// float32) from the staged inputs (lw as `cumulative` takes it, r and k at rt and kt, which may be hat
+// and ends themselves), decay[n] = e^(c_L), and where given c_t into cum [L][N]. Each thread its own
+// (step, channel) pairs, channel n = tid % N and PER consecutive steps; no synchronisation inside.
 // Returns the thread's channel's floored steps.
-template <int VALUES>
-__device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, float u, bf16* left, bf16* right, bf16* hat,
-                                                  bf16* ends, bf16* V, float* bonus, float* decay, float* cum,
-                                                  bf16* rt, bf16* kt) {
+__device__ __forceinline__ unsigned chunk_factors(const float* lw, float lw_head, int steps, const bf16* rt,
+                                                  const bf16* kt, float u, bf16* left, bf16* right, bf16* hat,
+                                                  bf16* ends, float* bonus, float* decay, float* cum) {
     const int n = threadIdx.x % N, group = threadIdx.x / N;
     float c[L + 1];
-    const unsigned clamped = cumulative(x.lw, c);
+    const unsigned clamped = cumulative(lw, lw_head, n, steps, c);
     const float c_L = c[L], c_ref = 0.5f * c_L;
     if (group == 0) decay[n] = __expf(c_L);
 #pragma unroll
@@ -260,12 +258,11 @@ __device__ __forceinline__ unsigned chunk_factors(const ChunkLoads& x, float u, 
         float c_in, c_ex;
         pick(c, group, j, c_in, c_ex);
         const int t = group * PER + j, at = t * LDH + n;
-        const float r = f32(x.r[j]), k = f32(x.k[j]);
+        const float r = f32(rt[at]), k = f32(kt[at]);
         left[at] = to_bf16(r * __expf(c_ex - c_ref)), hat[at] = to_bf16(r * __expf(c_ex));
         right[at] = to_bf16(k * __expf(c_ref - c_in)), ends[at] = to_bf16(k * __expf(c_L - c_in));
-        if (block_value<VALUES>(n)) V[t * ldv<VALUES> + n] = x.v[j];
         bonus[at] = r * u * k;
-        if (cum) cum[t * N + n] = c_in, rt[at] = x.r[j], kt[at] = x.k[j];
+        if (cum) cum[t * N + n] = c_in;
     }
     return clamped;
 }
@@ -324,21 +321,24 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
     bf16* Mh = reinterpret_cast<bf16*>(smem + F.Mh);
     float *Y = reinterpret_cast<float*>(smem + F.Y), *parts = reinterpret_cast<float*>(smem + F.parts);
     float *diag = reinterpret_cast<float*>(smem + F.diag), *decay = reinterpret_cast<float*>(smem + F.decay);
+    float* lw = in.lw_per_step ? reinterpret_cast<float*>(smem + F.lw) : nullptr;
 
     const Part part;
     const int b = blockIdx.y, h = part.h, tid = threadIdx.x;
     const HeadRows g(T, H, b, h);
     const int64_t head = int64_t(b) * H + h;
     const int chunks = (T + L - 1) / L;
-    const float u = in.u[h * N + tid % N];
+    const float u = in.u[h * N + tid % N], lw_head = in.lw_per_step ? 0.f : in.lw[h * N + tid % N];
     load_columns<VALUES>(s0 + head * N * N + part.v0, S, Sh);
     __syncthreads();
     for (int c = 0; c < chunks; c++) {
         const int t0 = c * L, steps = min(L, T - t0);
-        ChunkLoads x;
-        load_chunk<VALUES>(in, g, h, t0, steps, part.v0, x);
+        ChunkLoads<VALUES> x;
+        load_chunk<VALUES>(in, g, t0, steps, part.v0, x);
         save_columns<VALUES>(Sh, states + (head * chunks + c) * N * N + part.v0);
-        chunk_factors<VALUES>(x, u, left, right, hat, ends, V, bonus, decay, nullptr, nullptr, nullptr);
+        stage_chunk<VALUES>(x, in.lw_per_step, lw, hat, ends, V);  // r, k into hat, ends: chunk_factors overwrites
+        __syncthreads();
+        chunk_factors(lw, lw_head, steps, hat, ends, u, left, right, hat, ends, bonus, decay, nullptr);
         __syncthreads();
         if (tid < 32) tile_mma<row, col>(M, LDM, left, LDH, right, LDH, N, false);  // left right^T
         bonus_parts(bonus, parts, THREADS / 2);
@@ -350,16 +350,16 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
         scale_rows<VALUES>(S, decay);
         __syncthreads();
         matmul<col, row>(S, LDV, ends, LDH, V, LDV, N, VALUES, L, true);  // S += ends^T V
-        {  // a thread's outputs: one value channel at every STRIDE-th step
+        {  // y into left's place (free since M), one value channel at every STRIDE-th step per thread
             constexpr int EVERY = STRIDE<VALUES>;
             const int i = tid % VALUES;
-            bf16* out = y + g.at(t0 + tid / VALUES, part.v0 + i);
 #pragma unroll
-            for (int t = tid / VALUES, q = 0; q < L / EVERY; q++, t += EVERY, out += EVERY * g.stride)
-                if (t < steps) *out = to_bf16(Y[t * LDV + i] + diag[t] * f32(V[t * LDV + i]));
+            for (int t = tid / VALUES, q = 0; q < L / EVERY; q++, t += EVERY)
+                left[t * LDH + i] = to_bf16(Y[t * LDV + i] + diag[t] * f32(V[t * LDV + i]));
         }
         __syncthreads();
         round_columns<VALUES>(S, Sh);
+        Pieces<bf16, VALUES>::write(left, LDH, y, g, t0, steps, part.v0);
         __syncthreads();
     }
     store_columns<VALUES>(S, s_final + head * N * N + part.v0);
@@ -375,20 +375,17 @@ struct Grads {
 template <int VALUES>
 struct BackwardLoads {
     SavedColumns<VALUES> start;
-    ChunkLoads x;
-    bf16 dy[PER];
+    ChunkLoads<VALUES> x;
+    Pieces<bf16, VALUES> dy;
 };
 template <int VALUES>
 __device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states,
-                                              const HeadRows& rows, int h, int64_t head, int chunks, int c, int T,
-                                              int v0, BackwardLoads<VALUES>& l) {
-    const int t0 = c * L, steps = min(L, T - t0), n = threadIdx.x % N, first = threadIdx.x / N * PER;
+                                              const HeadRows& rows, int64_t head, int chunks, int c, int T, int v0,
+                                              BackwardLoads<VALUES>& l) {
+    const int t0 = c * L, steps = min(L, T - t0);
     load_saved_columns<VALUES>(states + (head * chunks + c) * N * N + v0, l.start);
-    load_chunk<VALUES>(in, rows, h, t0, steps, v0, l.x);
-    const bf16 *d = dy + rows.at(t0 + first, v0 + n), zero = to_bf16(0.f);
-    const bool value = block_value<VALUES>(n);
-#pragma unroll
-    for (int j = 0; j < PER; j++) l.dy[j] = first + j < steps && value ? d[j * rows.stride] : zero;
+    load_chunk<VALUES>(in, rows, t0, steps, v0, l.x);
+    l.dy.load(dy, rows, t0, steps, v0);
 }
 
 // The sums over value columns that the key-side gradients need, where a head's values are split over
@@ -456,9 +453,11 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
     float* dd = reinterpret_cast<float*>(smem + B_.dd);
     unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);
 
+    float* lw = in.lw_per_step ? d_left : nullptr;  // the staged log-decays, in d_left's place until dM right
+
     const Part part;
     const int b = blockIdx.y, h = part.h, tid = threadIdx.x, warp = tid / 32;
-    const int n = tid % N, first = tid / N * PER;  // the thread's channel and steps as it loads them
+    const int n = tid % N;  // the thread's channel as it builds the factors
     // ... and as it finishes the input gradients of the block's key channels
     constexpr int K_GROUPS = THREADS / KEYS, K_PER = L / K_GROUPS;  // threads per channel, steps per thread
     static_assert(THREADS % KEYS == 0 && L % K_GROUPS == 0 && K_PER >= 2, "whole steps of one channel per thread");
@@ -466,22 +465,21 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
     const HeadRows g(T, H, b, h);
     const int64_t head = int64_t(b) * H + h;
     const int chunks = (T + L - 1) / L;
-    const float u = in.u[h * N + n], u_k = in.u[h * N + kn];
+    const float u = in.u[h * N + n], u_k = in.u[h * N + kn], lw_head = in.lw_per_step ? 0.f : in.lw[h * N + n];
     float du = 0.f;  // sum over the thread's steps of channel kn of d_t r k
     load_columns<VALUES>(ds_final + head * N * N + part.v0, dS, dSh);
     BackwardLoads<VALUES> next;  // the chunk's global reads, issued while the chunk after it is worked on
-    load_backward<VALUES>(in, dy, states, g, h, head, chunks, chunks - 1, T, part.v0, next);
+    load_backward<VALUES>(in, dy, states, g, head, chunks, chunks - 1, T, part.v0, next);
     for (int c = chunks - 1; c >= 0; c--) {
         const int t0 = c * L, steps = min(L, T - t0);
-        const BackwardLoads<VALUES> now = next;
-        store_saved_columns<VALUES>(now.start, Sh);
-        const unsigned clamped_steps = chunk_factors<VALUES>(now.x, u, left, right, hat, ends, V, bonus, decay, cum,
-                                                             rt, kt);
+        store_saved_columns<VALUES>(next.start, Sh);
+        stage_chunk<VALUES>(next.x, in.lw_per_step, lw, rt, kt, V);
+        next.dy.store(dYh, LDV);
+        __syncthreads();
+        if (c > 0) load_backward<VALUES>(in, dy, states, g, head, chunks, c - 1, T, part.v0, next);
+        const unsigned clamped_steps = chunk_factors(lw, lw_head, steps, rt, kt, u, left, right, hat, ends, bonus,
+                                                     decay, cum);
         if (tid < N) clamped[tid] = clamped_steps;
-        if (block_value<VALUES>(n))
-#pragma unroll
-            for (int j = 0; j < PER; j++) dYh[(first + j) * LDV + n] = now.dy[j];
-        if (c > 0) load_backward<VALUES>(in, dy, states, g, h, head, chunks, c - 1, T, part.v0, next);
         __syncthreads();
         if (warp == 0) tile_mma<row, col>(M, LDM, left, LDH, right, LDH, N, false);     // left right^T
         if (warp == 1) tile_mma<row, col>(dM, LDM, dYh, LDV, V, LDV, VALUES, false);  // dY V^T (the block's part)
@@ -504,18 +502,20 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         matmul<col, row>(d_right + part.k0, LDH, dMh, LDM, left + part.k0, LDH, L, KEYS, L, false);  // dM^T left
         matmul<col, row>(dS, LDV, hat, LDH, dYh, LDV, N, VALUES, L, true);  // dS += hat^T dY
         __syncthreads();
-        {  // dv of the block's values: one value channel at every STRIDE-th step per thread
+        {  // dv of the block's values into V's place (free since V dS^T), one value channel at every
+           // STRIDE-th step per thread
             constexpr int EVERY = STRIDE<VALUES>;
             const int i = tid % VALUES;
-            bf16* dv = out.dv + g.at(t0 + tid / VALUES, part.v0 + i);
 #pragma unroll
-            for (int t = tid / VALUES, q = 0; q < L / EVERY; q++, t += EVERY, dv += EVERY * g.stride)
-                if (t < steps) *dv = to_bf16(dV[t * LDV + i] + diag[t] * f32(dYh[t * LDV + i]));
+            for (int t = tid / VALUES, q = 0; q < L / EVERY; q++, t += EVERY)
+                V[t * LDV + i] = to_bf16(dV[t * LDV + i] + diag[t] * f32(dYh[t * LDV + i]));
         }
         // The input gradients of key channel kn at the thread's steps, the last first; dlw_s = sum_{t>=s}
         // dc_t + sum_{t>s} dc_ex[t] + dc_L, summed over the thread's own steps as it goes. What the
         // channel's other threads need of it (the sum of dc_t + dc_ex over its steps, its terms of dc_L)
         // it leaves in two of its own (step, channel) places of d_right, which nobody else reads here.
+        // dr and dk replace r and k in rt and kt (each place read and written by one thread), and go out
+        // in pieces with dv after the barrier.
         {
             const float c_L = cum[(L - 1) * N + kn], c_ref = 0.5f * c_L;
             float suffix[K_PER], run = 0.f, dc_L = 0.f;
@@ -525,11 +525,8 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
                 const float c_in = cum[t * N + kn], c_ex = t > 0 ? cum[(t - 1) * N + kn] : 0.f;
                 const float gl = d_left[at], gh = d_hat[at], gr = d_right[at], ge = d_ends[at];
                 const float bonus_d = dd[t], r = f32(rt[at]), k = f32(kt[at]);
-                if (t < steps) {
-                    const int64_t o = g.at(t0 + t, kn);
-                    out.dr[o] = to_bf16(gl * __expf(c_ex - c_ref) + gh * __expf(c_ex) + bonus_d * u_k * k);
-                    out.dk[o] = to_bf16(gr * __expf(c_ref - c_in) + ge * __expf(c_L - c_in) + bonus_d * u_k * r);
-                }
+                rt[at] = to_bf16(gl * __expf(c_ex - c_ref) + gh * __expf(c_ex) + bonus_d * u_k * k);  // dr
+                kt[at] = to_bf16(gr * __expf(c_ref - c_in) + ge * __expf(c_L - c_in) + bonus_d * u_k * r);  // dk
                 du += bonus_d * r * k;
                 const float t_end = ge * f32(ends[at]);
                 run -= gr * f32(right[at]) + t_end;  // dc_t
@@ -541,6 +538,9 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             round_columns<VALUES>(dS, dSh);
             __syncthreads();
             write_dlw<K_GROUPS, K_PER>(d_right, Z, decay, kn, k_group, suffix, clamped[kn], steps, out.dlw, g, t0);
+            Pieces<bf16, VALUES>::write(V, LDV, out.dv, g, t0, steps, part.v0);
+            Pieces<bf16, KEYS>::write(rt + part.k0, LDH, out.dr, g, t0, steps, part.k0);
+            Pieces<bf16, KEYS>::write(kt + part.k0, LDH, out.dk, g, t0, steps, part.k0);
         }
         __syncthreads();
     }
@@ -591,17 +591,23 @@ using torch::Tensor;
 using wkv_binding::bf16_in, wkv_binding::bf16_out;
 constexpr const char* OP = "wkv_diag_chunked";
 
+// The kernels read and write r, k, v, per-step lw, dy, the outputs and the states 16 bytes at a time,
+// so those must start 16-byte aligned.
+void check(const Tensor& x, const char* name, at::ScalarType dtype, int64_t numel) {
+    wkv_binding::check_aligned(OP, x, name, dtype, numel);
+}
+
 // lw is [B, T, H, N] (RWKV-6) or [H, N] (RWKV-5); u is [H, N].
 wkvdc::Inputs inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const Tensor& v, const Tensor& u,
                      const Tensor& states) {
     TORCH_CHECK(r.dim() == 4 && r.size(3) == wkvdc::N, "wkv_diag_chunked: inputs must be [B, T, H, ", wkvdc::N, "]");
     const int64_t n = r.numel(), heads = r.size(2) * wkvdc::N, chunks = (r.size(1) + wkvdc::L - 1) / wkvdc::L;
-    for (auto [x, name] : {std::pair{r, "r"}, {k, "k"}, {v, "v"}}) wkv_binding::check(OP, x, name, at::kBFloat16, n);
+    for (auto [x, name] : {std::pair{r, "r"}, {k, "k"}, {v, "v"}}) check(x, name, at::kBFloat16, n);
     const bool per_step = lw.dim() == 4;
-    wkv_binding::check(OP, lw, "lw", at::kFloat, per_step ? n : heads);
-    wkv_binding::check(OP, u, "u", at::kFloat, heads);
+    check(lw, "lw", at::kFloat, per_step ? n : heads);
+    wkv_binding::check(OP, u, "u", at::kFloat, heads);  // read by element
     const int64_t saved = r.size(0) * r.size(2) * chunks * wkvdc::N * wkvdc::N;
-    wkv_binding::check_aligned(OP, states, "states", at::kBFloat16, saved);
+    check(states, "states", at::kBFloat16, saved);
     return wkvdc::Inputs{bf16_in(r), bf16_in(k), bf16_in(v), lw.data_ptr<float>(), u.data_ptr<float>(), per_step};
 }
 
@@ -615,9 +621,9 @@ void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor u, Tensor s0, Tenso
     check_split(split, r);
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t ns = int64_t(B) * H * wkvdc::N * wkvdc::N;
-    wkv_binding::check(OP, y, "y", at::kBFloat16, r.numel());
-    wkv_binding::check_aligned(OP, s0, "s0", at::kFloat, ns);
-    wkv_binding::check_aligned(OP, s_final, "s_final", at::kFloat, ns);
+    check(y, "y", at::kBFloat16, r.numel());
+    check(s0, "s0", at::kFloat, ns);
+    check(s_final, "s_final", at::kFloat, ns);
     if (B == 0 || H == 0) return;
     wkvdc::launch_forward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, in, s0.data_ptr<float>(), bf16_out(y),
                           s_final.data_ptr<float>(), bf16_out(states));
@@ -631,11 +637,11 @@ void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor u, Tensor states, 
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t n = r.numel(), ns = int64_t(B) * H * wkvdc::N * wkvdc::N;
     for (auto [x, name] : {std::pair{dy, "dy"}, {dr, "dr"}, {dk, "dk"}, {dv, "dv"}})
-        wkv_binding::check(OP, x, name, at::kBFloat16, n);
-    wkv_binding::check(OP, dlw, "dlw (per step)", at::kFloat, n);
+        check(x, name, at::kBFloat16, n);
+    check(dlw, "dlw (per step)", at::kFloat, n);
     wkv_binding::check(OP, du, "du (per batch and head)", at::kFloat, int64_t(B) * H * wkvdc::N);
-    wkv_binding::check_aligned(OP, ds_final, "ds_final", at::kFloat, ns);
-    wkv_binding::check_aligned(OP, ds0, "ds0", at::kFloat, ns);
+    check(ds_final, "ds_final", at::kFloat, ns);
+    check(ds0, "ds0", at::kFloat, ns);
     if (B == 0 || H == 0) return;
     const wkvdc::Grads out{bf16_out(dr), bf16_out(dk), bf16_out(dv), dlw.data_ptr<float>(), du.data_ptr<float>()};
     wkvdc::launch_backward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, in, bf16_in(dy), bf16_in(states),

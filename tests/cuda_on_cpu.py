@@ -251,3 +251,29 @@ def assert_unsupported_splits_refused(kernel, inputs: list[Tensor]) -> None:
     for split in (0, 3, 8, 4 if N == 32 else 5):
         with pytest.raises(ValueError, match=f"split {split} is not one of"):
             kernel.forward(*inputs, s0, split=split)
+
+
+def unaligned(x: Tensor) -> Tensor:
+    """x's values in a contiguous view that starts one element into a buffer: not 16-byte aligned."""
+    view = x.new_empty(x.numel() + 1)[1:].view_as(x).copy_(x)
+    assert view.data_ptr() % 16 != 0 and view.is_contiguous()
+    return view
+
+
+def assert_unaligned_views_change_nothing(forward_op, backward_op, inputs: list[Tensor]) -> None:
+    """The chunked kernels move inputs, outputs and states 16 bytes at a time: through the custom ops,
+    contiguous views starting one element into a buffer (every input, the initial state, and dy in the
+    backward) give exactly what aligned tensors give (the ops copy them to aligned ones first; on the GPU
+    a misaligned access would kill the context, and the emulation refuses it)."""
+    B, T, H, N = inputs[0].shape
+    g = torch.Generator().manual_seed(52)
+    s0 = 0.5 * torch.randn(B, H, N, N, generator=g)
+    dy, ds = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16), torch.randn(B, H, N, N, generator=g)
+
+    def run(xs, s, d):
+        y, s_final, states = forward_op(*xs, s, 0)
+        return y, s_final, *backward_op(*xs, states, d, ds, 0)
+
+    want = run(inputs, s0, dy)
+    got = run([unaligned(x) for x in inputs], unaligned(s0), unaligned(dy))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -92,18 +92,13 @@ def test_backward_fills_no_gradient_for_the_saved_states(emulated):
     assert all(x.grad is not None for x in leaves)
 
 
-def test_state_views_that_start_unaligned_give_the_same_result(emulated):
-    """The kernel moves states 16 bytes at a time; a contiguous state view starting 4 bytes into a
-    buffer is copied to an aligned one first."""
-    B, T, H, N = 1, 20, 2, 32
-    inputs = model_like_inputs(B, T, H, N, seed=51)
-    s0 = 0.5 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(52))
-    buffer = torch.empty(s0.numel() + 1)
-    shifted = buffer[1:].view_as(s0).copy_(s0)
-    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
-    y, s = wkv6_cuda(*inputs, state=s0, chunked=True)
-    y2, s2 = wkv6_cuda(*inputs, state=shifted, chunked=True)
-    assert torch.equal(y, y2) and torch.equal(s, s2)
+@pytest.mark.parametrize("v5", [False, True], ids=["v6", "v5"])
+def test_views_that_start_unaligned_give_the_same_result(emulated, v5):
+    """Views of r, lw, k, v (RWKV-6's lw per step, RWKV-5's per head), the state and dy that start
+    unaligned are copied to aligned ones."""
+    inputs = model_like_inputs(1, 20, 2, 32, seed=51, v5=v5)
+    op = torch.ops.rwkv_train
+    cuda_on_cpu.assert_unaligned_views_change_nothing(op.wkv_diag_chunked_forward, op.wkv_diag_chunked_backward, inputs)
 
 
 def test_state_carried_across_calls_equals_one_call(emulated):

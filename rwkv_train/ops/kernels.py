@@ -276,8 +276,8 @@ def poisoned_outputs() -> Iterator[None]:
 
 
 def aligned(x: torch.Tensor) -> torch.Tensor:
-    """x, or a copy where it does not start 16-byte aligned: the chunked kernels move states 16 bytes at a
-    time (a contiguous view can start anywhere, e.g. a slice of a flat buffer)."""
+    """x, or a copy where it does not start 16-byte aligned: the chunked kernels move their inputs, outputs
+    and states 16 bytes at a time (a contiguous view can start anywhere, e.g. a slice of a flat buffer)."""
     return x if x.data_ptr() % 16 == 0 else x.clone()
 
 

@@ -71,7 +71,8 @@ def wkv7_chunked_forward(
     y = kernels.new_output(r.shape, torch.bfloat16, r.device)
     s_final = kernels.new_output(s0.shape, torch.float32, r.device)
     states = kernels.new_output((B, H, _n_chunks(T), N, N), torch.bfloat16, r.device)
-    module.forward(r, lw, k, v, a, b, kernels.aligned(s0), y, s_final, states, blocks_per_head(module, r, split))
+    split = blocks_per_head(module, r, split)
+    module.forward(*map(kernels.aligned, (r, lw, k, v, a, b, s0)), y, s_final, states, split)
     return y, s_final, states
 
 
@@ -90,7 +91,8 @@ def wkv7_chunked_backward(
     module = kernels.load("v7-chunked", r.shape[-1])
     dr, dlw, dk, dv, da, db, ds0 = new_gradients(r, ds_final.shape)
     split = blocks_per_head(module, r, split)
-    module.backward(r, lw, k, v, a, b, states, dy, kernels.aligned(ds_final), dr, dlw, dk, dv, da, db, ds0, split)
+    read = map(kernels.aligned, (r, lw, k, v, a, b, states, dy, ds_final))
+    module.backward(*read, dr, dlw, dk, dv, da, db, ds0, split)
     return dr, dlw, dk, dv, da, db, ds0
 
 

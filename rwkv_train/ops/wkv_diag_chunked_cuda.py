@@ -50,7 +50,8 @@ def wkv_diag_chunked_forward(
     y = kernels.new_output(r.shape, torch.bfloat16, r.device)
     s_final = kernels.new_output(s0.shape, torch.float32, r.device)
     states = kernels.new_output((B, H, _n_chunks(T), N, N), torch.bfloat16, r.device)
-    module.forward(r, lw, k, v, u, kernels.aligned(s0), y, s_final, states, blocks_per_head(module, r, split))
+    split = blocks_per_head(module, r, split)
+    module.forward(*map(kernels.aligned, (r, lw, k, v)), u, kernels.aligned(s0), y, s_final, states, split)
     return y, s_final, states
 
 
@@ -67,7 +68,8 @@ def wkv_diag_chunked_backward(
     """Returns the gradients of (r, lw, k, v, u, s0); lw's and u's summed to their shapes."""
     module = kernels.load(GENERATION, r.shape[-1])
     grads = new_gradients(r, ds_final.shape)
-    module.backward(r, lw, k, v, u, states, dy, kernels.aligned(ds_final), *grads, blocks_per_head(module, r, split))
+    read = map(kernels.aligned, (r, lw, k, v))
+    module.backward(*read, u, *map(kernels.aligned, (states, dy, ds_final)), *grads, blocks_per_head(module, r, split))
     return summed_gradients(lw, *grads)
 
 
