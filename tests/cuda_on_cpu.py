@@ -104,8 +104,12 @@ def build_program(source: str, head_size: int, sanitizer: str) -> Path:
     return _compiled(EMULATION / source, flags, f"_{sanitizer}")
 
 
-def _ptr(x: Tensor) -> ctypes.c_void_p:
+def _ptr(x: Tensor, aligned: bool = True) -> ctypes.c_void_p:
+    """x's data for the kernel; like the bindings, refusing (ValueError) one that does not start 16-byte
+    aligned where the kernel moves it 16 bytes at a time (the emulation itself would abort there)."""
     assert x.device.type == "cpu" and x.is_contiguous()
+    if aligned and x.data_ptr() % 16:
+        raise ValueError("a tensor must start 16-byte aligned (a fresh tensor or .clone() is)")
     return ctypes.c_void_p(x.data_ptr())
 
 
@@ -173,13 +177,14 @@ class WkvDiagChunkedModule:
 
     def forward(self, r, lw, k, v, u, s0, y, s_final, states, split) -> None:
         B, T, H, _ = r.shape
-        pointers = map(_ptr, (k, v, u, s0, y, s_final, states))
+        pointers = (_ptr(k), _ptr(v), _ptr(u, aligned=False), *map(_ptr, (s0, y, s_final, states)))
         if not self.lib.forward(split, B, T, H, _ptr(r), _ptr(lw), int(lw.dim() == 4), *pointers):
             raise ValueError(f"wkv_diag_chunked: split {split} is not one of {self.splits}")
 
     def backward(self, r, lw, k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0, split) -> None:
         B, T, H, _ = r.shape
-        pointers = map(_ptr, (k, v, u, states, dy, ds_final, dr, dlw, dk, dv, du, ds0))
+        pointers = (*map(_ptr, (k, v)), _ptr(u, aligned=False), *map(_ptr, (states, dy, ds_final, dr, dlw, dk, dv)),
+                    _ptr(du, aligned=False), _ptr(ds0))
         if not self.lib.backward(split, B, T, H, _ptr(r), _ptr(lw), int(lw.dim() == 4), *pointers):
             raise ValueError(f"wkv_diag_chunked: split {split} is not one of {self.splits}")
 
