@@ -168,18 +168,24 @@ def seed_of(*parts) -> int:
 
 
 def run(fn: Callable[..., list[Tensor]], inputs: Sequence[Tensor], n_state: int, with_state: bool,
-        seed: int) -> tuple[list[Tensor], list[Tensor | None]]:
+        seed: int, unaligned: bool = False) -> tuple[list[Tensor], list[Tensor | None]]:
     """Outputs, and the gradients w.r.t. every input (the state's only if given) of sum_i <out_i, c_i>.
 
     The cotangents c_i are random, drawn from `seed` and rounded to bf16 (which every output dtype holds
     exactly), so two runs with one seed, the kernel and its reference, back-propagate the same values.
+    With `unaligned`, fn gets each input as a view starting one element into a buffer (not 16-byte
+    aligned), and the gradients are the buffers' at those places.
     """
-    leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    wrt = leaves if with_state else leaves[: len(leaves) - n_state]
-    outputs = fn(*wrt, *[None] * (len(leaves) - len(wrt)))
+    leaves = [(torch.cat([x.new_zeros(1), x.flatten()]) if unaligned else x.detach().clone()).requires_grad_()
+              for x in inputs]
+    args = [leaf[1:].view_as(x) if unaligned else leaf for leaf, x in zip(leaves, inputs)]
+    n = len(leaves) if with_state else len(leaves) - n_state
+    outputs = fn(*args[:n], *[None] * (len(leaves) - n))
     g = torch.Generator().manual_seed(seed)
     cotangents = [_randn(g, *o.shape).to(torch.bfloat16).to(device=o.device, dtype=o.dtype) for o in outputs]
-    grads = torch.autograd.grad(outputs, wrt, cotangents, allow_unused=True)
+    grads = torch.autograd.grad(outputs, leaves[:n], cotangents, allow_unused=True)
+    if unaligned:
+        grads = [None if gr is None else gr[1:].view_as(x) for gr, x in zip(grads, inputs)]
     return [o.detach() for o in outputs], list(grads)
 
 
@@ -315,6 +321,19 @@ def test_kernel_is_deterministic(generation, head_size, split):
     for name, x, y in zip(problem.output_names + [f"d_{n}" for n in problem.names], [*first[0], *first[1]],
                           [*second[0], *second[1]]):
         assert torch.equal(x, y), f"{generation}: {name} differs between two identical calls"
+
+
+@pytest.mark.parametrize("generation", ["v7-chunked", "v6-chunked", "v5-chunked"])
+def test_chunked_kernels_take_views_that_start_unaligned(generation):
+    """The chunked kernels move their tensors 16 bytes at a time; views that start one element into a
+    buffer are copied to aligned ones by the ops, so every output and gradient is bitwise the same."""
+    require_kernel(generation, 64)
+    problem = make_problem(generation, 64, 37, seed_of("unaligned", generation))
+    want = run(problem.kernel, problem.inputs, problem.n_state, True, seed=1)
+    got = run(problem.kernel, problem.inputs, problem.n_state, True, seed=1, unaligned=True)
+    for name, x, y in zip(problem.output_names + [f"d_{n}" for n in problem.names], [*got[0], *got[1]],
+                          [*want[0], *want[1]]):
+        assert torch.equal(x, y), f"{generation}: {name} differs with unaligned inputs"
 
 
 # --- integration: torch.compile and the model ---------------------------------------------------------
