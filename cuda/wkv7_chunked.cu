@@ -214,6 +214,21 @@ __device__ __forceinline__ void solve_x(const float* M, const float* P, int i, c
 }
 
 
+// The chunk's first `steps` rows of y ([L][LDH] floats in shared memory, the block's VALUES value
+// channels) to global memory in bf16, 16 bytes (8 channels of a step) per access.
+template <int VALUES>
+__device__ __forceinline__ void write_y(const float* Y, bf16* y, const HeadRows& g, int t0, int steps, int v0) {
+    using Out = Pieces<bf16, VALUES>;
+#pragma unroll
+    for (int i = 0; i < Out::PER_THREAD; i++) {
+        const int t = Out::step(i), n = Out::column(i);
+        if (Out::has(i) && t < steps) {
+            const float* row = Y + t * LDH + n;
+            *reinterpret_cast<uint4*>(y + g.at(t0 + t, v0 + n)) = to_bf16x8(load4(row), load4(row + 4));
+        }
+    }
+}
+
 template <int SPLIT>
 __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
                                                           bf16* __restrict__ y, float* __restrict__ s_final,
@@ -251,58 +266,41 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
         __syncthreads();  // P overwrites left and right
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L2, VALUES, N, false);  // hat S^T
         __syncthreads();
-        // Two threads per value channel: one solves for x (into xv, and in float32 over P's a rows,
-        // which only it reads), the other adds y's v part to P's r rows (independent of x).
-        for (int u = tid; u < 2 * VALUES; u += THREADS) {
-            const int i = u % VALUES;
-            float v[L];
+        // One thread per value channel solves for x (into xv's first rows, in bf16); the others put M's
+        // r rows, masked causal (the diagonal kept), into hat's place (free since hat S^T) as the bf16
+        // rounding of each entry (m_hi, rows 0..) and of the rest (m_lo, rows L..), so that y's product
+        // below has 16 bits of M's mantissa (with M in bf16 alone, y's error grows by a fifth).
+        bf16 *m_hi = hat, *m_lo = hat + L * LDH;
+        if (tid < VALUES) {
+            float v[L], x[L];
 #pragma unroll
-            for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + i]);
-            if (u < VALUES) {
-                float x[L];
-                solve_x(M, P, i, v, x);
+            for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + tid]);
+            solve_x(M, P, tid, v, x);
 #pragma unroll
-                for (int t = 0; t < L; t++) xv[t * LDH + i] = to_bf16(x[t]), P[t * LDH + i] = x[t];
-                continue;
+            for (int t = 0; t < L; t++) xv[t * LDH + tid] = to_bf16(x[t]);
+        } else {
+            for (int e = tid - VALUES; e < L * L2 / 4; e += THREADS - VALUES) {  // 4 columns at a time
+                const int t = e / (L2 / 4), s = e % (L2 / 4) * 4;
+                const float4 m = load4(M + (L + t) * LDM + s);
+                const float mq[4] = {m.x, m.y, m.z, m.w};
+                float hi[4], lo[4];
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const float masked = (s + q) % L <= t ? mq[q] : 0.f;
+                    hi[q] = f32(to_bf16(masked)), lo[q] = masked - hi[q];
+                }
+                store_bf16x4(m_hi + t * LDH + s, make_float4(hi[0], hi[1], hi[2], hi[3]));
+                store_bf16x4(m_lo + t * LDH + s, make_float4(lo[0], lo[1], lo[2], lo[3]));
             }
-#pragma unroll
-            for (int t = 0; t < L; t++) P[(L + t) * LDH + i] = row_dot(P[(L + t) * LDH + i], M + (L + t) * LDM + L, v, 0, t);
         }
         scale_columns<VALUES>(S, decay);
         __syncthreads();
-        // y_t = (P_r + M_rk V)[t] + sum_{s<=t} M_rb[t,s] x_s, x from P's a rows into registers once. With
-        // 4 or more rows per thread, y goes into hat's first rows (free since hat S^T) and out in pieces
-        // after the next barrier; with 2 (a split head), straight out (staging them spills registers).
-        constexpr int Y_GROUPS = THREADS / VALUES, Y_PER = L / Y_GROUPS;  // threads per channel, rows per thread
-        constexpr bool STAGE_Y = Y_PER >= 4;
-        static_assert(THREADS % VALUES == 0 && L % Y_GROUPS == 0 && Y_PER % 2 == 0, "pairs of rows per thread");
-        {
-            const int i = tid % VALUES, group = tid / VALUES;
-            float xs[L];
-#pragma unroll
-            for (int s = 0; s < L; s++) xs[s] = P[s * LDH + i];
-            // The group's rows are the pairs (p, L-1-p), p in its Y_PER / 2 values: t + 1 terms each, so
-            // every group does the same work; its row numbers are constants (one copy per group).
-#pragma unroll
-            for (int gi = 0; gi < Y_GROUPS; gi++) {
-                if (group != gi) continue;
-#pragma unroll
-                for (int p = gi * Y_PER / 2; p < (gi + 1) * Y_PER / 2; p++)
-#pragma unroll
-                    for (int side = 0; side < 2; side++) {
-                        const int t = side ? L - 1 - p : p;
-                        const bf16 y_t = to_bf16(row_dot(P[(L + t) * LDH + i], M + (L + t) * LDM, xs, 0, t));
-                        if constexpr (STAGE_Y)
-                            hat[t * LDH + i] = y_t;
-                        else if (t < steps)
-                            y[g.at(t0 + t, part.v0 + i)] = y_t;
-                    }
-            }
-        }
-        matmul<col, row>(S, LDH, xv, LDH, ends, LDH, VALUES, N, L2, true);  // S += [X; V]^T ends
+        // y = P_r + M_r [X; V] (M_r: M's r rows, as m_hi + m_lo) into P's r rows, beside S += [X; V]^T ends
+        matmul<row, row>(P + L * LDH, LDH, m_hi, LDH, xv, LDH, L, VALUES, L2, true, nullptr, 0, m_lo);
+        matmul<col, row>(S, LDH, xv, LDH, ends, LDH, VALUES, N, L2, true);
         __syncthreads();
         round_state<VALUES>(S, Sh);
-        if constexpr (STAGE_Y) Pieces<bf16, VALUES>::write(hat, LDH, y, g, t0, steps, part.v0);
+        write_y<VALUES>(P + L * LDH, y, g, t0, steps, part.v0);
         __syncthreads();
     }
     store_state<VALUES>(S, s_final + head * N * N + rows);

@@ -103,11 +103,14 @@ __device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, bf16
 // C (+)= A B for the 16 x 16 tile of C at c; a, b point at the tile's first row of A and first
 // column of B (element (m, k) of A is a[m * lda + k] row-major, a[k * lda + m] column-major).
 // Alternate k steps go to two accumulators, added at the end: two dependent chains of half the
-// length, so a warp waits on the tensor cores' latency half as long. Where c_t is given, the tile
-// is also stored transposed there (c_t[j * ldc_t + i] = C[i][j]).
+// length, so a warp waits on the tensor cores' latency half as long. Where a_lo is given (at the
+// same offsets as a), C (+)= (A + A_lo) B: a float32 A passed as its bf16 rounding and the bf16
+// rounding of the rest, 16 bits of mantissa, each B fragment used twice (A_lo into the second
+// accumulator). Where c_t is given, the tile is also stored transposed there (c_t[j * ldc_t + i] = C[i][j]).
 template <typename LA, typename LB>
 __device__ __forceinline__ void tile_mma(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int K,
-                                         bool accumulate, float* c_t = nullptr, int ldc_t = 0) {
+                                         bool accumulate, float* c_t = nullptr, int ldc_t = 0,
+                                         const bf16* a_lo = nullptr) {
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     if (accumulate)
         wmma::load_matrix_sync(acc[0], c, ldc, wmma::mem_row_major);
@@ -118,11 +121,18 @@ __device__ __forceinline__ void tile_mma(float* c, int ldc, const bf16* a, int l
     for (int k = 0; k < K; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
-        load_shared(fa, a + (is_row<LA> ? k : k * lda), lda);
+        const int at = is_row<LA> ? k : k * lda;
+        load_shared(fa, a + at, lda);
         load_shared(fb, b + (is_row<LB> ? k * ldb : k), ldb);
-        wmma::mma_sync(acc[k / 16 % 2], fa, fb, acc[k / 16 % 2]);
+        if (a_lo) {
+            wmma::mma_sync(acc[0], fa, fb, acc[0]);
+            load_shared(fa, a_lo + at, lda);
+            wmma::mma_sync(acc[1], fa, fb, acc[1]);
+        } else {
+            wmma::mma_sync(acc[k / 16 % 2], fa, fb, acc[k / 16 % 2]);
+        }
     }
-    if (K > 16)
+    if (K > 16 || a_lo)
 #pragma unroll
         for (int i = 0; i < acc[0].num_elements; i++) acc[0].x[i] += acc[1].x[i];
     wmma::store_matrix_sync(c, acc[0], ldc, wmma::mem_row_major);
@@ -130,16 +140,17 @@ __device__ __forceinline__ void tile_mma(float* c, int ldc, const bf16* a, int l
 }
 
 // C[rows x cols] (+)= A[rows x K] B[K x cols], row-major float C, and where c_t is given C^T there
-// too; the tiles are dealt out to the warps.
+// too, and where a_lo is given (A + A_lo) B as tile_mma takes it; the tiles are dealt out to the warps.
 template <typename LA, typename LB>
 __device__ __forceinline__ void matmul(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int rows,
-                                       int cols, int K, bool accumulate, float* c_t = nullptr, int ldc_t = 0) {
+                                       int cols, int K, bool accumulate, float* c_t = nullptr, int ldc_t = 0,
+                                       const bf16* a_lo = nullptr) {
     const int warp = threadIdx.x / 32, tiles_n = cols / 16, tiles = rows / 16 * tiles_n;
     for (int tile = warp; tile < tiles; tile += WARPS) {
-        const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16;
-        const bf16 *a0 = a + (is_row<LA> ? m0 * lda : m0), *b0 = b + (is_row<LB> ? n0 : n0 * ldb);
-        tile_mma<LA, LB>(c + m0 * ldc + n0, ldc, a0, lda, b0, ldb, K, accumulate, c_t ? c_t + n0 * ldc_t + m0 : nullptr,
-                         ldc_t);
+        const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16, a_at = is_row<LA> ? m0 * lda : m0;
+        const bf16* b0 = b + (is_row<LB> ? n0 : n0 * ldb);
+        tile_mma<LA, LB>(c + m0 * ldc + n0, ldc, a + a_at, lda, b0, ldb, K, accumulate,
+                         c_t ? c_t + n0 * ldc_t + m0 : nullptr, ldc_t, a_lo ? a_lo + a_at : nullptr);
     }
 }
 
@@ -188,6 +199,12 @@ __device__ __forceinline__ float4 add4(float4 a, float4 b) {
 __device__ __forceinline__ void store_bf16x4(bf16* p, float4 x) {  // 8-byte aligned p
     __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(p);
     q[0] = __floats2bfloat162_rn(x.x, x.y), q[1] = __floats2bfloat162_rn(x.z, x.w);
+}
+__device__ __forceinline__ uint4 to_bf16x8(float4 a, float4 b) {  // 8 floats as one 16-byte piece of bf16
+    uint4 q;
+    bf16* h = reinterpret_cast<bf16*>(&q);
+    store_bf16x4(h, a), store_bf16x4(h + 4, b);
+    return q;
 }
 template <int ROWS>
 __device__ __forceinline__ void load_state(const float* src, float* f, bf16* h) {  // src 16-byte aligned

@@ -101,6 +101,11 @@ struct alignas(16) Vector16 {
 };
 using uint4 = Vector16<unsigned>;
 using float4 = Vector16<float>;
+inline float4 make_float4(float x, float y, float z, float w) {
+    float4 v;
+    v.x = x, v.y = y, v.z = z, v.w = w;
+    return v;
+}
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
     uint4 v;
     v.x = x, v.y = y, v.z = z, v.w = w;
