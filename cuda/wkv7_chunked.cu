@@ -214,10 +214,25 @@ __device__ __forceinline__ void solve_x(const float* M, const float* P, int i, c
 }
 
 
-// The chunk's first `steps` rows of y ([L][LDH] floats in shared memory, the block's VALUES value
-// channels) to global memory in bf16, 16 bytes (8 channels of a step) per access.
+// The chunk's first `steps` rows of an output of the block's VALUES value channels (y, dv: [L][LDH]
+// floats in shared memory) to global memory in bf16, 16 bytes (8 channels of a step) per access.
+// Columns s .. s + 3 of a float32 row of M (or M^T), those that keep(column) and zero the others,
+// as the bf16 rounding of each (into hi) and the bf16 rounding of what that leaves (into lo): hi + lo
+// carries 16 bits of mantissa into a tensor-core product, where bf16 alone would carry 8.
+template <typename Keep>
+__device__ __forceinline__ void split_bf16x4(float4 m, int s, Keep keep, bf16* hi, bf16* lo) {
+    const float mq[4] = {m.x, m.y, m.z, m.w};
+    float h[4], l[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const float kept = keep(s + q) ? mq[q] : 0.f;
+        h[q] = f32(to_bf16(kept)), l[q] = kept - h[q];
+    }
+    store_bf16x4(hi + s, make_float4(h[0], h[1], h[2], h[3])), store_bf16x4(lo + s, make_float4(l[0], l[1], l[2], l[3]));
+}
+
 template <int VALUES>
-__device__ __forceinline__ void write_y(const float* Y, bf16* y, const HeadRows& g, int t0, int steps, int v0) {
+__device__ __forceinline__ void write_rows(const float* Y, bf16* y, const HeadRows& g, int t0, int steps, int v0) {
     using Out = Pieces<bf16, VALUES>;
 #pragma unroll
     for (int i = 0; i < Out::PER_THREAD; i++) {
@@ -281,16 +296,8 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
         } else {
             for (int e = tid - VALUES; e < L * L2 / 4; e += THREADS - VALUES) {  // 4 columns at a time
                 const int t = e / (L2 / 4), s = e % (L2 / 4) * 4;
-                const float4 m = load4(M + (L + t) * LDM + s);
-                const float mq[4] = {m.x, m.y, m.z, m.w};
-                float hi[4], lo[4];
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    const float masked = (s + q) % L <= t ? mq[q] : 0.f;
-                    hi[q] = f32(to_bf16(masked)), lo[q] = masked - hi[q];
-                }
-                store_bf16x4(m_hi + t * LDH + s, make_float4(hi[0], hi[1], hi[2], hi[3]));
-                store_bf16x4(m_lo + t * LDH + s, make_float4(lo[0], lo[1], lo[2], lo[3]));
+                split_bf16x4(load4(M + (L + t) * LDM + s), s, [t](int col) { return col % L <= t; }, m_hi + t * LDH,
+                             m_lo + t * LDH);
             }
         }
         scale_columns<VALUES>(S, decay);
@@ -300,7 +307,7 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
         matmul<col, row>(S, LDH, xv, LDH, ends, LDH, VALUES, N, L2, true);
         __syncthreads();
         round_state<VALUES>(S, Sh);
-        write_y<VALUES>(P + L * LDH, y, g, t0, steps, part.v0);
+        write_rows<VALUES>(P + L * LDH, y, g, t0, steps, part.v0);
         __syncthreads();
     }
     store_state<VALUES>(S, s_final + head * N * N + rows);
@@ -419,17 +426,11 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, VALUES, N, false);            // hat_a S^T
         matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, VALUES, N, false);         // ends dS^T
         __syncthreads();
-        // Two threads per value channel: one solves for x, the other for g (they are independent); dv
-        // needs g, and its dy part does not. Where the two threads of a channel are in different warps
-        // (VALUES a multiple of 32), the x thread, which has less to do, also adds dv's dy part into
-        // P's free rows L.. and signals it on barrier 1; the g thread waits there only to add it.
-        // Otherwise the g thread does all of dv.
-        constexpr bool SHARED_DV = VALUES % 32 == 0;
+        // Two threads per value channel: one solves for x, the other for g (they are independent). Row t
+        // of MT = M^T holds M's column t: g_t = E[t] + sum_{s>=t} M_rb[s,t] dy_s + sum_{s>t} M_ab[s,t] g_s,
+        // from the last step back, g_{t+1} added last (one multiply-add per step waits on the previous).
         for (int u = tid; u < 2 * VALUES; u += THREADS) {
             const int i = u % VALUES;
-            float d[L];  // dy of channel i
-#pragma unroll
-            for (int s = 0; s < L; s++) d[s] = f32(gdy[(L + s) * LDH + i]);
             if (u < VALUES) {
                 float v[L], x[L];
 #pragma unroll
@@ -437,37 +438,29 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
                 solve_x(M, P, i, v, x);
 #pragma unroll
                 for (int t = 0; t < L; t++) xv[t * LDH + i] = to_bf16(x[t]);
-                if constexpr (SHARED_DV) {
-#pragma unroll
-                    for (int t = 0; t < L; t++)  // E[L+t] + sum_{s>=t} M_rk[s,t] dy_s; row L+t of MT is M's column L+t
-                        P[(L + t) * LDH + i] = row_dot(E[(L + t) * LDH + i], MT + (L + t) * LDM + L, d, t, L - 1);
-                    named_barrier_arrive(1, 2 * VALUES);
-                }
                 continue;
             }
-            float gg[L];
-            // Row t of MT = M^T holds M's column t: g_t = E[t] + sum_{s>=t} M_rb[s,t] dy_s + sum_{s>t}
-            // M_ab[s,t] g_s from the last step back, g_{t+1} added last (one multiply-add per step
-            // waits on the previous); then dv from all of g.
+            float d[L], gg[L];  // dy and g of channel i
+#pragma unroll
+            for (int s = 0; s < L; s++) d[s] = f32(gdy[(L + s) * LDH + i]);
 #pragma unroll
             for (int t = L - 1; t >= 0; t--) {
                 const float* m = MT + t * LDM;
                 gg[t] = row_dot<true>(row_dot<true>(E[t * LDH + i], m + L, d, t, L - 1), m, gg, t + 1, L - 1);
             }
-            if constexpr (SHARED_DV) named_barrier_sync(1, 2 * VALUES);
-            bf16* dv = out.dv + g.at(t0, part.v0 + i);  // step t's, stepped on by g.stride
 #pragma unroll
-            for (int t = 0; t < L; t++, dv += g.stride) {
-                const float* m = MT + (L + t) * LDM;
-                float acc;
-                if constexpr (SHARED_DV)
-                    acc = row_dot(P[(L + t) * LDH + i], m, gg, t + 1, L - 1);
-                else
-                    acc = row_dot(row_dot(E[(L + t) * LDH + i], m, gg, t + 1, L - 1), m + L, d, t, L - 1);
-                if (t < steps) *dv = to_bf16(acc);
-                gdy[t * LDH + i] = to_bf16(gg[t]);
-            }
+            for (int t = 0; t < L; t++) gdy[t * LDH + i] = to_bf16(gg[t]);
         }
+        // dv = E_k + M_k^T [g; dy] is a product below (M_k: M's k columns, rows L.. of MT, masked: M_ak
+        // strictly causal, M_rk with its diagonal); the threads after the x solvers put it in dMh's place
+        // (free until the gather) as bf16 hi and lo parts, as the forward does for y.
+        bf16 *mt_hi = dMh, *mt_lo = dMh + L * LDM;
+        if (tid >= VALUES)
+            for (int e = tid - VALUES; e < L * L2 / 4; e += THREADS - VALUES) {  // 4 columns at a time
+                const int t = e / (L2 / 4), s = e % (L2 / 4) * 4;
+                split_bf16x4(load4(MT + (L + t) * LDM + s), s, [t](int col) { return col < L ? col > t : col - L >= t; },
+                             mt_hi + t * LDM, mt_lo + t * LDM);
+            }
         // Z_j = sum_i S[i,j] dS[i,j] over the block's rows, before dS moves on; by the threads after
         // the recurrences' where there are enough (split heads), else by the first N.
         for (int j = (tid + THREADS - (2 * VALUES + N <= THREADS ? 2 * VALUES : 0)) % THREADS; j < N; j += THREADS) {
@@ -479,7 +472,9 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         matmul<row, col>(M, LDM, gdy, LDH, xv, LDH, L2, L2, VALUES, false);      // dM = [g; dy] [X; V]^T
         matmul<row, row>(d_ends, LDH, xv, LDH, dSh, LDH, L2, N, VALUES, false);  // [X; V] dS
         matmul<row, row>(d_hat, LDH, gdy, LDH, Sh, LDH, L2, N, VALUES, false);   // [g; dy] S
+        matmul<row, row>(E + L * LDH, LDH, mt_hi, LDM, gdy, LDH, L, VALUES, L2, true, nullptr, 0, mt_lo);  // dv
         sync_head<SPLIT>();  // every block's partial sums are made
+        write_rows<VALUES>(E + L * LDH, out.dv, g, t0, steps, part.v0);  // before d_right overwrites it
         gather_key_sums<SPLIT>(part, M, dMh, d_ends, d_hat, Z);
         scale_columns<VALUES>(dS, decay);
         sync_head<SPLIT>();  // and read: from here a block writes its own again

@@ -154,21 +154,6 @@ __device__ __forceinline__ void matmul(float* c, int ldc, const bf16* a, int lda
     }
 }
 
-// Named barrier `id` (1 to 15; __syncthreads is 0) between `count` threads, whole warps: arrive
-// (go on) and sync (wait until `count` threads have come). Shared-memory writes before an arrive are
-// visible after the sync it completes: a producer-consumer hand-over between warps.
-#ifdef WKV_CPU_EMULATION
-__device__ __forceinline__ void named_barrier_arrive(int id, int count) { cuda_cpu::named_barrier(id, count, false); }
-__device__ __forceinline__ void named_barrier_sync(int id, int count) { cuda_cpu::named_barrier(id, count, true); }
-#else
-__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
-    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void named_barrier_sync(int id, int count) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-#endif
-
 // Offsets into a [B, T, H, N] tensor for one block's batch b and head h: element (b, t, h, n) is
 // at(t, n), a step further is stride on. Worked out once per block, so an access costs an add.
 struct HeadRows {

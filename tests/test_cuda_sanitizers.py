@@ -1,7 +1,7 @@
 """The chunked WKV kernels' CUDA sources under g++'s sanitizers, on the CPU emulation (tests/cuda_cpu).
 
 ThreadSanitizer watches every shared-memory access of every emulated CUDA thread and the barriers
-(__syncthreads, named barriers, cluster barriers) that order them: two threads touching the same
+(__syncthreads and cluster barriers) that order them: two threads touching the same
 bytes, one writing, with no barrier between is reported even when the run's timing happened to give
 the right value. That is the hazard a GPU hides until a different schedule shows it, and what
 compute-sanitizer's racecheck looks for there. AddressSanitizer reports any access outside an input,

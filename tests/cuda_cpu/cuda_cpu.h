@@ -15,7 +15,6 @@
 #pragma once
 
 #include <algorithm>
-#include <array>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -23,7 +22,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <new>
 #include <thread>
 #include <vector>
@@ -68,10 +66,6 @@ struct Block {
     unsigned char* smem_base = nullptr;  // smem.get()
     size_t smem_bytes = 0;
     std::vector<int> votes;
-    // Named barriers 1..15 (bar.arrive / bar.sync id, count), each made on first use with its count.
-    std::mutex named_made;
-    std::array<std::unique_ptr<std::barrier<>>, 16> named;
-    std::array<int, 16> named_count{};
 };
 
 struct Cluster {
@@ -114,26 +108,6 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
 
 inline void __syncthreads() { cuda_cpu::block->all->arrive_and_wait(); }
 
-namespace cuda_cpu {
-// bar.sync (wait) / bar.arrive (no wait) on named barrier id between count threads of the block.
-inline void named_barrier(int id, int count, bool wait) {
-    Block* blk = block;
-    if (id < 1 || id > 15) fail("named barrier ids are 1 to 15 (0 is __syncthreads)");
-    if (count <= 0 || count % 32 != 0 || count > blk->threads) fail("a named barrier's count is whole warps of the block");
-    std::barrier<>* bar;
-    {
-        std::lock_guard<std::mutex> lock(blk->named_made);
-        if (!blk->named[id]) blk->named[id] = std::make_unique<std::barrier<>>(count), blk->named_count[id] = count;
-        if (blk->named_count[id] != count) fail("a named barrier used with two different thread counts");
-        bar = blk->named[id].get();
-    }
-    if (wait) {
-        bar->arrive_and_wait();
-    } else {
-        [[maybe_unused]] auto token = bar->arrive();
-    }
-}
-}  // namespace cuda_cpu
 inline void __syncwarp(unsigned = 0xffffffffu) { cuda_cpu::block->warps[threadIdx.x / 32]->arrive_and_wait(); }
 inline int __syncthreads_or(int pred) {
     auto* blk = cuda_cpu::block;
