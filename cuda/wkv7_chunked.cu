@@ -15,10 +15,10 @@
 //     y_t   = P_r[t] + sum_{s<=t} (M_rb[t,s] x_s + M_rk[t,s] v_s)
 //     S'    = S diag(e^(c_L)) + [X; V]^T ends
 //
-// M, P and the state update run on tensor cores; the triangular recurrence for x runs in float32 on
-// one thread per value channel, beside a second thread adding y's v part; then y's x part is one
-// (step, channel) per thread. The split around c_ref keeps every factor within
-// e^(|c_L| / 2); per-step log-decays below LW_MIN are taken as LW_MIN (see wkv7_chunked_cuda.py).
+// M, P, y = P_r + M_r [X; V] and the state update run on tensor cores (M into y's product as two bf16
+// parts, 16 bits of mantissa); the triangular recurrence for x runs in float32 on one thread per value
+// channel. The split around c_ref keeps every factor within e^(|c_L| / 2); per-step log-decays below
+// LW_MIN are taken as LW_MIN (see wkv7_chunked_cuda.py).
 //
 // Split heads. The state's value rows evolve independently (row i of S' needs row i of S, v_i and
 // the key-side vectors), so a head's N value rows can be dealt out to SPLIT blocks, N / SPLIT each:
@@ -31,7 +31,7 @@
 // Backward per chunk, last chunk first, with dS the gradient of the chunk's end state:
 //     dX_t  = (ends_b dS^T)[t] + sum_{s>=t} M_rb[s,t] dy_s
 //     g_t   = dX_t + sum_{s>t} M_ab[s,t] g_s                                (g = d(rhs of the x system))
-//     dv_t  = (ends_k dS^T)[t] + sum_{s>t} M_ak[s,t] g_s + sum_{s>=t} M_rk[s,t] dy_s
+//     dv_t  = (ends_k dS^T)[t] + sum_{s>t} M_ak[s,t] g_s + sum_{s>=t} M_rk[s,t] dy_s     (a product, as y)
 //     dM    = [g; dy] [X; V]^T  (masked as M)       d left = dM right      d right = dM^T left
 //     d hat = [g; dy] S         d ends = [X; V] dS   Z_j = sum_i S[i,j] dS[i,j]
 //     dS   <- dS diag(e^(c_L)) + [g; dy]^T hat
