@@ -181,23 +181,18 @@ __device__ __forceinline__ unsigned chunk_factors(const float* lw, bf16* left, b
     return clamped;
 }
 
-// acc + sum_{s = from}^{to} row[s] x[s], adding in increasing s (in decreasing s with DOWN, for the
-// recurrences that run from the last step back), for a 16-byte aligned row of floats read 4 at a time
-// (one broadcast when a warp shares the row). from and to are constants once the caller's loops
-// unroll, so the bounds cost nothing.
-template <bool DOWN = false>
+// acc + sum_{s = from}^{to} row[s] x[s], adding in increasing s, for a 16-byte aligned row of floats
+// read 4 at a time (one broadcast when a warp shares the row). from and to are constants once the
+// caller's loops unroll, so the bounds cost nothing.
 __device__ __forceinline__ float row_dot(float acc, const float* row, const float x[L], int from, int to) {
 #pragma unroll
-    for (int qi = 0; qi < L / 4; qi++) {
-        const int q = DOWN ? L - 4 - 4 * qi : 4 * qi;
+    for (int q = 0; q < L; q += 4) {
         if (q + 3 < from || q > to) continue;
         const float4 m = load4(row + q);
         const float mq[4] = {m.x, m.y, m.z, m.w};
 #pragma unroll
-        for (int ei = 0; ei < 4; ei++) {
-            const int e = DOWN ? 3 - ei : ei;
+        for (int e = 0; e < 4; e++)
             if (q + e >= from && q + e <= to) acc += mq[e] * x[q + e];
-        }
     }
     return acc;
 }
@@ -241,6 +236,49 @@ __device__ __forceinline__ void write_rows(const float* Y, bf16* y, const HeadRo
             const float* row = Y + t * LDH + n;
             *reinterpret_cast<uint4*>(y + g.at(t0 + t, v0 + n)) = to_bf16x8(load4(row), load4(row + 4));
         }
+    }
+}
+
+// T = (I - A)^-1 for A the strictly lower triangle of a 16 x 16 float tile (rows at lda), column j by
+// the calling thread: T[t][j] = (t == j) + sum_{s<t} A[t][s] T[s][j], row by row, each row's older
+// terms first so that only its last multiply-add waits on the row before. Into t_hi and t_lo
+// ([L][LDT] bf16) as the bf16 rounding of each entry and of the rest, as split_bf16x4 does.
+constexpr int LDT = L + 8;  // leading dimension of the [L][L] bf16 tiles of the triangular solves
+__device__ __forceinline__ void inverse_column(const float* A, int lda, int j, bf16* t_hi, bf16* t_lo) {
+    float col[L];
+#pragma unroll
+    for (int t = 0; t < L; t++) col[t] = row_dot(t == j ? 1.f : 0.f, A + t * lda, col, 0, t - 1);
+#pragma unroll
+    for (int t = 0; t < L; t++) {
+        const bf16 hi = to_bf16(col[t]);
+        t_hi[t * LDT + j] = hi, t_lo[t * LDT + j] = to_bf16(col[t] - f32(hi));
+    }
+}
+
+// A unit lower triangular system on tensor cores, by each warp for its 16-column tiles of the block's
+// VALUES value channels: R (+)= A B (A as a_hi + a_lo, [L][LDT]; B: [L][LDH]), then W = T R (T^T R
+// with LT col-major; T as t_hi + t_lo), W in bf16 into out ([L][LDH]). R is float [L][LDH] and ends
+// holding W in float32; out holds R in bf16 in between. Only the warp's own tiles are touched, so the
+// steps are ordered by __syncwarp.
+template <typename LT, int VALUES>
+__device__ __forceinline__ void solve_tiles(float* R, const bf16* a_hi, const bf16* a_lo, const bf16* b,
+                                            const bf16* t_hi, const bf16* t_lo, bf16* out) {
+    const int lane = threadIdx.x % 32;
+    const auto to_out = [&](int c) {  // the warp's tile of R, as bf16 into out, 4 columns per access
+#pragma unroll
+        for (int q = lane; q < L * 4; q += 32) {
+            const int at = q / 4 * LDH + c + q % 4 * 4;
+            store_bf16x4(out + at, load4(R + at));
+        }
+    };
+    for (int c = threadIdx.x / 32 * 16; c < VALUES; c += WARPS * 16) {
+        tile_mma<row, row>(R + c, LDH, a_hi, LDT, b + c, LDH, L, true, nullptr, 0, a_lo);
+        __syncwarp();
+        to_out(c);
+        __syncwarp();
+        tile_mma<LT, row>(R + c, LDH, t_hi, LDT, out + c, LDH, L, false, nullptr, 0, t_lo);
+        __syncwarp();
+        to_out(c);
     }
 }
 
@@ -426,48 +464,45 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, VALUES, N, false);            // hat_a S^T
         matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, VALUES, N, false);         // ends dS^T
         __syncthreads();
-        // Two threads per value channel: one solves for x, the other for g (they are independent). Row t
-        // of MT = M^T holds M's column t: g_t = E[t] + sum_{s>=t} M_rb[s,t] dy_s + sum_{s>t} M_ab[s,t] g_s,
-        // from the last step back, g_{t+1} added last (one multiply-add per step waits on the previous).
-        for (int u = tid; u < 2 * VALUES; u += THREADS) {
-            const int i = u % VALUES;
-            if (u < VALUES) {
-                float v[L], x[L];
-#pragma unroll
-                for (int s = 0; s < L; s++) v[s] = f32(xv[(L + s) * LDH + i]);
-                solve_x(M, P, i, v, x);
-#pragma unroll
-                for (int t = 0; t < L; t++) xv[t * LDH + i] = to_bf16(x[t]);
-                continue;
+        // x and g solve unit lower triangular systems with the same matrix, I - M_ab (strictly lower):
+        //     X = T (P_a + M_ak V)        G = T^T (E_b + M_rb^T dY)        T = (I - M_ab)^-1,
+        // M_ak strictly causal, M_rb^T with its diagonal. The first 16 threads build T (one column
+        // each), others put M_ak, M_rb^T and (for dv below) M's k columns into bf16 hi and lo parts, the
+        // last N sum Z; after the barrier each warp solves its value tiles on tensor cores. T, M_ak and
+        // M_rb^T sit in d_hat's place (free until d_hat is made).
+        bf16 *t_hi = reinterpret_cast<bf16*>(d_hat), *t_lo = t_hi + L * LDT, *ak_hi = t_lo + L * LDT;
+        bf16 *ak_lo = ak_hi + L * LDT, *rb_hi = ak_lo + L * LDT, *rb_lo = rb_hi + L * LDT;
+        bf16 *mt_hi = dMh, *mt_lo = dMh + L * LDM;  // dv's: M's k columns (rows L.. of MT), in dMh's place
+        if (tid < L) {
+            inverse_column(M, LDM, tid, t_hi, t_lo);
+        } else if (tid < THREADS - N) {
+            // 4 columns at a time: M_ak (rows t of M, columns L..), M_rb^T (rows t of MT, columns L..),
+            // then M_k^T for dv (rows L + t of MT, all 2L columns)
+            for (int e = tid - L; e < 2 * L * L / 4 + L * L2 / 4; e += THREADS - N - L) {
+                if (e < L * L / 4) {
+                    const int t = e / (L / 4), s = e % (L / 4) * 4;
+                    split_bf16x4(load4(M + t * LDM + L + s), s, [t](int col) { return col < t; }, ak_hi + t * LDT,
+                                 ak_lo + t * LDT);
+                } else if (e < 2 * L * L / 4) {
+                    const int t = (e - L * L / 4) / (L / 4), s = e % (L / 4) * 4;
+                    split_bf16x4(load4(MT + t * LDM + L + s), s, [t](int col) { return col >= t; }, rb_hi + t * LDT,
+                                 rb_lo + t * LDT);
+                } else {
+                    const int t = (e - 2 * L * L / 4) / (L2 / 4), s = e % (L2 / 4) * 4;
+                    split_bf16x4(load4(MT + (L + t) * LDM + s), s,
+                                 [t](int col) { return col < L ? col > t : col - L >= t; }, mt_hi + t * LDM,
+                                 mt_lo + t * LDM);
+                }
             }
-            float d[L], gg[L];  // dy and g of channel i
-#pragma unroll
-            for (int s = 0; s < L; s++) d[s] = f32(gdy[(L + s) * LDH + i]);
-#pragma unroll
-            for (int t = L - 1; t >= 0; t--) {
-                const float* m = MT + t * LDM;
-                gg[t] = row_dot<true>(row_dot<true>(E[t * LDH + i], m + L, d, t, L - 1), m, gg, t + 1, L - 1);
-            }
-#pragma unroll
-            for (int t = 0; t < L; t++) gdy[t * LDH + i] = to_bf16(gg[t]);
-        }
-        // dv = E_k + M_k^T [g; dy] is a product below (M_k: M's k columns, rows L.. of MT, masked: M_ak
-        // strictly causal, M_rk with its diagonal); the threads after the x solvers put it in dMh's place
-        // (free until the gather) as bf16 hi and lo parts, as the forward does for y.
-        bf16 *mt_hi = dMh, *mt_lo = dMh + L * LDM;
-        if (tid >= VALUES)
-            for (int e = tid - VALUES; e < L * L2 / 4; e += THREADS - VALUES) {  // 4 columns at a time
-                const int t = e / (L2 / 4), s = e % (L2 / 4) * 4;
-                split_bf16x4(load4(MT + (L + t) * LDM + s), s, [t](int col) { return col < L ? col > t : col - L >= t; },
-                             mt_hi + t * LDM, mt_lo + t * LDM);
-            }
-        // Z_j = sum_i S[i,j] dS[i,j] over the block's rows, before dS moves on; by the threads after
-        // the recurrences' where there are enough (split heads), else by the first N.
-        for (int j = (tid + THREADS - (2 * VALUES + N <= THREADS ? 2 * VALUES : 0)) % THREADS; j < N; j += THREADS) {
+        } else {  // Z_j = sum_i S[i,j] dS[i,j] over the block's rows, before dS moves on
+            const int j = tid - (THREADS - N);
             float z = 0.f;
             for (int i = 0; i < VALUES; i++) z += f32(Sh[i * LDH + j]) * dS[i * LDH + j];
             Z[j] = z;
         }
+        __syncthreads();
+        solve_tiles<row, VALUES>(P, ak_hi, ak_lo, xv + L * LDH, t_hi, t_lo, xv);     // X into xv's first rows
+        solve_tiles<col, VALUES>(E, rb_hi, rb_lo, gdy + L * LDH, t_hi, t_lo, gdy);   // G into gdy's first rows
         __syncthreads();
         matmul<row, col>(M, LDM, gdy, LDH, xv, LDH, L2, L2, VALUES, false);      // dM = [g; dy] [X; V]^T
         matmul<row, row>(d_ends, LDH, xv, LDH, dSh, LDH, L2, N, VALUES, false);  // [X; V] dS
