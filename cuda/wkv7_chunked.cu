@@ -28,7 +28,8 @@
 // each adding the others' partial sums for its N / SPLIT key channels through distributed shared
 // memory and writing those channels' input gradients. SPLIT = 1 is one block per head, no cluster.
 //
-// Backward per chunk, last chunk first, with dS the gradient of the chunk's end state:
+// Backward per chunk, last chunk first, with dS the gradient of the chunk's end state (x and g as
+// triangular solves with T = (I - M_ab)^-1 on tensor cores: X = T (P_a + M_ak V), G = T^T dX):
 //     dX_t  = (ends_b dS^T)[t] + sum_{s>=t} M_rb[s,t] dy_s
 //     g_t   = dX_t + sum_{s>t} M_ab[s,t] g_s                                (g = d(rhs of the x system))
 //     dv_t  = (ends_k dS^T)[t] + sum_{s>t} M_ak[s,t] g_s + sum_{s>=t} M_rk[s,t] dy_s     (a product, as y)
