@@ -467,19 +467,22 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         __syncthreads();
         // x and g solve unit lower triangular systems with the same matrix, I - M_ab (strictly lower):
         //     X = T (P_a + M_ak V)        G = T^T (E_b + M_rb^T dY)        T = (I - M_ab)^-1,
-        // M_ak strictly causal, M_rb^T with its diagonal. The first 16 threads build T (one column
-        // each), others put M_ak, M_rb^T and (for dv below) M's k columns into bf16 hi and lo parts, the
-        // last N sum Z; after the barrier each warp solves its value tiles on tensor cores. T, M_ak and
-        // M_rb^T sit in d_hat's place (free until d_hat is made).
+        // M_ak strictly causal, M_rb^T with its diagonal. The first warp builds T (a column on each of
+        // its first 16 threads; the rest of it waits rather than take other work, which the warp would
+        // run after T's), the threads from the second warp to the last N put M_ak, M_rb^T and (for dv
+        // below) M's k columns into bf16 hi and lo parts, the last N sum Z; after the barrier each warp
+        // solves its value tiles on tensor cores. T, M_ak and M_rb^T sit in d_hat's place (free until
+        // d_hat is made).
         bf16 *t_hi = reinterpret_cast<bf16*>(d_hat), *t_lo = t_hi + L * LDT, *ak_hi = t_lo + L * LDT;
         bf16 *ak_lo = ak_hi + L * LDT, *rb_hi = ak_lo + L * LDT, *rb_lo = rb_hi + L * LDT;
         bf16 *mt_hi = dMh, *mt_lo = dMh + L * LDM;  // dv's: M's k columns (rows L.. of MT), in dMh's place
-        if (tid < L) {
-            inverse_column(M, LDM, tid, t_hi, t_lo);
+        static_assert(THREADS - N > 32, "a warp for T, and threads for the conversions beside Z's N");
+        if (tid < 32) {
+            if (tid < L) inverse_column(M, LDM, tid, t_hi, t_lo);
         } else if (tid < THREADS - N) {
             // 4 columns at a time: M_ak (rows t of M, columns L..), M_rb^T (rows t of MT, columns L..),
             // then M_k^T for dv (rows L + t of MT, all 2L columns)
-            for (int e = tid - L; e < 2 * L * L / 4 + L * L2 / 4; e += THREADS - N - L) {
+            for (int e = tid - 32; e < 2 * L * L / 4 + L * L2 / 4; e += THREADS - N - 32) {
                 if (e < L * L / 4) {
                     const int t = e / (L / 4), s = e % (L / 4) * 4;
                     split_bf16x4(load4(M + t * LDM + L + s), s, [t](int col) { return col < t; }, ak_hi + t * LDT,
