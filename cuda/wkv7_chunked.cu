@@ -210,8 +210,6 @@ __device__ __forceinline__ void solve_x(const float* M, const float* P, int i, c
 }
 
 
-// The chunk's first `steps` rows of an output of the block's VALUES value channels (y, dv: [L][LDH]
-// floats in shared memory) to global memory in bf16, 16 bytes (8 channels of a step) per access.
 // Columns s .. s + 3 of a float32 row of M (or M^T), those that keep(column) and zero the others,
 // as the bf16 rounding of each (into hi) and the bf16 rounding of what that leaves (into lo): hi + lo
 // carries 16 bits of mantissa into a tensor-core product, where bf16 alone would carry 8.
@@ -227,6 +225,8 @@ __device__ __forceinline__ void split_bf16x4(float4 m, int s, Keep keep, bf16* h
     store_bf16x4(hi + s, make_float4(h[0], h[1], h[2], h[3])), store_bf16x4(lo + s, make_float4(l[0], l[1], l[2], l[3]));
 }
 
+// The chunk's first `steps` rows of an output of the block's VALUES value channels (y, dv: [L][LDH]
+// floats in shared memory) to global memory in bf16, 16 bytes (8 channels of a step) per access.
 template <int VALUES>
 __device__ __forceinline__ void write_rows(const float* Y, bf16* y, const HeadRows& g, int t0, int steps, int v0) {
     using Out = Pieces<bf16, VALUES>;
@@ -432,11 +432,11 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
     bf16 *xv = reinterpret_cast<bf16*>(smem + B_.xv), *gdy = reinterpret_cast<bf16*>(smem + B_.dr);  // VALUES columns
     float* M = reinterpret_cast<float*>(smem + B_.M);  // M, then dM (the block's partial sum)
     bf16* dMh = reinterpret_cast<bf16*>(smem + B_.dMh);
-    float* P = reinterpret_cast<float*>(smem + B_.f0);       // P, then d left
-    float* E = reinterpret_cast<float*>(smem + B_.f1);       // ends dS^T, then d right
+    float* P = reinterpret_cast<float*>(smem + B_.f0);       // P, then X (rows 0..), then d left
+    float* E = reinterpret_cast<float*>(smem + B_.f1);       // ends dS^T, then G and dv, then d right
     float* d_ends = reinterpret_cast<float*>(smem + B_.f2);  // [X; V] dS
     float* MT = d_ends;                                      // before it: M^T ([2L][LDM])
-    float* d_hat = reinterpret_cast<float*>(smem + B_.f3);   // [g; dy] S
+    float* d_hat = reinterpret_cast<float*>(smem + B_.f3);   // the solves' bf16 tiles, then [g; dy] S
     float *cum = reinterpret_cast<float*>(smem + B_.cum), *Z = reinterpret_cast<float*>(smem + B_.Z);
     float* decay = reinterpret_cast<float*>(smem + B_.decay);
     unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);  // chunk_factors' clamped steps per channel
