@@ -14,12 +14,17 @@ memory column is the static allocation ptxas sees (dynamic shared memory is size
 The "generic mma" column counts the kernel's tensor-core fragment loads and stores (wmma.load,
 wmma.store in the PTX nvcc keeps) that name no state space: from shared memory, ptxas turns a generic
 one into per-lane loads (LD, and MOVM for a transposed layout) where a .shared one is one LDSM.
+Where cuobjdump is found (beside nvcc, on PATH, or from `pip install nvidia-cuda-cuobjdump`), each
+kernel's static SASS is counted too: its instructions, its FFMA (the float32 multiply-adds that the
+recurrences run on CUDA cores) and its global loads and stores (LDG / STG), every instruction of the
+kernel once, loops or not; without it those columns show "-".
 Without nvcc (on PATH or in $CUDA_HOME/bin) it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shlex
@@ -42,7 +47,7 @@ from rwkv_train.ops import kernels
 
 SKIP_MESSAGE = "cuda-check: nvcc not found; skipped (install the CUDA toolkit to compile the kernels)"
 COLUMNS = ("source", "head", "generations", "kernel", "registers", "spill st", "spill ld", "stack", "smem",
-           "generic mma")
+           "instr", "FFMA", "LDG/STG", "generic mma")
 
 
 @dataclass
@@ -60,6 +65,16 @@ class Build:
 
 
 @dataclass
+class SassCounts:
+    """One kernel's static SASS: every instruction once, however often it runs."""
+
+    instructions: int = 0
+    ffma: int = 0
+    global_loads: int = 0
+    global_stores: int = 0
+
+
+@dataclass
 class KernelUsage:
     """ptxas's report for one kernel (entry function); sizes in bytes."""
 
@@ -70,6 +85,7 @@ class KernelUsage:
     stack: int = 0
     smem: int = 0
     generic_mma: int | None = None  # wmma fragment moves through generic addresses (see the module docstring)
+    sass: SassCounts | None = None  # None: no cuobjdump
 
     @property
     def spills(self) -> bool:
@@ -95,6 +111,35 @@ def find_nvcc() -> str | None:
         if home and (Path(home) / "bin" / "nvcc").is_file():
             return str(Path(home) / "bin" / "nvcc")
     return None
+
+
+def find_cuobjdump(nvcc: str) -> str | None:
+    """cuobjdump beside nvcc, else on PATH, else from the nvidia-cuda-cuobjdump wheel (nvidia/cu*/bin), else None."""
+    beside = Path(os.path.realpath(nvcc)).parent / "cuobjdump"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for path in sorted(Path(root).glob("*/bin/cuobjdump")):
+            return str(path)
+    return None
+
+
+_SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$", re.M)
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+
+
+def sass_counts(sass: str) -> dict[str, SassCounts]:
+    """Per kernel (mangled name) in `cuobjdump -sass` output: its instructions, FFMA, LDG and STG."""
+    counts = {}
+    parts = _SASS_FUNCTION.split(sass)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        opcodes = _SASS_INSTRUCTION.findall(body)
+        counts[name] = SassCounts(len(opcodes), opcodes.count("FFMA"), opcodes.count("LDG"), opcodes.count("STG"))
+    return counts
 
 
 def planned_builds() -> list[Build]:
@@ -254,8 +299,10 @@ def demangle(names: list[str], nvcc: str) -> dict[str, str]:
     return dict(zip(names, readable))
 
 
-def compile_one(nvcc: str, build: Build, workdir: Path, arch: str, includes: list[str]) -> BuildResult:
-    """Compile one build into workdir; the result carries ptxas's per-kernel report or the compiler's log."""
+def compile_one(nvcc: str, build: Build, workdir: Path, arch: str, includes: list[str],
+                cuobjdump: str | None = None) -> BuildResult:
+    """Compile one build into workdir; the result carries ptxas's per-kernel report (and with cuobjdump each
+    kernel's SASS counts) or the compiler's log."""
     suffix = "" if build.head_size is None else f"_h{build.head_size}"
     obj = workdir / f"{Path(build.source).stem}{suffix}.o"
     started = time.time()
@@ -273,8 +320,19 @@ def compile_one(nvcc: str, build: Build, workdir: Path, arch: str, includes: lis
         generic.update(generic_mma_accesses(ptx.read_text()))
     for kernel in usage:
         kernel.generic_mma = generic.get(kernel.name)  # None: no PTX found for it
+    if cuobjdump and proc.returncode == 0:
+        dump = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True, check=False)
+        sass = sass_counts(dump.stdout) if dump.returncode == 0 else {}
+        for kernel in usage:
+            kernel.sass = sass.get(kernel.name)
     shutil.rmtree(keep_dir, ignore_errors=True)  # the preprocessed sources are megabytes per build
     return BuildResult(build, proc.returncode == 0, seconds, usage, f"$ {shlex.join(cmd)}\n{log}")
+
+
+def sass_cells(sass: SassCounts | None) -> tuple[str, str, str]:
+    if sass is None:
+        return "-", "-", "-"
+    return str(sass.instructions), str(sass.ffma), f"{sass.global_loads}/{sass.global_stores}"
 
 
 def format_table(results: list[BuildResult], names: dict[str, str]) -> list[str]:
@@ -286,7 +344,7 @@ def format_table(results: list[BuildResult], names: dict[str, str]) -> list[str]
             flag = "  <- SPILLS" if k.spills else ""
             rows.append((b.source, "-" if b.head_size is None else str(b.head_size), ",".join(b.generations),
                          short_name(names.get(k.name, k.name)), str(k.registers), str(k.spill_stores),
-                         str(k.spill_loads), str(k.stack), str(k.smem),
+                         str(k.spill_loads), str(k.stack), str(k.smem), *sass_cells(k.sass),
                          "?" if k.generic_mma is None else str(k.generic_mma), flag))
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
     numeric = set(range(4, len(COLUMNS)))
@@ -334,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         includes = torch_includes(Path(tmp)) if args.with_binding else None
         if includes and any("torch_cpu_stand_in" in p for p in includes):
             print(f"cuda-check: torch is a CPU-only build; standing in for its generated {GENERATED_HEADER}")
-        results = list(pool.map(lambda b: compile_one(nvcc, b, Path(tmp), args.arch, includes), builds))
+        cuobjdump = find_cuobjdump(nvcc)
+        if cuobjdump is None:
+            print("cuda-check: no cuobjdump (beside nvcc, on PATH, or `pip install nvidia-cuda-cuobjdump`); "
+                  "the SASS counts are left out")
+        results = list(pool.map(lambda b: compile_one(nvcc, b, Path(tmp), args.arch, includes, cuobjdump), builds))
 
     for r in results:
         if not r.ok:

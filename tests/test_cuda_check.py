@@ -51,6 +51,35 @@ def test_parse_ptxas_reads_each_kernel_and_skips_device_functions():
     assert big.spills
 
 
+# `cuobjdump -sass` (CUDA 13) for two kernels, abridged: predicated instructions, and the encoding lines
+# that follow each instruction.
+SASS = """\
+\t\tFunction : _Z2k2Pf
+\t.headerflags\t@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                       /* 0x00000a00ff017b82 */
+                                                                                /* 0x000ff00000000800 */
+        /*0010*/                   LDG.E R2, desc[UR4][R2.64] ;                 /* 0x0000000402027981 */
+        /*0020*/                   FFMA R0, R2, R2, R0 ;                        /* 0x0000000202007223 */
+        /*0030*/               @P0 STG.E desc[UR4][R4.64], R0 ;                 /* 0x0000000004000986 */
+        /*0040*/                   EXIT ;                                       /* 0x000000000000794d */
+\t\t..........
+
+\t\tFunction : _Z4kernILi64EEvPKfPfi
+        /*0000*/              @!P1 FFMA R3, R4, R5, R3 ;                        /* 0x0000000504039223 */
+        /*0010*/                   FFMA R6, R4, R5, R6 ;                        /* 0x0000000504067223 */
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64] ;             /* 0x0000000402087981 */
+        /*0030*/              @!PT BRA 0x30 ;                                   /* 0xfffffffc00007947 */
+"""
+
+
+def test_sass_counts_every_instruction_of_each_kernel_once():
+    counts = load_script().sass_counts(SASS)
+    assert list(counts) == ["_Z2k2Pf", "_Z4kernILi64EEvPKfPfi"]
+    small, big = counts["_Z2k2Pf"], counts["_Z4kernILi64EEvPKfPfi"]
+    assert (small.instructions, small.ffma, small.global_loads, small.global_stores) == (5, 1, 1, 1)
+    assert (big.instructions, big.ffma, big.global_loads, big.global_stores) == (4, 2, 1, 0)
+
+
 def test_short_name_drops_return_type_and_parameters():
     short = load_script().short_name
     assert short("void kern<64>(float const*, float*, int)") == "kern<64>"
@@ -112,6 +141,10 @@ def test_every_kernel_compiles_for_sm90():
     # Every tensor-core fragment comes from shared memory by its own state space (LDSM), none through
     # generic addresses; "?" would mean nvcc kept no PTX to count.
     assert all(cells[-1] == "0" for cells in kernel_rows), proc.stdout
+    # With cuobjdump, every kernel's static SASS is counted (instructions, FFMA, LDG/STG before the last column).
+    if load_script().find_cuobjdump(load_script().find_nvcc()) is not None:
+        assert all(cells[-4].isdigit() and int(cells[-4]) > 0 for cells in kernel_rows), proc.stdout
+        assert all(cells[-2].count("/") == 1 for cells in kernel_rows), proc.stdout
     for generation, source in kernels.SOURCES.items():
         for head_size in kernels.head_sizes(generation):
             assert (source, "-" if head_size is None else str(head_size)) in rows, (
