@@ -611,8 +611,6 @@ inline bool launch_backward(cudaStream_t stream, int split, int B, int T, int H,
 // ---------------------------------------------------------------------------------------------
 // Host side. Python allocates every output (so tests can poison them) and checks shapes; here we
 // check what would make the kernels read or write out of bounds.
-#include <vector>
-
 namespace {
 
 using torch::Tensor;
@@ -683,12 +681,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("head_size") = wkv7c::N;
     m.attr("chunk_len") = wkv7c::L;
     m.attr("log_decay_min") = wkv7c::LW_MIN;
-    m.attr("splits") = [] {  // the blocks a head's value rows may be split over
-        std::vector<int> splits;
-        for (int split : {1, 2, 4})
-            if (wkv7c::valid_split(split)) splits.push_back(split);
-        return splits;
-    }();
+    m.attr("splits") = wkv_binding::splits(wkv7c::valid_split);  // blocks a head's value rows may go to
     m.def("forward", &forward,
           "chunked WKV-7 forward: writes y, the final state and every chunk's start state (bf16); "
           "split: blocks per head");

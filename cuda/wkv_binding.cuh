@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace wkv_binding {
 
@@ -38,6 +39,15 @@ inline void check_split(const char* op, int64_t split, bool valid, int head_size
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, on.get_device()));
     TORCH_CHECK(split == 1 || major >= 9, op, ": split ", split,
                 " needs thread block clusters (compute capability 9.0 or later); this device has ", major, ".x");
+}
+
+// The blocks a head may be split over, of 1, 2 and 4, that the kernel was built for (`valid`): what a
+// chunked kernel's module lists as `splits`.
+inline std::vector<int> splits(bool (*valid)(int)) {
+    std::vector<int> allowed;
+    for (int split : {1, 2, 4})
+        if (valid(split)) allowed.push_back(split);
+    return allowed;
 }
 
 // A bf16 tensor's data as CUDA's bf16 type.

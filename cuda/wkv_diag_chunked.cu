@@ -583,8 +583,6 @@ inline bool launch_backward(cudaStream_t stream, int split, int B, int T, int H,
 // ---------------------------------------------------------------------------------------------
 // Host side. Python allocates every output (so tests can poison them) and checks shapes; here we
 // check what would make the kernels read or write out of bounds.
-#include <vector>
-
 namespace {
 
 using torch::Tensor;
@@ -655,12 +653,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("head_size") = wkvdc::N;
     m.attr("chunk_len") = wkvdc::L;
     m.attr("log_decay_min") = wkvdc::LW_MIN;
-    m.attr("splits") = [] {  // the blocks a head's value columns may be split over
-        std::vector<int> splits;
-        for (int split : {1, 2, 4})
-            if (wkvdc::valid_split(split)) splits.push_back(split);
-        return splits;
-    }();
+    m.attr("splits") = wkv_binding::splits(wkvdc::valid_split);  // blocks a head's value columns may go to
     m.def("forward", &forward,
           "chunked WKV-5/6 forward: writes y, the final state and every chunk's start state (bf16); "
           "split: blocks per head");
