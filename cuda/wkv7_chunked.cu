@@ -1,7 +1,8 @@
 // RWKV-7 WKV, chunked: 16 steps at a time, the products on tensor cores (bf16 operands, float32
 // accumulation), the state and every recurrence in float32. Same contract as wkv7.cu (the
-// sequential kernel) plus one saved tensor: the state at the start of every chunk, in bf16, which
-// the backward reads instead of recomputing the forward.
+// sequential kernel) plus two saved tensors, which the backward reads instead of recomputing the
+// forward: the state at the start of every chunk and sa (x_t = S_{t-1} a_t, [B, T, H, N]), both in
+// bf16, as the forward's products took them.
 //
 // One block per (batch, head) walks the chunks. Per chunk of L steps from state S (value i, key j),
 // with c_t the cumulative log-decay through step t, c_ex its value through step t-1, the chunk's
@@ -28,8 +29,8 @@
 // each adding the others' partial sums for its N / SPLIT key channels through distributed shared
 // memory and writing those channels' input gradients. SPLIT = 1 is one block per head, no cluster.
 //
-// Backward per chunk, last chunk first, with dS the gradient of the chunk's end state (x and g as
-// triangular solves with T = (I - M_ab)^-1 on tensor cores: X = T (P_a + M_ak V), G = T^T dX):
+// Backward per chunk, last chunk first, with dS the gradient of the chunk's end state, X read from sa
+// and g as a triangular solve with T = (I - M_ab)^-1 on tensor cores (G = T^T dX):
 //     dX_t  = (ends_b dS^T)[t] + sum_{s>=t} M_rb[s,t] dy_s
 //     g_t   = dX_t + sum_{s>t} M_ab[s,t] g_s                                (g = d(rhs of the x system))
 //     dv_t  = (ends_k dS^T)[t] + sum_{s>t} M_ak[s,t] g_s + sum_{s>=t} M_rk[s,t] dy_s     (a product, as y)
@@ -256,12 +257,12 @@ __device__ __forceinline__ void inverse_column(const float* A, int lda, int j, b
     }
 }
 
-// A unit lower triangular system on tensor cores, by each warp for its 16-column tiles of the block's
-// VALUES value channels: R (+)= A B (A as a_hi + a_lo, [L][LDT]; B: [L][LDH]), then W = T R (T^T R
-// with LT col-major; T as t_hi + t_lo), W in bf16 into out ([L][LDH]). R is float [L][LDH] and ends
+// A unit upper triangular system on tensor cores, by each warp for its 16-column tiles of the block's
+// VALUES value channels: R (+)= A B (A as a_hi + a_lo, [L][LDT]; B: [L][LDH]), then W = T^T R (T
+// lower triangular, as t_hi + t_lo), W in bf16 into out ([L][LDH]). R is float [L][LDH] and ends
 // holding W in float32; out holds R in bf16 in between. Only the warp's own tiles are touched, so the
 // steps are ordered by __syncwarp.
-template <typename LT, int VALUES>
+template <int VALUES>
 __device__ __forceinline__ void solve_tiles(float* R, const bf16* a_hi, const bf16* a_lo, const bf16* b,
                                             const bf16* t_hi, const bf16* t_lo, bf16* out) {
     const int lane = threadIdx.x % 32;
@@ -277,7 +278,7 @@ __device__ __forceinline__ void solve_tiles(float* R, const bf16* a_hi, const bf
         __syncwarp();
         to_out(c);
         __syncwarp();
-        tile_mma<LT, row>(R + c, LDH, t_hi, LDT, out + c, LDH, L, false, nullptr, 0, t_lo);
+        tile_mma<col, row>(R + c, LDH, t_hi, LDT, out + c, LDH, L, false, nullptr, 0, t_lo);
         __syncwarp();
         to_out(c);
     }
@@ -286,7 +287,7 @@ __device__ __forceinline__ void solve_tiles(float* R, const bf16* a_hi, const bf
 template <int SPLIT>
 __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Inputs in, const float* __restrict__ s0,
                                                           bf16* __restrict__ y, float* __restrict__ s_final,
-                                                          bf16* __restrict__ states) {
+                                                          bf16* __restrict__ states, bf16* __restrict__ sa) {
     WKV_DYNAMIC_SMEM(smem);
     constexpr ForwardSmem F;
     float* S = reinterpret_cast<float*>(smem + F.S);  // the block's VALUES rows
@@ -347,6 +348,7 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
         __syncthreads();
         round_state<VALUES>(S, Sh);
         write_rows<VALUES>(P + L * LDH, y, g, t0, steps, part.v0);
+        Pieces<bf16, VALUES>::write(xv, LDH, sa, g, t0, steps, part.v0);  // X as the products took it
         __syncthreads();
     }
     store_state<VALUES>(S, s_final + head * N * N + rows);
@@ -358,21 +360,24 @@ struct Grads {
 };
 
 // Everything the backward reads from global memory for chunk c: the block's rows of its start state,
-// its inputs and dy (of the same steps as the inputs, dy of the block's value channels).
+// its inputs, and sa and dy of the same steps and the block's value channels.
 template <int VALUES>
 struct BackwardLoads {
     SavedState<VALUES> start;
     ChunkLoads<VALUES> x;
-    Pieces<bf16, VALUES> dy;
+    Pieces<bf16, VALUES> sa, dy;
+};
+struct Saved {
+    const bf16 *states, *sa;
 };
 template <int VALUES>
-__device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const bf16* states, const HeadRows& rows,
-                                              int64_t head, int chunks, int c, int T, int v0,
+__device__ __forceinline__ void load_backward(const Inputs& in, const bf16* dy, const Saved& saved,
+                                              const HeadRows& rows, int64_t head, int chunks, int c, int T, int v0,
                                               BackwardLoads<VALUES>& l) {
     const int t0 = c * L, steps = min(L, T - t0);
-    load_saved<VALUES>(states + (head * chunks + c) * N * N + int64_t(v0) * N, l.start);
+    load_saved<VALUES>(saved.states + (head * chunks + c) * N * N + int64_t(v0) * N, l.start);
     load_chunk<VALUES>(in, rows, t0, steps, v0, l.x);
-    l.dy.load(dy, rows, t0, steps, v0);
+    l.sa.load(saved.sa, rows, t0, steps, v0), l.dy.load(dy, rows, t0, steps, v0);
 }
 
 // The block's part of the sums over value rows that the key-side gradients need: its KEYS columns
@@ -419,8 +424,7 @@ __device__ __forceinline__ void gather_key_sums(const Part<SPLIT>& part, const f
 
 template <int SPLIT>
 __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inputs in, const bf16* __restrict__ dy,
-                                                           const bf16* __restrict__ states,
-                                                           const float* __restrict__ ds_final, Grads out,
+                                                           Saved saved, const float* __restrict__ ds_final, Grads out,
                                                            float* __restrict__ ds0) {
     WKV_DYNAMIC_SMEM(smem);
     constexpr BackwardSmem B_;
@@ -432,7 +436,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
     bf16 *xv = reinterpret_cast<bf16*>(smem + B_.xv), *gdy = reinterpret_cast<bf16*>(smem + B_.dr);  // VALUES columns
     float* M = reinterpret_cast<float*>(smem + B_.M);  // M, then dM (the block's partial sum)
     bf16* dMh = reinterpret_cast<bf16*>(smem + B_.dMh);
-    float* P = reinterpret_cast<float*>(smem + B_.f0);       // P, then X (rows 0..), then d left
+    float* d_left = reinterpret_cast<float*>(smem + B_.f0);  // the block's KEYS columns
     float* E = reinterpret_cast<float*>(smem + B_.f1);       // ends dS^T, then G and dv, then d right
     float* d_ends = reinterpret_cast<float*>(smem + B_.f2);  // [X; V] dS
     float* MT = d_ends;                                      // before it: M^T ([2L][LDM])
@@ -450,49 +454,43 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
     const int chunks = (T + L - 1) / L;
     load_state<VALUES>(ds_final + head * N * N + rows, dS, dSh);
     BackwardLoads<VALUES> next;  // the chunk's global reads, issued while the chunk after it is worked on
-    load_backward<VALUES>(in, dy, states, g, head, chunks, chunks - 1, T, part.v0, next);
+    load_backward<VALUES>(in, dy, saved, g, head, chunks, chunks - 1, T, part.v0, next);
     for (int c = chunks - 1; c >= 0; c--) {
         const int t0 = c * L, steps = min(L, T - t0);
         store_saved<VALUES>(next.start, Sh);
         stage_chunk<VALUES>(next.x, M, hat, ends, xv);  // M is free until the first product
-        next.dy.store(gdy + L * LDH, LDH);
+        next.sa.store(xv, LDH), next.dy.store(gdy + L * LDH, LDH);
         __syncthreads();
-        if (c > 0) load_backward<VALUES>(in, dy, states, g, head, chunks, c - 1, T, part.v0, next);
+        if (c > 0) load_backward<VALUES>(in, dy, saved, g, head, chunks, c - 1, T, part.v0, next);
         const unsigned clamped_steps = chunk_factors(M, left, right, hat, ends, decay, cum);
         if (tid < N) clamped[tid] = clamped_steps;  // kept here, not in registers through the chunk
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false, MT, LDM);  // M = left right^T, and M^T
-        matmul<row, col>(P, LDH, hat, LDH, Sh, LDH, L, VALUES, N, false);            // hat_a S^T
         matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, VALUES, N, false);         // ends dS^T
         __syncthreads();
-        // x and g solve unit lower triangular systems with the same matrix, I - M_ab (strictly lower):
-        //     X = T (P_a + M_ak V)        G = T^T (E_b + M_rb^T dY)        T = (I - M_ab)^-1,
-        // M_ak strictly causal, M_rb^T with its diagonal. The first warp builds T (a column on each of
-        // its first 16 threads; the rest of it waits rather than take other work, which the warp would
-        // run after T's), the threads from the second warp to the last N put M_ak, M_rb^T and (for dv
-        // below) M's k columns into bf16 hi and lo parts, the last N sum Z; after the barrier each warp
-        // solves its value tiles on tensor cores. T, M_ak and M_rb^T sit in d_hat's place (free until
-        // d_hat is made).
-        bf16 *t_hi = reinterpret_cast<bf16*>(d_hat), *t_lo = t_hi + L * LDT, *ak_hi = t_lo + L * LDT;
-        bf16 *ak_lo = ak_hi + L * LDT, *rb_hi = ak_lo + L * LDT, *rb_lo = rb_hi + L * LDT;
+        // g solves a unit upper triangular system (x's, transposed: x_t = rhs_t + sum_{s<t} M_ab[t,s] x_s):
+        //     G = T^T (E_b + M_rb^T dY)        T = (I - M_ab)^-1,
+        // M_rb^T with its diagonal. The first warp builds T (a column on each of its first 16 threads;
+        // the rest of it waits rather than take other work, which the warp would run after T's), the
+        // threads from the second warp to the last N put M_rb^T and (for dv below) M's k columns into
+        // bf16 hi and lo parts, the last N sum Z; after the barrier each warp solves its value tiles on
+        // tensor cores. T and M_rb^T sit in d_hat's place (free until d_hat is made).
+        bf16 *t_hi = reinterpret_cast<bf16*>(d_hat), *t_lo = t_hi + L * LDT, *rb_hi = t_lo + L * LDT;
+        bf16* rb_lo = rb_hi + L * LDT;
         bf16 *mt_hi = dMh, *mt_lo = dMh + L * LDM;  // dv's: M's k columns (rows L.. of MT), in dMh's place
         static_assert(THREADS - N > 32, "a warp for T, and threads for the conversions beside Z's N");
         if (tid < 32) {
             if (tid < L) inverse_column(M, LDM, tid, t_hi, t_lo);
         } else if (tid < THREADS - N) {
-            // 4 columns at a time: M_ak (rows t of M, columns L..), M_rb^T (rows t of MT, columns L..),
-            // then M_k^T for dv (rows L + t of MT, all 2L columns)
-            for (int e = tid - 32; e < 2 * L * L / 4 + L * L2 / 4; e += THREADS - N - 32) {
+            // 4 columns at a time: M_rb^T (rows t of MT, columns L..), then M_k^T for dv (rows L + t of
+            // MT, all 2L columns)
+            for (int e = tid - 32; e < L * L / 4 + L * L2 / 4; e += THREADS - N - 32) {
                 if (e < L * L / 4) {
                     const int t = e / (L / 4), s = e % (L / 4) * 4;
-                    split_bf16x4(load4(M + t * LDM + L + s), s, [t](int col) { return col < t; }, ak_hi + t * LDT,
-                                 ak_lo + t * LDT);
-                } else if (e < 2 * L * L / 4) {
-                    const int t = (e - L * L / 4) / (L / 4), s = e % (L / 4) * 4;
                     split_bf16x4(load4(MT + t * LDM + L + s), s, [t](int col) { return col >= t; }, rb_hi + t * LDT,
                                  rb_lo + t * LDT);
                 } else {
-                    const int t = (e - 2 * L * L / 4) / (L2 / 4), s = e % (L2 / 4) * 4;
+                    const int t = (e - L * L / 4) / (L2 / 4), s = e % (L2 / 4) * 4;
                     split_bf16x4(load4(MT + (L + t) * LDM + s), s,
                                  [t](int col) { return col < L ? col > t : col - L >= t; }, mt_hi + t * LDM,
                                  mt_lo + t * LDM);
@@ -505,8 +503,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             Z[j] = z;
         }
         __syncthreads();
-        solve_tiles<row, VALUES>(P, ak_hi, ak_lo, xv + L * LDH, t_hi, t_lo, xv);     // X into xv's first rows
-        solve_tiles<col, VALUES>(E, rb_hi, rb_lo, gdy + L * LDH, t_hi, t_lo, gdy);   // G into gdy's first rows
+        solve_tiles<VALUES>(E, rb_hi, rb_lo, gdy + L * LDH, t_hi, t_lo, gdy);  // G into gdy's first rows
         __syncthreads();
         matmul<row, col>(M, LDM, gdy, LDH, xv, LDH, L2, L2, VALUES, false);      // dM = [g; dy] [X; V]^T
         matmul<row, row>(d_ends, LDH, xv, LDH, dSh, LDH, L2, N, VALUES, false);  // [X; V] dS
@@ -517,7 +514,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         gather_key_sums<SPLIT>(part, M, dMh, d_ends, d_hat, Z);
         scale_columns<VALUES>(dS, decay);
         sync_head<SPLIT>();  // and read: from here a block writes its own again
-        float *d_left = P, *d_right = E;  // the block's KEYS columns
+        float* d_right = E;  // the block's KEYS columns
         matmul<row, row>(d_left + k0, LDH, dMh, LDM, right + k0, LDH, L2, KEYS, L2, false);  // dM right
         matmul<col, row>(d_right + k0, LDH, dMh, LDM, left + k0, LDH, L2, KEYS, L2, false);  // dM^T left
         matmul<col, row>(dS, LDH, gdy, LDH, hat, LDH, VALUES, N, L2, true);                  // dS += [g; dy]^T hat
@@ -575,10 +572,10 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         }
         round_state<VALUES>(dS, dSh);
         // No barrier before the next chunk's staging: what it writes was last read before the barrier
-        // above, except rows L.. of xv and gdy, which hold dr and dk until they are written out. There a
-        // piece of v or dy goes where the same thread read its piece of dr or dk (the same pieces of the
+        // above, except xv (da, dr) and rows L.. of gdy (dk) until they are written out. There a piece of
+        // sa, v or dy goes where the same thread read its piece of da, dr or dk (the same pieces of the
         // same rows; with split heads, columns k0 .. of a block with k0 > 0 are never staged into).
-        static_assert(KEYS == VALUES, "dr, dk and the next chunk's v, dy in the same pieces");
+        static_assert(KEYS == VALUES, "da, dr, dk and the next chunk's sa, v, dy in the same pieces");
     }
     store_state<VALUES>(dS, ds0 + head * N * N + rows);
 }
@@ -587,20 +584,20 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
 // blocks per head (above 1 needs clusters, so sm_90 or later); false, launching nothing, for a split
 // that is not valid_split.
 inline bool launch_forward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const float* s0, bf16* y,
-                           float* s_final, bf16* states) {
+                           float* s_final, bf16* states, bf16* sa) {
     return with_split(split, [&](auto s) {
         constexpr int SPLIT = decltype(s)::value;
         constexpr ForwardSmem F;
-        launch_heads<SPLIT>(forward_kernel<SPLIT>, F.bytes, false, stream, B, H, T, H, in, s0, y, s_final, states);
+        launch_heads<SPLIT>(forward_kernel<SPLIT>, F.bytes, false, stream, B, H, T, H, in, s0, y, s_final, states, sa);
     });
 }
 
 inline bool launch_backward(cudaStream_t stream, int split, int B, int T, int H, Inputs in, const bf16* dy,
-                            const bf16* states, const float* ds_final, Grads out, float* ds0) {
+                            Saved saved, const float* ds_final, Grads out, float* ds0) {
     return with_split(split, [&](auto s) {
         constexpr int SPLIT = decltype(s)::value;
         constexpr BackwardSmem S;
-        launch_heads<SPLIT>(backward_kernel<SPLIT>, S.bytes, true, stream, B, H, T, H, in, dy, states, ds_final, out,
+        launch_heads<SPLIT>(backward_kernel<SPLIT>, S.bytes, true, stream, B, H, T, H, in, dy, saved, ds_final, out,
                             ds0);
     });
 }
@@ -630,10 +627,11 @@ wkv7c::Inputs inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const T
 }
 
 void check_inputs(const Tensor& r, const Tensor& lw, const Tensor& k, const Tensor& v, const Tensor& a,
-                  const Tensor& b, const Tensor& states) {
+                  const Tensor& b, const Tensor& states, const Tensor& sa) {
     TORCH_CHECK(r.dim() == 4 && r.size(3) == wkv7c::N, "wkv7_chunked: inputs must be [B, T, H, ", wkv7c::N, "]");
     const int64_t n = r.numel(), chunks = (r.size(1) + wkv7c::L - 1) / wkv7c::L;
-    for (auto [x, name] : {std::pair{r, "r"}, {k, "k"}, {v, "v"}, {a, "a"}, {b, "b"}}) check(x, name, at::kBFloat16, n);
+    for (auto [x, name] : {std::pair{r, "r"}, {k, "k"}, {v, "v"}, {a, "a"}, {b, "b"}, {sa, "sa"}})
+        check(x, name, at::kBFloat16, n);
     check(lw, "lw", at::kFloat, n);
     check(states, "states", at::kBFloat16, r.size(0) * r.size(2) * chunks * wkv7c::N * wkv7c::N);
 }
@@ -643,8 +641,8 @@ void check_split(int64_t split, const Tensor& on) {
 }
 
 void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s0, Tensor y, Tensor s_final,
-             Tensor states, int64_t split) {
-    check_inputs(r, lw, k, v, a, b, states);
+             Tensor states, Tensor sa, int64_t split) {
+    check_inputs(r, lw, k, v, a, b, states, sa);
     check_split(split, r);
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t ns = int64_t(B) * H * wkv7c::N * wkv7c::N;
@@ -653,13 +651,14 @@ void forward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor
     check(s_final, "s_final", at::kFloat, ns);
     if (B == 0 || H == 0) return;
     wkv7c::launch_forward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, inputs(r, lw, k, v, a, b),
-                          s0.data_ptr<float>(), mbf(y), s_final.data_ptr<float>(), mbf(states));
+                          s0.data_ptr<float>(), mbf(y), s_final.data_ptr<float>(), mbf(states), mbf(sa));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor states, Tensor dy, Tensor ds_final,
-              Tensor dr, Tensor dlw, Tensor dk, Tensor dv, Tensor da, Tensor db, Tensor ds0, int64_t split) {
-    check_inputs(r, lw, k, v, a, b, states);
+void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tensor states, Tensor sa, Tensor dy,
+              Tensor ds_final, Tensor dr, Tensor dlw, Tensor dk, Tensor dv, Tensor da, Tensor db, Tensor ds0,
+              int64_t split) {
+    check_inputs(r, lw, k, v, a, b, states, sa);
     check_split(split, r);
     const int B = r.size(0), T = r.size(1), H = r.size(2);
     const int64_t n = r.numel(), ns = int64_t(B) * H * wkv7c::N * wkv7c::N;
@@ -671,7 +670,8 @@ void backward(Tensor r, Tensor lw, Tensor k, Tensor v, Tensor a, Tensor b, Tenso
     if (B == 0 || H == 0) return;
     const wkv7c::Grads out{mbf(dr), mbf(dk), mbf(dv), mbf(da), mbf(db), dlw.data_ptr<float>()};
     wkv7c::launch_backward(c10::cuda::getCurrentCUDAStream(), int(split), B, T, H, inputs(r, lw, k, v, a, b), cbf(dy),
-                           cbf(states), ds_final.data_ptr<float>(), out, ds0.data_ptr<float>());
+                           wkv7c::Saved{cbf(states), cbf(sa)}, ds_final.data_ptr<float>(), out,
+                           ds0.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -682,8 +682,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("chunk_len") = wkv7c::L;
     m.attr("log_decay_min") = wkv7c::LW_MIN;
     m.attr("splits") = wkv_binding::splits(wkv7c::valid_split);  // blocks a head's value rows may go to
+    m.attr("saved") = std::vector<std::string>{"states", "sa"};  // what the forward writes for the backward
     m.def("forward", &forward,
-          "chunked WKV-7 forward: writes y, the final state and every chunk's start state (bf16); "
+          "chunked WKV-7 forward: writes y, the final state, every chunk's start state and sa (bf16); "
           "split: blocks per head");
     m.def("backward", &backward, "chunked WKV-7 backward: writes dr, dlw, dk, dv, da, db, ds0; split: blocks per head");
 }

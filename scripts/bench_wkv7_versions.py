@@ -11,7 +11,8 @@ timed on the same card in the same run, not against a figure taken on another ma
 version's sources (the cuda/ folder of its revision, exported with git here, so a machine without
 the repository's history can run this) are built as their own extension with this tree's nvcc
 flags, and run through this tree's op and autograd wrapper (kernels.load swapped for the version's
-module; versions from before split heads take no split argument and run one block per head). Per
+module; versions from before split heads take no split argument and run one block per head, and
+versions from before the saved sa take none). Per
 shape: the median forward and forward + backward time of each version (CUDA events), and how far
 its y and gradients are from this tree's kernel on the same inputs (relative; the versions compute
 the same function, so a large difference means a broken build or version). --out writes the table
@@ -105,18 +106,27 @@ def build_problem(folder: Path, head_size: int) -> str | None:
 
 
 class Version:
-    """A built kernel module as the op wrapper uses it; a version without split heads runs split 1."""
+    """A built kernel module as the op wrapper uses it. A version from before the forward saved sa is
+    called without it (it recomputes it in the backward); one from before split heads runs split 1 and
+    is called without the split."""
+
+    FORWARD_SA, BACKWARD_SA = 10, 7  # sa's place among the op wrapper's arguments
 
     def __init__(self, module):
         self.module = module
         self.splits = list(getattr(module, "splits", [1]))
         self.takes_split = hasattr(module, "splits")
+        self.takes_sa = "sa" in getattr(module, "saved", ())
+
+    def _arguments(self, args: tuple, sa_at: int) -> list:
+        args = [x for i, x in enumerate(args) if self.takes_sa or i != sa_at]
+        return args if self.takes_split else args[:-1]
 
     def forward(self, *args):
-        return self.module.forward(*(args if self.takes_split else args[:-1]))
+        return self.module.forward(*self._arguments(args, self.FORWARD_SA))
 
     def backward(self, *args):
-        return self.module.backward(*(args if self.takes_split else args[:-1]))
+        return self.module.backward(*self._arguments(args, self.BACKWARD_SA))
 
 
 def relative(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ token, in C bf16 values (2 C bytes):
 
 and what that comes to per training step (--step-tokens tokens over --layers layers) at --bandwidth.
 The WKV runs as a stand-in op that does no work (the CUDA kernel is opaque to the compiler too) but
-keeps the chunk start states the chunked kernel keeps, so `kept` is the real block's.
+keeps the chunk start states and sa the chunked kernel keeps, so `kept` is the real block's.
 
 The CPU's code generation fuses a little differently from the GPU's (Triton): the figures are an
 estimate for comparing formulations and checkpointing modes, not a measurement of the GPU.
@@ -44,15 +44,16 @@ from rwkv_train.ops.wkv7_chunked_cuda import CHUNK_LEN  # noqa: E402
 MODES = {"off": False, "on": True, "selective": "selective", "selective-wkv": "selective-wkv"}
 
 
-def _outputs(r: Tensor) -> tuple[Tensor, Tensor]:
-    """y and the chunk start states (one per CHUNK_LEN steps), uninitialised, shaped as the chunked kernel's."""
+def _outputs(r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """y, the chunk start states (one per CHUNK_LEN steps) and sa, uninitialised, shaped as the chunked
+    kernel's."""
     B, T, H, N = r.shape
-    return torch.empty_like(r), r.new_empty((B, H, (T + CHUNK_LEN - 1) // CHUNK_LEN, N, N))
+    return torch.empty_like(r), r.new_empty((B, H, (T + CHUNK_LEN - 1) // CHUNK_LEN, N, N)), torch.empty_like(r)
 
 
 # Named as the CUDA kernels' ops are (rwkv_train::*_forward), so grad_cp "selective-wkv" keeps its outputs.
 @torch.library.custom_op("rwkv_train::block_traffic_wkv7_forward", mutates_args=())
-def wkv7_stand_in(r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def wkv7_stand_in(r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The chunked kernel's outputs without its work."""
     return _outputs(r)
 
@@ -64,21 +65,21 @@ def _(r, lw, k, v, a, b):
 
 @torch.library.custom_op("rwkv_train::block_traffic_wkv7_backward", mutates_args=())
 def wkv7_stand_in_backward(
-    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, states: Tensor, dy: Tensor
+    r: Tensor, lw: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, states: Tensor, sa: Tensor, dy: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(x) for x in (r, lw, k, v, a, b))
 
 
 @wkv7_stand_in_backward.register_fake
-def _(r, lw, k, v, a, b, states, dy):
+def _(r, lw, k, v, a, b, states, sa, dy):
     return tuple(torch.empty_like(x) for x in (r, lw, k, v, a, b))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs, output[1])
+    ctx.save_for_backward(*inputs, *output[1:])
 
 
-def _backward(ctx, dy, _dstates):
+def _backward(ctx, dy, _dstates, _dsa):
     return wkv7_stand_in_backward(*ctx.saved_tensors, dy)
 
 
@@ -88,7 +89,7 @@ wkv7_stand_in.register_autograd(_backward, setup_context=_setup_context)
 def stand_in_wkv7(r, lw, k, v, a, b, state, backend, chunked):
     """`rwkv_train.ops.wkv7.wkv7`'s signature, on the stand-in op (inputs as the CUDA op wrapper passes them)."""
     r, k, v, a, b = (x.to(torch.bfloat16) for x in (r, k, v, a, b))
-    y, _ = wkv7_stand_in(r, lw.float(), k, v, a, b)
+    y, *_ = wkv7_stand_in(r, lw.float(), k, v, a, b)
     return y, None
 
 

@@ -14,7 +14,8 @@ float64 recurrence of the same (bf16) inputs:
   y, M hi + lo    the same with M_r as two bf16 parts, its rounding and the rounding of the rest
                   (the kernel's forward since version 9)
   solve, T        x = T (P_a + M_ak V), T = (I - M_ab)^-1, on tensor cores with T and M_ak as two bf16
-                  parts and the right-hand side in bf16; y as above (the backward's x since version 10)
+                  parts and the right-hand side in bf16; y as above (the backward's x in version 10;
+                  since version 11 the backward reads the forward's X)
 
 In every row the state update takes X in bf16, as the kernel does. Inputs are drawn as the model makes
 them (a = -kk, b = kk * sigmoid, lw in (-0.61, 0)).

@@ -130,14 +130,16 @@ class Wkv7ChunkedModule:
         self.log_decay_min = self.lib.log_decay_min()
         self.splits = [split for split in (1, 2, 4) if self.lib.valid_split(split)]  # as the binding lists them
 
-    def forward(self, r, lw, k, v, a, b, s0, y, s_final, states, split) -> None:
+        self.saved = ["states", "sa"]
+
+    def forward(self, r, lw, k, v, a, b, s0, y, s_final, states, sa, split) -> None:
         B, T, H, _ = r.shape
-        if not self.lib.forward(split, B, T, H, *map(_ptr, (r, lw, k, v, a, b, s0, y, s_final, states))):
+        if not self.lib.forward(split, B, T, H, *map(_ptr, (r, lw, k, v, a, b, s0, y, s_final, states, sa))):
             raise ValueError(f"wkv7_chunked: split {split} is not one of {self.splits}")
 
-    def backward(self, r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0, split) -> None:
+    def backward(self, r, lw, k, v, a, b, states, sa, dy, ds_final, dr, dlw, dk, dv, da, db, ds0, split) -> None:
         B, T, H, _ = r.shape
-        pointers = map(_ptr, (r, lw, k, v, a, b, states, dy, ds_final, dr, dlw, dk, dv, da, db, ds0))
+        pointers = map(_ptr, (r, lw, k, v, a, b, states, sa, dy, ds_final, dr, dlw, dk, dv, da, db, ds0))
         if not self.lib.backward(split, B, T, H, *pointers):
             raise ValueError(f"wkv7_chunked: split {split} is not one of {self.splits}")
 
@@ -145,20 +147,20 @@ class Wkv7ChunkedModule:
 class Wkv7ChunkedOnCpu(Wkv7ChunkedModule):
     """cuda/wkv7_chunked.cu on the CPU, allocating its outputs (NaN first): the CUDA op's contract."""
 
-    def forward(self, r, lw, k, v, a, b, s0, split: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-        """bf16 r, k, v, a, b and float32 lw [B, T, H, N], float32 s0 -> (y bf16, final state, chunk states bf16);
-        split: blocks per head."""
+    def forward(self, r, lw, k, v, a, b, s0, split: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """bf16 r, k, v, a, b and float32 lw [B, T, H, N], float32 s0 -> (y bf16, final state, chunk states bf16,
+        sa bf16); split: blocks per head."""
         B, T, H, N = r.shape
-        y, s_final = _nan(r.shape, torch.bfloat16), _nan(s0.shape, torch.float32)
+        y, s_final, sa = _nan(r.shape, torch.bfloat16), _nan(s0.shape, torch.float32), _nan(r.shape, torch.bfloat16)
         states = _nan((B, H, -(-T // self.chunk_len), N, N), torch.bfloat16)
-        super().forward(r, lw, k, v, a, b, s0, y, s_final, states, split)
-        return y, s_final, states
+        super().forward(r, lw, k, v, a, b, s0, y, s_final, states, sa, split)
+        return y, s_final, states, sa
 
-    def backward(self, r, lw, k, v, a, b, states, dy, ds_final, split: int = 1) -> tuple[Tensor, ...]:
+    def backward(self, r, lw, k, v, a, b, states, sa, dy, ds_final, split: int = 1) -> tuple[Tensor, ...]:
         """-> (dr, dlw, dk, dv, da, db, ds0): bf16 except dlw and ds0 (float32)."""
         grads = [_nan(r.shape, torch.float32 if name == "dlw" else torch.bfloat16) for name in ("dr", "dlw", "dk", "dv", "da", "db")]
         ds0 = _nan(ds_final.shape, torch.float32)
-        super().backward(r, lw, k, v, a, b, states, dy, ds_final, *grads, ds0, split)
+        super().backward(r, lw, k, v, a, b, states, sa, dy, ds_final, *grads, ds0, split)
         return (*grads, ds0)
 
 
@@ -174,6 +176,7 @@ class WkvDiagChunkedModule:
         self.chunk_len = self.lib.chunk_len()
         self.log_decay_min = self.lib.log_decay_min()
         self.splits = [split for split in (1, 2, 4) if self.lib.valid_split(split)]  # as the binding lists them
+        self.saved = ["states"]
 
     def forward(self, r, lw, k, v, u, s0, y, s_final, states, split) -> None:
         B, T, H, _ = r.shape
@@ -230,9 +233,9 @@ def emulate(monkeypatch, generation: str, module_class) -> list[tuple[str, int |
 
 def assert_splits_match_one_block(kernel, inputs: list[Tensor], grad_names: tuple[str, ...]) -> None:
     """kernel (an ...OnCpu emulation) at each of its splits against one block per head, from a random state
-    and with random dy and final-state gradient: the forward's y, final state and saved states bitwise
-    equal (each block's values evolve on their own), the backward's gradients within float32 rounding
-    (its sums across the cluster only change order)."""
+    and with random dy and final-state gradient: the forward's y, final state and what it saves for the
+    backward bitwise equal (each block's values evolve on their own), the backward's gradients within
+    float32 rounding (its sums across the cluster only change order)."""
     from tests.conftest import rel_error
 
     B, T, H, N = inputs[0].shape
@@ -240,11 +243,12 @@ def assert_splits_match_one_block(kernel, inputs: list[Tensor], grad_names: tupl
     s0 = 0.5 * torch.randn(B, H, N, N, generator=g)
     dy, ds_final = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16), torch.randn(B, H, N, N, generator=g)
     one = kernel.forward(*inputs, s0, split=1)
-    one_grads = kernel.backward(*inputs, one[2], dy, ds_final, split=1)
+    one_grads = kernel.backward(*inputs, *one[2:], dy, ds_final, split=1)
+    names = ("y", "final state", *(f"saved {name}" for name in kernel.saved))
     for split in kernel.splits[1:]:
-        for name, x, ref in zip(("y", "final state", "saved states"), kernel.forward(*inputs, s0, split=split), one):
+        for name, x, ref in zip(names, kernel.forward(*inputs, s0, split=split), one, strict=True):
             assert torch.equal(x, ref), f"split {split}: {name} differs from one block per head"
-        grads = kernel.backward(*inputs, one[2], dy, ds_final, split=split)
+        grads = kernel.backward(*inputs, *one[2:], dy, ds_final, split=split)
         for name, x, ref in zip(grad_names, grads, one_grads):
             assert rel_error(x, ref) < 1e-5, f"split {split}: {name} {rel_error(x, ref):.1e} from one block per head"
 
@@ -276,8 +280,8 @@ def assert_unaligned_views_change_nothing(forward_op, backward_op, inputs: list[
     dy, ds = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16), torch.randn(B, H, N, N, generator=g)
 
     def run(xs, s, d):
-        y, s_final, states = forward_op(*xs, s, 0)
-        return y, s_final, *backward_op(*xs, states, d, ds, 0)
+        y, s_final, *saved = forward_op(*xs, s, 0)
+        return y, s_final, *saved, *backward_op(*xs, *saved, d, ds, 0)
 
     want = run(inputs, s0, dy)
     got = run([unaligned(x) for x in inputs], unaligned(s0), unaligned(dy))

@@ -56,19 +56,27 @@ def test_plan_and_bad_arguments(tmp_path):
         assert result.returncode == 1 and "needs a CUDA device" in result.stderr
 
 
-def test_a_version_without_split_heads_is_called_without_the_split():
-    class Before:  # a module from before split heads: no `splits`, no split argument
+def test_older_versions_are_called_without_the_arguments_they_came_before():
+    """The op wrapper passes (r, lw, k, v, a, b, s0, y, s_final, states, sa, split) to forward and (r, lw, k,
+    v, a, b, states, sa, dy, ds_final, dr, dlw, dk, dv, da, db, ds0, split) to backward."""
+    class Before:  # a module from before split heads: no `splits`, no split argument, no sa
         def forward(self, *args):
-            return len(args)
+            return args
 
         backward = forward
 
-    class After(Before):
+    class Split(Before):  # split heads, no sa
         splits = [1, 2, 4]
 
-    old, new = versions.Version(Before()), versions.Version(After())
-    assert (old.splits, old.forward(*range(11)), old.backward(*range(17))) == ([1], 10, 16)
-    assert (new.splits, new.forward(*range(11)), new.backward(*range(17))) == ([1, 2, 4], 11, 17)
+    class Now(Split):
+        saved = ["states", "sa"]
+
+    forward, backward = tuple(range(12)), tuple(range(18))
+    old, split, now = (versions.Version(m()) for m in (Before, Split, Now))
+    assert old.splits == [1] and split.splits == now.splits == [1, 2, 4]
+    assert old.forward(*forward) == tuple(range(10)) and old.backward(*backward) == (*range(7), *range(8, 17))
+    assert split.forward(*forward) == (*range(10), 11) and split.backward(*backward) == (*range(7), *range(8, 18))
+    assert now.forward(*forward) == forward and now.backward(*backward) == backward
 
 
 def test_build_kernels_builds_the_exported_versions_beside_the_current_kernels(tmp_path, monkeypatch):

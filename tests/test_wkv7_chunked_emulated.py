@@ -60,8 +60,8 @@ def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int,
     dy = torch.randn(B, T, H, N, generator=g).to(torch.bfloat16)
     ds_final = torch.randn(B, H, N, N, generator=g)
 
-    y, s_final, states = kernel.forward(*inputs, s0, split)
-    grads = kernel.backward(*inputs, states, dy, ds_final, split)
+    y, s_final, *saved = kernel.forward(*inputs, s0, split)
+    grads = kernel.backward(*inputs, *saved, dy, ds_final, split)
 
     ref_inputs = [x.double().requires_grad_() for x in (*inputs, s0)]
     r, lw, k, v, a, b, s = ref_inputs
@@ -71,7 +71,6 @@ def check_against_reference(kernel, inputs: list[Tensor], s0: Tensor, seed: int,
     errors = {"y": rel_error(y, y_ref), "state": rel_error(s_final, s_ref)}
     errors |= {name: rel_error(grad, x.grad) for name, grad, x in zip(GRADS, grads, ref_inputs)}
     assert_errors_within(errors, TOL, _WORST)
-    return states
 
 
 # (T, with initial state): one step, one whole chunk, partial chunks, and a long run.
@@ -115,16 +114,21 @@ def test_a_split_the_head_size_does_not_allow_is_refused(kernel):
     cuda_on_cpu.assert_unsupported_splits_refused(kernel, model_like_inputs(1, 5, 1, kernel.head_size, seed=41))
 
 
-def test_saved_chunk_states_are_the_states_at_chunk_starts(kernel):
-    """The backward reads these instead of recomputing the forward: state c is S after 16 c steps."""
+def test_saved_chunk_states_and_sa_are_the_forwards(kernel):
+    """The backward reads these instead of recomputing the forward: state c is S after 16 c steps, and
+    sa at step t is S_{t-1} a_t (the state before step t applied to a_t)."""
     T, N, L = 50, kernel.head_size, kernel.chunk_len
     inputs = model_like_inputs(1, T, 2, N, seed=7)
+    a = inputs[4]
     s0 = 0.5 * torch.randn(1, 2, N, N, generator=torch.Generator().manual_seed(8))
-    _, _, states = kernel.forward(*inputs, s0)
-    assert states.shape == (1, 2, math.ceil(T / L), N, N)
-    for c in range(states.shape[2]):
-        _, s_ref = wkv7_recurrent(*(x[:, : c * L].double() for x in inputs), s0.double())
-        assert rel_error(states[:, :, c], s_ref) < 5e-3, f"chunk {c}"
+    _, _, states, sa = kernel.forward(*inputs, s0)
+    assert states.shape == (1, 2, math.ceil(T / L), N, N) and sa.shape == a.shape
+    for t in range(T):
+        _, s_ref = wkv7_recurrent(*(x[:, :t].double() for x in inputs), s0.double())  # [B, H, value, key]
+        if t % L == 0:
+            assert rel_error(states[:, :, t // L], s_ref) < 5e-3, f"chunk {t // L}"
+        sa_ref = torch.einsum("bhij,bhj->bhi", s_ref, a[:, t].double())
+        assert rel_error(sa[:, t], sa_ref) < 1e-2, f"sa at step {t}"
 
 
 def test_decays_below_the_floor_are_taken_at_the_floor(kernel):

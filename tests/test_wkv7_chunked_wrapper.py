@@ -86,15 +86,17 @@ def test_an_unsupported_split_is_refused_by_the_op(emulated):
 
 
 def test_backward_fills_no_gradient_for_the_saved_states(emulated):
-    """The forward's third output (the chunk start states, [B, H, T/16, N, N]) is saved for the backward
-    and never differentiated: autograd must not zero-fill a gradient for it (at B*T*C = 2^27 that is 1 GB
-    written per step). Only the unused final state's small gradient is made."""
+    """The forward's third and fourth outputs (the chunk start states, [B, H, T/16, N, N], and sa,
+    [B, T, H, N]) are saved for the backward and never differentiated: autograd must not zero-fill a
+    gradient for them (at B*T*C = 2^27 that is 1 GB written per step for the states). Only the unused
+    final state's small gradient is made."""
     B, T, H, N = 1, 40, 2, 32
     leaves = [x.clone().requires_grad_() for x in model_like_inputs(B, T, H, N, seed=41)]
     y, _ = wkv7_chunked_cuda(*leaves)
     filled = zero_filled_shapes(lambda: y.float().sum().backward())
     states_shape = [B, H, math.ceil(T / CHUNK_LEN), N, N]
     assert states_shape not in filled, f"a zero gradient was made for the saved states: {filled}"
+    assert [B, T, H, N] not in filled, f"a zero gradient was made for sa: {filled}"
     assert all(x.grad is not None for x in leaves)
 
 
@@ -213,8 +215,8 @@ def test_selective_wkv_runs_the_kernel_forward_once_with_the_same_gradients(emul
 
 def test_selective_wkv_keeps_the_kernel_outputs_and_nothing_else_more(emulated, monkeypatch):
     """What the blocks' forward leaves for the backward under "selective-wkv" is what "selective" leaves
-    plus, per block, the kernel's three outputs: y (bf16), the final state (float32) and the chunk start
-    states (bf16, one per CHUNK_LEN tokens)."""
+    plus, per block, the kernel's four outputs: y (bf16), the final state (float32), the chunk start
+    states (bf16, one per CHUNK_LEN tokens) and sa (bf16, one value per channel and token)."""
     from tests.test_checkpointing import saved_by_forward
 
     cfg, model = chunked_model(monkeypatch, n_layer=2)
@@ -226,5 +228,5 @@ def test_selective_wkv_keeps_the_kernel_outputs_and_nothing_else_more(emulated, 
         model.grad_cp = mode
         saved[mode] = saved_by_forward(model, idx)
     H, N = cfg.n_embd // cfg.head_size, cfg.head_size
-    outputs = B * T * cfg.n_embd * 2 + B * H * N * N * 4 + B * H * -(-T // CHUNK_LEN) * N * N * 2
+    outputs = 2 * (B * T * cfg.n_embd * 2) + B * H * N * N * 4 + B * H * -(-T // CHUNK_LEN) * N * N * 2
     assert saved["selective-wkv"] - saved["selective"] == cfg.n_layer * outputs

@@ -39,13 +39,13 @@ bool run(int split, int B, int T, int H, bool with_state, unsigned seed) {
         for (auto& x : s0) x = state(gen);
     for (auto& x : ds_final) x = state(gen);
 
-    std::vector<bf16> y(n), states(size_t(B) * H * chunks * N * N), dr(n), dk(n), dv(n), da(n), db(n);
+    std::vector<bf16> y(n), states(size_t(B) * H * chunks * N * N), sa(n), dr(n), dk(n), dv(n), da(n), db(n);
     std::vector<float> s_final(ns), dlw(n), ds0(ns);
     if (!forward(split, B, T, H, r.data(), lw.data(), k.data(), v.data(), a.data(), b.data(), s0.data(), y.data(),
-                 s_final.data(), states.data()))
+                 s_final.data(), states.data(), sa.data()))
         return false;
     return backward(split, B, T, H, r.data(), lw.data(), k.data(), v.data(), a.data(), b.data(), states.data(),
-                    dy.data(), ds_final.data(), dr.data(), dlw.data(), dk.data(), dv.data(), da.data(), db.data(),
+                    sa.data(), dy.data(), ds_final.data(), dr.data(), dlw.data(), dk.data(), dv.data(), da.data(), db.data(),
                     ds0.data());
 }
 
