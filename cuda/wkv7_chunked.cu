@@ -468,7 +468,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false, MT, LDM);  // M = left right^T, and M^T
         matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, VALUES, N, false);         // ends dS^T
         __syncthreads();
-        // g solves a unit upper triangular system (x's, transposed: x_t = rhs_t + sum_{s<t} M_ab[t,s] x_s):
+        // g solves the transpose of x's unit lower triangular system (I - M_ab) X = P_a + M_ak V:
         //     G = T^T (E_b + M_rb^T dY)        T = (I - M_ab)^-1,
         // M_rb^T with its diagonal. The first warp builds T (a column on each of its first 16 threads;
         // the rest of it waits rather than take other work, which the warp would run after T's), the
