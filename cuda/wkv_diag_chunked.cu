@@ -654,6 +654,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("chunk_len") = wkvdc::L;
     m.attr("log_decay_min") = wkvdc::LW_MIN;
     m.attr("splits") = wkv_binding::splits(wkvdc::valid_split);  // blocks a head's value columns may go to
+    m.attr("saved") = std::vector<std::string>{"states"};  // what the forward writes for the backward
     m.def("forward", &forward,
           "chunked WKV-5/6 forward: writes y, the final state and every chunk's start state (bf16); "
           "split: blocks per head");
