@@ -57,6 +57,12 @@ constexpr float LW_MIN = -5.f;  // per-step log-decay floor: factors stay within
 constexpr int LDM = L2 + 8;     // leading dimension of the [2L][2L] tiles
 static_assert(N % 16 == 0 && N >= 32 && N <= 64, "the chunked kernel is built for head sizes 32 and 64");
 
+// A chunk's factors are built for two adjacent key channels per thread, n and n + 1 (n = 2 (tid %
+// PAIRS)), PAIR_STEPS consecutive steps of them, so that every shared-memory access moves both
+// channels at once (a bf16 pair, a float pair).
+constexpr int PAIRS = N / 2, PAIR_GROUPS = THREADS / PAIRS, PAIR_STEPS = L / PAIR_GROUPS;
+static_assert(THREADS % PAIRS == 0 && L % PAIR_GROUPS == 0, "whole steps of one channel pair per thread");
+
 
 constexpr size_t STATE_F = size_t(N) * LDH * 4, STATE_H = size_t(N) * LDH * 2;
 constexpr size_t TILE_H = size_t(L2) * LDH * 2, TILE_F = size_t(L2) * LDH * 4;
@@ -93,7 +99,7 @@ struct BackwardSmem {
         dr = c.take(TILE_H);
         M = c.take(SQUARE_F), dMh = c.take(SQUARE_H);
         f0 = c.take(TILE_F), f1 = c.take(TILE_F), f2 = c.take(TILE_F), f3 = c.take(TILE_F);
-        cum = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4), clamped = c.take(N * 4);
+        cum = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4), clamped = c.take(PAIR_GROUPS * N * 4);
         bytes = c.end;
     }
 };
@@ -135,52 +141,81 @@ __device__ __forceinline__ void stage_chunk(const ChunkLoads<VALUES>& x, float* 
 }
 
 // Builds one chunk's factor tiles from its staged inputs (left, right, and hat and ends in place of
-// the a, r, b, k staged there), decay[n] = e^(c_L), and where cum is given, c_t into cum [L][N]. Each
-// thread its own (step, channel) pairs, channel n = tid % N and PER consecutive steps; no
-// synchronisation inside. Returns the thread's channel's clamped steps (bit t: step t's log-decay was
-// below LW_MIN and was taken as LW_MIN, so its gradient is 0).
-__device__ __forceinline__ unsigned chunk_factors(const float* lw, bf16* left, bf16* right, bf16* hat, bf16* ends,
-                                                  float* decay, float* cum) {
-    const int n = threadIdx.x % N, group = threadIdx.x / N;
-    float c[L + 1];  // c[t + 1]: the cumulative log-decay through step t
-    c[0] = 0.f;
-    unsigned clamped = 0;
+// the a, r, b, k staged there), decay[n] = e^(c_L), and where cum is given, c_t into cum [L][N] and
+// the clamped steps into clamped ([PAIR_GROUPS][N]; `clamped_steps` reads them). Each thread its own
+// (step, channel pair)s; no synchronisation inside.
+__device__ __forceinline__ void chunk_factors(const float* lw, bf16* left, bf16* right, bf16* hat, bf16* ends,
+                                              float* decay, float* cum, unsigned* clamped) {
+    const int n = threadIdx.x % PAIRS * 2, group = threadIdx.x / PAIRS, first = group * PAIR_STEPS;
+    float c[2][L + 1];  // c[q][t + 1]: channel n + q's cumulative log-decay through step t
+    c[0][0] = c[1][0] = 0.f;
 #pragma unroll
     for (int t = 0; t < L; t++) {
-        const float w = lw[t * N + n];
-        clamped |= unsigned(w < LW_MIN) << t, c[t + 1] = c[t] + fmaxf(w, LW_MIN);
+        const float2 w = *reinterpret_cast<const float2*>(lw + t * N + n);
+        c[0][t + 1] = c[0][t] + fmaxf(w.x, LW_MIN), c[1][t + 1] = c[1][t] + fmaxf(w.y, LW_MIN);
     }
+    if (clamped) {  // the thread's own steps only: the PAIR_GROUPS words of a channel make its mask
+        unsigned floored[2] = {0, 0};
+#pragma unroll
+        for (int j = 0; j < PAIR_STEPS; j++) {
+            const float2 w = *reinterpret_cast<const float2*>(lw + (first + j) * N + n);
+            floored[0] |= unsigned(w.x < LW_MIN) << (first + j), floored[1] |= unsigned(w.y < LW_MIN) << (first + j);
+        }
+        clamped[group * N + n] = floored[0], clamped[group * N + n + 1] = floored[1];
+    }
+    // The thread's c from step first - 1 on (mine[q][j]: through step first + j - 1), picked by a
+    // select per group: indexing c with the run-time first would move it to local memory.
+    float mine[2][PAIR_STEPS + 1];
+#pragma unroll
+    for (int q = 0; q < 2; q++)
+#pragma unroll
+        for (int j = 0; j <= PAIR_STEPS; j++) {
+            mine[q][j] = c[q][j];
+#pragma unroll
+            for (int other = 1; other < PAIR_GROUPS; other++)
+                if (group == other) mine[q][j] = c[q][other * PAIR_STEPS + j];
+        }
     // Every factor from two exponentials per step: e^(c_in) (the next step's e^(c_ex)) and
     // e^(c_ref - c_in), and the channel's e^(+-c_ref); all stay within float32's normal range
     // (c >= L * LW_MIN = -80).
-    const float c_L = c[L], c_ref = 0.5f * c_L, up = __expf(c_ref), down = __expf(-c_ref);
-    if (group == 0) decay[n] = up * up;
-    float e_ex = 0.f;  // e^(c_ex), from the previous step after the first
+    float c_ref[2], up[2], down[2], e_ex[2];
 #pragma unroll
-    for (int j = 0; j < PER; j++) {
-        // c through step t = group * PER + j and through t - 1, picked by a select per group: indexing
-        // c with the run-time t would move it to local memory
-        float c_in = c[j + 1], c_ex = c[j];
+    for (int q = 0; q < 2; q++)
+        c_ref[q] = 0.5f * c[q][L], up[q] = __expf(c_ref[q]), down[q] = __expf(-c_ref[q]), e_ex[q] = __expf(mine[q][0]);
+    if (group == 0) *reinterpret_cast<float2*>(decay + n) = make_float2(up[0] * up[0], up[1] * up[1]);
+    using Pair = __nv_bfloat162;
+    const auto at = [n](bf16* tile, int row) { return reinterpret_cast<Pair*>(tile + row * LDH + n); };
 #pragma unroll
-        for (int other = 1; other < GROUPS; other++)
-            if (group == other) c_in = c[other * PER + j + 1], c_ex = c[other * PER + j];
-        const int t = group * PER + j;
-        if (j == 0) e_ex = __expf(c_ex);
-        const float e_in = __expf(c_in), to_ref = __expf(c_ref - c_in), to_end = to_ref * up;
-        const float a = f32(hat[t * LDH + n]), r = f32(hat[(L + t) * LDH + n]);
-        const float b = f32(ends[t * LDH + n]), k = f32(ends[(L + t) * LDH + n]);
-        left[t * LDH + n] = to_bf16(a * (e_ex * down));
-        left[(L + t) * LDH + n] = to_bf16(r * (e_in * down));
-        right[t * LDH + n] = to_bf16(b * to_ref);
-        right[(L + t) * LDH + n] = to_bf16(k * to_ref);
-        hat[t * LDH + n] = to_bf16(a * e_ex);
-        hat[(L + t) * LDH + n] = to_bf16(r * e_in);
-        ends[t * LDH + n] = to_bf16(b * to_end);
-        ends[(L + t) * LDH + n] = to_bf16(k * to_end);
-        e_ex = e_in;
-        if (cum) cum[t * N + n] = c_in;
+    for (int j = 0; j < PAIR_STEPS; j++) {
+        const int t = first + j;
+        const Pair a = *at(hat, t), r = *at(hat, L + t), b = *at(ends, t), k = *at(ends, L + t);
+        float out[8][2];  // left a, r, right b, k, hat a, r, ends b, k, of channels n and n + 1
+#pragma unroll
+        for (int q = 0; q < 2; q++) {
+            const float c_in = mine[q][j + 1], e_in = __expf(c_in), to_ref = __expf(c_ref[q] - c_in);
+            const float to_end = to_ref * up[q];
+            const float aq = f32(q ? a.y : a.x), rq = f32(q ? r.y : r.x);
+            const float bq = f32(q ? b.y : b.x), kq = f32(q ? k.y : k.x);
+            out[0][q] = aq * (e_ex[q] * down[q]), out[1][q] = rq * (e_in * down[q]);
+            out[2][q] = bq * to_ref, out[3][q] = kq * to_ref;
+            out[4][q] = aq * e_ex[q], out[5][q] = rq * e_in;
+            out[6][q] = bq * to_end, out[7][q] = kq * to_end;
+            e_ex[q] = e_in;
+        }
+        bf16* tiles[8] = {left, left, right, right, hat, hat, ends, ends};
+#pragma unroll
+        for (int o = 0; o < 8; o++) *at(tiles[o], o % 2 * L + t) = __floats2bfloat162_rn(out[o][0], out[o][1]);
+        if (cum) *reinterpret_cast<float2*>(cum + t * N + n) = make_float2(mine[0][j + 1], mine[1][j + 1]);
     }
-    return clamped;
+}
+
+// Channel n's clamped steps as chunk_factors left them (bit t: step t's log-decay was below LW_MIN and
+// was taken as LW_MIN, so its gradient is 0).
+__device__ __forceinline__ unsigned clamped_steps(const unsigned* clamped, int n) {
+    unsigned steps = 0;
+#pragma unroll
+    for (int group = 0; group < PAIR_GROUPS; group++) steps |= clamped[group * N + n];
+    return steps;
 }
 
 // acc + sum_{s = from}^{to} row[s] x[s], adding in increasing s, for a 16-byte aligned row of floats
@@ -315,7 +350,7 @@ __global__ void __launch_bounds__(THREADS, 4) forward_kernel(int T, int H, Input
         save_state<VALUES>(Sh, saved);
         stage_chunk<VALUES>(x, M, hat, ends, xv);  // M is free until the first product
         __syncthreads();
-        chunk_factors(M, left, right, hat, ends, decay, nullptr);
+        chunk_factors(M, left, right, hat, ends, decay, nullptr, nullptr);
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false);  // left right^T
         __syncthreads();  // P overwrites left and right
@@ -443,7 +478,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
     float* d_hat = reinterpret_cast<float*>(smem + B_.f3);   // the solves' bf16 tiles, then [g; dy] S
     float *cum = reinterpret_cast<float*>(smem + B_.cum), *Z = reinterpret_cast<float*>(smem + B_.Z);
     float* decay = reinterpret_cast<float*>(smem + B_.decay);
-    unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);  // chunk_factors' clamped steps per channel
+    unsigned* clamped = reinterpret_cast<unsigned*>(smem + B_.clamped);  // chunk_factors' clamped steps
 
     using Part = wkv7c::Part<SPLIT>;
     constexpr int VALUES = Part::VALUES, KEYS = Part::KEYS;
@@ -462,8 +497,7 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
         next.sa.store(xv, LDH), next.dy.store(gdy + L * LDH, LDH);
         __syncthreads();
         if (c > 0) load_backward<VALUES>(in, dy, saved, g, head, chunks, c - 1, T, part.v0, next);
-        const unsigned clamped_steps = chunk_factors(M, left, right, hat, ends, decay, cum);
-        if (tid < N) clamped[tid] = clamped_steps;  // kept here, not in registers through the chunk
+        chunk_factors(M, left, right, hat, ends, decay, cum, clamped);
         __syncthreads();
         matmul<row, col>(M, LDM, left, LDH, right, LDH, L2, L2, N, false, MT, LDM);  // M = left right^T, and M^T
         matmul<row, col>(E, LDH, ends, LDH, dSh, LDH, L2, VALUES, N, false);         // ends dS^T
@@ -563,7 +597,8 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             }
             d_right[first * LDH + n] = run, d_right[(first + 1) * LDH + n] = dc_L;
             __syncthreads();
-            write_dlw<K_GROUPS, K_PER>(d_right, Z, decay, n, group, suffix, clamped[n], steps, out.dlw, g, t0);
+            write_dlw<K_GROUPS, K_PER>(d_right, Z, decay, n, group, suffix, clamped_steps(clamped, n), steps, out.dlw, g,
+                                       t0);
             using Out = Pieces<bf16, KEYS>;
             Out::write(da_dr + k0, LDH, out.da, g, t0, steps, k0);
             Out::write(da_dr + L * LDH + k0, LDH, out.dr, g, t0, steps, k0);

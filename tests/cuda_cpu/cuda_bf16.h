@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 struct __nv_bfloat16 {
@@ -24,7 +26,19 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
 }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
 
+// A pair, moved as one 4-byte access: copies check for 4-byte alignment, as the hardware requires.
 struct alignas(4) __nv_bfloat162 {
     __nv_bfloat16 x, y;
+    __nv_bfloat162() = default;
+    __nv_bfloat162(__nv_bfloat16 x_, __nv_bfloat16 y_) : x(x_), y(y_) {}
+    __nv_bfloat162(const __nv_bfloat162& o) { *this = o; }
+    __nv_bfloat162& operator=(const __nv_bfloat162& o) {
+        if (reinterpret_cast<uintptr_t>(this) % 4 != 0 || reinterpret_cast<uintptr_t>(&o) % 4 != 0) {
+            std::fprintf(stderr, "cuda_cpu: a 4-byte access (__nv_bfloat162) to an address that is not 4-byte aligned\n");
+            std::abort();
+        }
+        x = o.x, y = o.y;
+        return *this;
+    }
 };
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16(a), __float2bfloat16(b)}; }

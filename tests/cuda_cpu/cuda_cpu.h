@@ -105,6 +105,23 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
     v.x = x, v.y = y, v.z = z, v.w = w;
     return v;
 }
+// CUDA's 8-byte float2, whose copies check for 8-byte alignment likewise.
+struct alignas(8) float2 {
+    float x, y;
+    float2() = default;
+    float2(const float2& o) { *this = o; }
+    float2& operator=(const float2& o) {
+        if (reinterpret_cast<uintptr_t>(this) % 8 != 0 || reinterpret_cast<uintptr_t>(&o) % 8 != 0)
+            cuda_cpu::fail("an 8-byte access (float2) to an address that is not 8-byte aligned");
+        x = o.x, y = o.y;
+        return *this;
+    }
+};
+inline float2 make_float2(float x, float y) {
+    float2 v;
+    v.x = x, v.y = y;
+    return v;
+}
 
 inline void __syncthreads() { cuda_cpu::block->all->arrive_and_wait(); }
 
