@@ -99,7 +99,8 @@ struct BackwardSmem {
         dr = c.take(TILE_H);
         M = c.take(SQUARE_F), dMh = c.take(SQUARE_H);
         f0 = c.take(TILE_F), f1 = c.take(TILE_F), f2 = c.take(TILE_F), f3 = c.take(TILE_F);
-        cum = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4), clamped = c.take(PAIR_GROUPS * N * 4);
+        cum = c.take(size_t(L) * N * 4), Z = c.take(N * 4), decay = c.take(N * 4);
+        clamped = c.take(PAIR_GROUPS * N * 4);
         bytes = c.end;
     }
 };
@@ -258,7 +259,8 @@ __device__ __forceinline__ void split_bf16x4(float4 m, int s, Keep keep, bf16* h
         const float kept = keep(s + q) ? mq[q] : 0.f;
         h[q] = f32(to_bf16(kept)), l[q] = kept - h[q];
     }
-    store_bf16x4(hi + s, make_float4(h[0], h[1], h[2], h[3])), store_bf16x4(lo + s, make_float4(l[0], l[1], l[2], l[3]));
+    store_bf16x4(hi + s, make_float4(h[0], h[1], h[2], h[3]));
+    store_bf16x4(lo + s, make_float4(l[0], l[1], l[2], l[3]));
 }
 
 // The chunk's first `steps` rows of an output of the block's VALUES value channels (y, dv: [L][LDH]
@@ -597,8 +599,8 @@ __global__ void __launch_bounds__(THREADS, 2) backward_kernel(int T, int H, Inpu
             }
             d_right[first * LDH + n] = run, d_right[(first + 1) * LDH + n] = dc_L;
             __syncthreads();
-            write_dlw<K_GROUPS, K_PER>(d_right, Z, decay, n, group, suffix, clamped_steps(clamped, n), steps, out.dlw, g,
-                                       t0);
+            const unsigned floored = clamped_steps(clamped, n);
+            write_dlw<K_GROUPS, K_PER>(d_right, Z, decay, n, group, suffix, floored, steps, out.dlw, g, t0);
             using Out = Pieces<bf16, KEYS>;
             Out::write(da_dr + k0, LDH, out.da, g, t0, steps, k0);
             Out::write(da_dr + L * LDH + k0, LDH, out.dr, g, t0, steps, k0);

@@ -1,9 +1,8 @@
-// bfloat16 for cuda_cpu.h: storage and round-to-nearest-even conversions, as <cuda_bf16.h> has them.
+// bfloat16 for cuda_cpu.h (forced in before it): storage and round-to-nearest-even conversions, as
+// <cuda_bf16.h> has them.
 #pragma once
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 
 struct __nv_bfloat16 {
@@ -33,10 +32,7 @@ struct alignas(4) __nv_bfloat162 {
     __nv_bfloat162(__nv_bfloat16 x_, __nv_bfloat16 y_) : x(x_), y(y_) {}
     __nv_bfloat162(const __nv_bfloat162& o) { *this = o; }
     __nv_bfloat162& operator=(const __nv_bfloat162& o) {
-        if (reinterpret_cast<uintptr_t>(this) % 4 != 0 || reinterpret_cast<uintptr_t>(&o) % 4 != 0) {
-            std::fprintf(stderr, "cuda_cpu: a 4-byte access (__nv_bfloat162) to an address that is not 4-byte aligned\n");
-            std::abort();
-        }
+        cuda_cpu::check_vector_copy<4>(this, &o, "__nv_bfloat162");
         x = o.x, y = o.y;
         return *this;
     }

@@ -48,6 +48,17 @@ namespace cuda_cpu {
     std::abort();
 }
 
+// A copy of a BYTES-byte vector type (named `what`) between to and from: as the hardware requires of
+// one access of that width, both addresses must be BYTES-aligned.
+template <int BYTES>
+inline void check_vector_copy(const void* to, const void* from, const char* what) {
+    if (reinterpret_cast<uintptr_t>(to) % BYTES == 0 && reinterpret_cast<uintptr_t>(from) % BYTES == 0) return;
+    char message[160];
+    std::snprintf(message, sizeof message, "a %d-byte access (%s) to an address that is not %d-byte aligned", BYTES,
+                  what, BYTES);
+    fail(message);
+}
+
 struct Cluster;
 
 // Shared memory: exactly the bytes the launch asked for, 128-byte aligned as the hardware aligns it,
@@ -87,8 +98,7 @@ struct alignas(16) Vector16 {
     Vector16() = default;
     Vector16(const Vector16& o) { *this = o; }
     Vector16& operator=(const Vector16& o) {
-        if (reinterpret_cast<uintptr_t>(this) % 16 != 0 || reinterpret_cast<uintptr_t>(&o) % 16 != 0)
-            cuda_cpu::fail("a 16-byte access (uint4, float4) to an address that is not 16-byte aligned");
+        cuda_cpu::check_vector_copy<16>(this, &o, "uint4, float4");
         std::memcpy(static_cast<void*>(this), &o, sizeof(Vector16));
         return *this;
     }
@@ -111,8 +121,7 @@ struct alignas(8) float2 {
     float2() = default;
     float2(const float2& o) { *this = o; }
     float2& operator=(const float2& o) {
-        if (reinterpret_cast<uintptr_t>(this) % 8 != 0 || reinterpret_cast<uintptr_t>(&o) % 8 != 0)
-            cuda_cpu::fail("an 8-byte access (float2) to an address that is not 8-byte aligned");
+        cuda_cpu::check_vector_copy<8>(this, &o, "float2");
         x = o.x, y = o.y;
         return *this;
     }

@@ -45,8 +45,8 @@ bool run(int split, int B, int T, int H, bool with_state, unsigned seed) {
                  s_final.data(), states.data(), sa.data()))
         return false;
     return backward(split, B, T, H, r.data(), lw.data(), k.data(), v.data(), a.data(), b.data(), states.data(),
-                    sa.data(), dy.data(), ds_final.data(), dr.data(), dlw.data(), dk.data(), dv.data(), da.data(), db.data(),
-                    ds0.data());
+                    sa.data(), dy.data(), ds_final.data(), dr.data(), dlw.data(), dk.data(), dv.data(), da.data(),
+                    db.data(), ds0.data());
 }
 
 }  // namespace
